@@ -1,0 +1,413 @@
+"""Apply chat vectors: ``target + Σ αᵢ·vectorᵢ``, to a new model folder or to a model in memory.
+
+Everything is checked before anything is written (names, shapes, vocabularies); then tensors are
+streamed one by one: read target tensor, add the scaled deltas in float32, cast back to the
+target's dtype, write. The output folder appears only when it is complete.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence, Union
+
+import pandas as pd
+import torch
+
+from chatvec_lab.errors import MismatchError, SourceError
+from chatvec_lab.io import DEFAULT_SHARD_BYTES, ShardedSafetensorsWriter, atomic_folder, check_output_path, write_json
+from chatvec_lab.naming import TensorInfo, parse
+from chatvec_lab.sources import WeightSource, model_folder, module_state, open_weights
+from chatvec_lab.vector import ChatVector, _Diff, check_finite, check_same_architecture
+
+Alpha = Union[float, Mapping[str, float], Callable[[TensorInfo], float]]
+EMBEDDING_POLICIES = ("error", "skip", "shared")
+LINEAGE_WARN = 0.5
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+               "chat_template.jinja", "chat_template.json", "preprocessor_config.json")
+
+
+class LineageWarning(UserWarning):
+    pass
+
+
+def coefficient_for(info: TensorInfo, alpha: Alpha) -> float:
+    """The coefficient of one tensor: a number, ``{regex: α}`` rules (first match; unmatched → 0), or a function."""
+    if callable(alpha):
+        return float(alpha(info))
+    if isinstance(alpha, Mapping):
+        for pattern, value in alpha.items():
+            if re.search(pattern, info.name):
+                return float(value)
+        return 0.0
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f"coefficient {alpha!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"coefficient {alpha!r} is not finite")
+    return value
+
+
+def layer_filter(layers: Iterable[int] | None, include: str | None, exclude: str | None) -> Callable[[TensorInfo], bool]:
+    """Which tensors may change: by layer index and by name regexes."""
+    layer_set = set(layers) if layers is not None else None
+    inc = re.compile(include) if include else None
+    exc = re.compile(exclude) if exclude else None
+
+    def keep(info: TensorInfo) -> bool:
+        if layer_set is not None and info.layer not in layer_set:
+            return False
+        if inc and not inc.search(info.name):
+            return False
+        return not (exc and exc.search(info.name))
+    return keep
+
+
+@dataclass
+class TensorPlan:
+    name: str
+    coefficients: list[float]  # one per vector
+    rows: int | None = None  # add to the first `rows` rows only (vocabularies differ)
+    status: str = "added"
+
+
+@dataclass
+class ApplyReport:
+    tensors: pd.DataFrame
+    lineage_distance: float | None
+    warnings: list[str] = field(default_factory=list)
+    out: Path | None = None
+
+    def summary(self) -> str:
+        counts = self.tensors["status"].value_counts().to_dict()
+        lineage = "not checked (no base)" if self.lineage_distance is None else f"{self.lineage_distance:.4f}"
+        lines = [f"tensors: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
+                 f"lineage ‖target − base‖/‖base‖: {lineage}"]
+        lines += [f"warning: {w}" for w in self.warnings]
+        if self.out:
+            lines.append(f"wrote {self.out}")
+        return "\n".join(lines)
+
+
+def _as_pairs(vectors) -> list[tuple[ChatVector, Alpha]]:
+    if isinstance(vectors, (ChatVector, str, Path)):
+        vectors = [(vectors, 1.0)]
+    pairs = []
+    for item in vectors:
+        vec, alpha = item if isinstance(item, tuple) else (item, 1.0)
+        pairs.append((ChatVector.open(vec), alpha))
+    if not pairs:
+        raise ValueError("no vector to apply")
+    return pairs
+
+
+def _tied(target: WeightSource) -> bool:
+    cfg = target.config or {}
+    tied = cfg.get("tie_word_embeddings")
+    if tied is None and isinstance(cfg.get("text_config"), dict):
+        tied = cfg["text_config"].get("tie_word_embeddings")
+    return bool(tied) if tied is not None else not any(parse(n).module == "lm_head" for n in target.keys())
+
+
+def plan_apply(target: WeightSource, pairs: list[tuple[ChatVector, Alpha]], embeddings: str = "error",
+               keep: Callable[[TensorInfo], bool] | None = None) -> tuple[dict[str, TensorPlan], list[str]]:
+    """Check that the vectors fit the target and decide, per tensor, what to add. Raises before any write."""
+    if embeddings not in EMBEDDING_POLICIES:
+        raise ValueError(f"embeddings policy must be one of {EMBEDDING_POLICIES}, not {embeddings!r}")
+    notes: list[str] = []
+    target_names = set(target.keys())
+    tied = _tied(target)
+    for i, (vec, _) in enumerate(pairs):
+        if vec.base_config and target.config:
+            a, b = vec.base_config.get("model_type"), target.config.get("model_type")
+            if a and b and a != b:
+                raise MismatchError(f"vector {i + 1} was built on a {a!r} model but the target is a {b!r} model")
+        extra = [n for n in vec.names if n not in target_names]
+        for name in extra:
+            if tied and parse(name).module == "lm_head":
+                notes.append(f"target ties its embeddings: vector {i + 1}'s {name!r} is not applied "
+                             "(the embedding delta already reaches the output layer)")
+            else:
+                raise MismatchError(f"vector {i + 1} has tensor {name!r}, which the target {target.description} lacks")
+    plans: dict[str, TensorPlan] = {}
+    for name in target.keys():
+        info = parse(name)
+        coefs, rows, status = [], None, "added"
+        in_any = False
+        for i, (vec, alpha) in enumerate(pairs):
+            if name not in vec:
+                coefs.append(0.0)
+                continue
+            in_any = True
+            coefs.append(coefficient_for(info, alpha))
+            vshape, tshape = tuple(vec.shapes[name]), tuple(target.shape(name))
+            if vshape == tshape:
+                continue
+            vocab_like = info.is_embedding_like and len(vshape) == len(tshape) and vshape[1:] == tshape[1:]
+            if not vocab_like:
+                raise MismatchError(f"shape mismatch for {name!r}: vector {i + 1} has {vshape}, target has {tshape}")
+            if embeddings == "error":
+                raise MismatchError(
+                    f"vocabulary sizes differ for {name!r}: vector {i + 1} has {vshape[0]} rows, target {tshape[0]}; "
+                    "choose embeddings='skip' (leave these tensors) or 'shared' (add to the shared rows) "
+                    "[--embeddings skip|shared]")
+            if embeddings == "skip":
+                status = "skipped (vocab differs)"
+            else:
+                rows = min(vshape[0], tshape[0]) if rows is None else min(rows, vshape[0])
+                status = "added (shared rows)"
+        if not in_any:
+            status = "not in vector"
+        elif keep is not None and not keep(info):
+            status = "excluded"
+        elif status.startswith("skipped"):
+            pass
+        elif all(c == 0 for c in coefs):
+            status = "coefficient 0"
+        if status.startswith("added"):
+            plans[name] = TensorPlan(name, coefs, rows, status)
+        else:
+            plans[name] = TensorPlan(name, [0.0] * len(pairs), None, status)
+    return plans, notes
+
+
+def merge_tensor(target_tensor: torch.Tensor, plan: TensorPlan, pairs: list[tuple[ChatVector, Alpha]]) -> torch.Tensor:
+    """``target + Σ αᵢ·vᵢ`` in float32, cast back to the target's dtype."""
+    acc = target_tensor.to(torch.float32, copy=True)
+    view = acc[: plan.rows] if plan.rows is not None else acc
+    for coef, (vec, _) in zip(plan.coefficients, pairs):
+        if coef == 0 or plan.name not in vec:
+            continue
+        delta = vec[plan.name]
+        if plan.rows is not None:
+            delta = delta[: plan.rows]
+        view.add_(delta * coef)  # not add_(alpha=): no fused multiply-add, same rounding as the naive formula
+    check_finite(plan.name, acc, "the result")
+    return acc.to(target_tensor.dtype)
+
+
+class _TokenRows:
+    """Rows of chosen tokens taken from the chat model's embedding and lm_head (the paper's special-token fix)."""
+
+    def __init__(self, token_map, chat: WeightSource, target_folder: Path | None, chat_folder: Path | None):
+        from transformers import AutoTokenizer
+
+        if target_folder is None or chat_folder is None:
+            raise SourceError("a token map needs the tokenizers of both the target and the chat model")
+        ttok = AutoTokenizer.from_pretrained(str(target_folder))
+        ctok = AutoTokenizer.from_pretrained(str(chat_folder))
+        pairs = token_map.items() if isinstance(token_map, Mapping) else [(t, t) for t in token_map]
+        self.rows: list[tuple[int, int, str]] = []
+        for target_token, chat_token in pairs:
+            tid, cid = _token_id(ttok, target_token, "target"), _token_id(ctok, chat_token, "chat")
+            self.rows.append((tid, cid, target_token))
+        self.chat = chat
+
+    def apply(self, name: str, tensor: torch.Tensor) -> bool:
+        if not parse(name).is_embedding_like or name not in self.chat:
+            return False
+        chat_t = self.chat.get(name)
+        for tid, cid, token in self.rows:
+            if tid >= tensor.shape[0] or cid >= chat_t.shape[0]:
+                raise MismatchError(f"token {token!r}: row {tid}/{cid} is outside {name!r}")
+            tensor[tid] = chat_t[cid].to(tensor.dtype)
+        return True
+
+
+def _token_id(tokenizer, token: str, which: str) -> int:
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if tid is None or tid == tokenizer.unk_token_id or not isinstance(tid, int):
+        raise MismatchError(f"token {token!r} is not a single token in the {which} tokenizer")
+    return tid
+
+
+def _lineage(acc: list[float], target_t: torch.Tensor, base_t: torch.Tensor | None) -> None:
+    """Accumulate ‖target − base‖² and ‖base‖² over weight matrices (norm gains near 1 would hide a stranger)."""
+    if base_t is None or target_t.dim() < 2 or not target_t.is_floating_point():
+        return
+    rows = min(target_t.shape[0], base_t.shape[0]) if target_t.dim() else None
+    t, b = target_t.to(torch.float32), base_t.to(torch.float32)
+    if target_t.shape != base_t.shape:
+        if rows is None or target_t.shape[1:] != base_t.shape[1:]:
+            return
+        t, b = t[:rows], b[:rows]
+    acc[0] += float((t - b).double().pow(2).sum())
+    acc[1] += float(b.double().pow(2).sum())
+
+
+def _resolve_base(base, pairs) -> tuple[WeightSource | None, bool]:
+    """The source for the lineage check, and whether it is the vector's own (read anyway)."""
+    if base is not None:
+        return open_weights(base), False
+    for vec, _ in pairs:
+        src = vec.base_source
+        if src is not None:
+            return src, True
+    return None, False
+
+
+def _copy_model_files(target_folder: Path | None, out: Path, chat_template_from) -> None:
+    if target_folder:
+        for fname in MODEL_FILES:
+            if (target_folder / fname).is_file():
+                shutil.copy2(target_folder / fname, out / fname)
+    if chat_template_from is not None:
+        folder = model_folder(chat_template_from)
+        template = _read_chat_template(folder) if folder else None
+        if template is None:
+            raise SourceError(f"no chat template found in {chat_template_from}")
+        (out / "chat_template.jinja").write_text(template)
+        cfg_file = out / "tokenizer_config.json"
+        if cfg_file.is_file():
+            cfg = json.loads(cfg_file.read_text())
+            cfg["chat_template"] = template
+            write_json(cfg_file, cfg)
+
+
+def _read_chat_template(folder: Path) -> str | None:
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text()
+    cfg = folder / "tokenizer_config.json"
+    if cfg.is_file():
+        value = json.loads(cfg.read_text()).get("chat_template")
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def _report(plans, notes, lineage, out=None) -> ApplyReport:
+    df = pd.DataFrame([{"name": p.name, "status": p.status, "coefficients": tuple(p.coefficients),
+                        "rows": p.rows} for p in plans.values()])
+    warn = list(notes)
+    distance = None
+    if lineage is not None and lineage[1] > 0:
+        distance = math.sqrt(lineage[0] / lineage[1])
+        if distance > LINEAGE_WARN:
+            msg = (f"the target is far from the vector's base (‖target − base‖/‖base‖ = {distance:.2f} > {LINEAGE_WARN}): "
+                   "it may not descend from that base, and the vector may not transfer")
+            warnings.warn(msg, LineageWarning, stacklevel=3)
+            warn.append(msg)
+    return ApplyReport(tensors=df, lineage_distance=distance, warnings=warn, out=out)
+
+
+def _prepare(target, vectors, base, embeddings, include, exclude, layers, token_map, chat, allow_pickle):
+    target_src = open_weights(target, allow_pickle=allow_pickle)
+    pairs = _as_pairs(vectors)
+    plans, notes = plan_apply(target_src, pairs, embeddings, layer_filter(layers, include, exclude))
+    base_src, shared_base = _resolve_base(base, pairs)
+    if base_src is not None:
+        check_same_architecture(base_src, target_src, f"base {base_src.description}", f"target {target_src.description}")
+    rows = None
+    if token_map:
+        chat_src = open_weights(chat) if chat is not None else next(
+            (t.chat for v, _ in pairs for _, t in v.terms if isinstance(t, _Diff)), None)
+        if chat_src is None:
+            raise SourceError("a token map needs the chat model: pass chat= (--chat)")
+        rows = _TokenRows(token_map, chat_src, model_folder(target), chat_src.folder)
+    return target_src, pairs, plans, notes, base_src, shared_base, rows
+
+
+def _base_for(name, base_src, shared_base, pairs, plan) -> torch.Tensor | None:
+    if base_src is None or name not in base_src:
+        return None
+    if shared_base and plan.status.startswith("added"):
+        for vec, _ in pairs:
+            t = vec.base_tensor(name)
+            if t is not None:
+                return t
+    return base_src.get(name)
+
+
+def apply_vectors(target, vectors, out, *, base=None, embeddings: str = "error", include: str | None = None,
+                  exclude: str | None = None, layers: Iterable[int] | None = None, token_map=None, chat=None,
+                  chat_template_from=None, overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                  allow_pickle: bool = False, check_lineage: bool = True, progress: bool = False) -> ApplyReport:
+    """Write ``target + Σ αᵢ·vectorᵢ`` as a Hugging Face model folder at ``out``.
+
+    ``vectors``: a vector (or its folder), or a list of ``(vector, alpha)``; ``alpha`` is a number,
+    ``{regex: α}`` rules, or a function of :class:`~chatvec_lab.naming.TensorInfo`.
+    ``embeddings``: what to do when vocabularies differ (``error``, ``skip``, ``shared``).
+    ``token_map``: tokens whose embedding/lm_head rows are copied from the chat model.
+    ``base``: the vector's base, for the lineage check (default: the vector's own, if it has one).
+    """
+    from tqdm.auto import tqdm
+
+    check_output_path(out, overwrite)
+    target_src, pairs, plans, notes, base_src, shared_base, rows = _prepare(
+        target, vectors, base if check_lineage else None, embeddings, include, exclude, layers, token_map, chat,
+        allow_pickle)
+    if not check_lineage:
+        base_src = None
+    lineage = [0.0, 0.0] if base_src is not None else None
+    plan = [(n, target_src.shape(n), target_src.dtype(n)) for n in target_src.keys()]
+    with atomic_folder(out, overwrite) as tmp:
+        writer = ShardedSafetensorsWriter(tmp, plan, prefix="model", max_shard_bytes=max_shard_bytes)
+        for name in tqdm(target_src.keys(), desc="apply", unit="tensor", disable=not progress):
+            t = target_src.get(name)
+            p = plans[name]
+            result = merge_tensor(t, p, pairs) if p.status.startswith("added") else t
+            if lineage is not None:
+                _lineage(lineage, t, _base_for(name, base_src, shared_base, pairs, p))
+            if rows is not None and parse(name).is_embedding_like:
+                result = result.clone() if result is t else result
+                if rows.apply(name, result):
+                    p.status += " + token rows"
+            writer.write(name, result)
+        writer.close()
+        _copy_model_files(model_folder(target), tmp, chat_template_from)
+        report = _report(plans, notes, lineage, out=Path(out))
+        write_json(tmp / "chatvec_apply.json", {
+            "target": target_src.fingerprint(hash_files=False),
+            "vectors": [{"metadata": v.metadata, "alpha": a if isinstance(a, (int, float)) else repr(a)} for v, a in pairs],
+            "embeddings": embeddings, "include": include, "exclude": exclude,
+            "layers": sorted(layers) if layers is not None else None, "token_map": list(token_map or []),
+            "lineage_distance": report.lineage_distance, "warnings": report.warnings})
+    return report
+
+
+def apply_to_model(target, vectors, *, base=None, embeddings: str = "error", include: str | None = None,
+                   exclude: str | None = None, layers: Iterable[int] | None = None, token_map=None, chat=None,
+                   inplace: bool = False, allow_pickle: bool = False, check_lineage: bool = True, **load_kwargs):
+    """``target + Σ αᵢ·vectorᵢ`` as a transformers model in memory; returns ``(model, report)``.
+
+    ``target`` is a model folder / hub id (loaded fresh) or a ``torch.nn.Module`` (copied unless ``inplace``).
+    """
+    import copy
+
+    if isinstance(target, torch.nn.Module):
+        model = target if inplace else copy.deepcopy(target)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        folder = model_folder(target)
+        if folder is None:
+            raise SourceError(f"cannot load a model from {target}: no folder with config.json")
+        load_kwargs.setdefault("dtype", "auto")
+        load_kwargs.setdefault("trust_remote_code", False)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), **load_kwargs)
+    state = module_state(model)
+    src = open_weights(state)
+    src.folder = model_folder(target) if not isinstance(target, torch.nn.Module) else src.folder
+    if getattr(model, "config", None) is not None:
+        src._config = model.config.to_dict()
+    target_src, pairs, plans, notes, base_src, shared_base, rows = _prepare(
+        src, vectors, base if check_lineage else None, embeddings, include, exclude, layers, token_map, chat, False)
+    if not check_lineage:
+        base_src = None
+    lineage = [0.0, 0.0] if base_src is not None else None
+    with torch.no_grad():
+        for name, tensor in state.items():
+            p = plans[name]
+            if lineage is not None:
+                _lineage(lineage, tensor, _base_for(name, base_src, shared_base, pairs, p))
+            if p.status.startswith("added"):
+                tensor.copy_(merge_tensor(tensor, p, pairs))
+            if rows is not None and rows.apply(name, tensor):
+                p.status += " + token rows"
+    return model, _report(plans, notes, lineage)

@@ -1,0 +1,219 @@
+"""The ``chatvec`` command line: extract | apply | info | compare | sweep | demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+
+from chatvec_lab.errors import ChatVecError
+
+
+def _alphas(text: str) -> list[float]:
+    try:
+        values = [float(a) for a in text.split(",") if a.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"coefficients must be numbers separated by commas, not {text!r}") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"coefficients must be finite numbers, not {text!r}")
+    return values
+
+
+def _number(text: str) -> float:
+    values = _alphas(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"one number expected, not {text!r}")
+    return values[0]
+
+
+def _layers(text: str) -> list[int]:
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            if "-" in part:
+                a, b = part.split("-")
+                out.extend(range(int(a), int(b) + 1))
+            elif part.strip():
+                out.append(int(part))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"layers look like 0-15 or 0,2,4, not {text!r}") from None
+    return out
+
+
+def cmd_extract(args) -> None:
+    from chatvec_lab.vector import extract
+
+    extract(args.base, args.chat, out=args.out, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
+            progress=not args.quiet, max_shard_bytes=int(args.max_shard_gb * 1024**3))
+    print(f"wrote {args.out}")
+
+
+def cmd_apply(args) -> None:
+    from chatvec_lab.apply import apply_vectors
+    from chatvec_lab.vector import ChatVector
+
+    alphas = args.alpha or [1.0]
+    if len(alphas) == 1 and len(args.vector) > 1:
+        alphas = alphas * len(args.vector)
+    if len(alphas) != len(args.vector):
+        raise ChatVecError(f"{len(args.vector)} --vector but {len(alphas)} --alpha: give one --alpha per --vector")
+    pairs = [(ChatVector.load(v), a) for v, a in zip(args.vector, alphas)]
+    base = args.base
+    if base is None and not args.no_lineage_check:
+        recorded = pairs[0][0].metadata.get("base", {}).get("source")
+        if recorded and Path(recorded).exists():
+            base = recorded
+    if base is None and not args.no_lineage_check:
+        print("note: lineage not checked (the vector's base is not available here; pass --base)", file=sys.stderr)
+    token_map = [t for t in (args.token_map or "").split(",") if t]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the report prints them
+        report = apply_vectors(
+            args.target, pairs, args.out, base=base, embeddings=args.embeddings, include=args.include,
+            exclude=args.exclude, layers=args.layers, token_map=token_map, chat=args.chat,
+            chat_template_from=args.chat_template_from, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
+            check_lineage=not args.no_lineage_check, progress=not args.quiet,
+            max_shard_bytes=int(args.max_shard_gb * 1024**3))
+    print(report.summary())
+
+
+def cmd_info(args) -> None:
+    from chatvec_lab.inspect import describe
+
+    meta, table = describe(args.path, norms=not args.no_norms)
+    for key, value in meta.items():
+        print(f"{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+    import pandas as pd
+    with pd.option_context("display.max_rows", args.max_rows, "display.width", 160):
+        print(table.to_string(index=False, max_rows=args.max_rows))
+
+
+def cmd_compare(args) -> None:
+    from chatvec_lab import geometry
+    from chatvec_lab.vector import ChatVector
+
+    vectors = {Path(v).name: ChatVector.load(v) for v in args.vectors}
+    if len(vectors) < len(args.vectors):
+        vectors = {v: ChatVector.load(v) for v in args.vectors}
+    stats = geometry.vector_stats(vectors)
+    cos = geometry.cosine_matrix(stats)
+    import pandas as pd
+    with pd.option_context("display.width", 160, "display.precision", 4):
+        print("cosine similarity:")
+        print(cos.to_string())
+        print("\nnorm of each vector by layer:")
+        print(geometry.layer_norms(stats).to_string())
+    if args.csv:
+        cos.to_csv(args.csv)
+        print(f"\nwrote {args.csv}")
+    if args.plots:
+        paths = geometry.save_compare_plots(stats, args.plots)
+        print(f"wrote {len(paths)} figures to {args.plots}")
+
+
+def cmd_sweep(args) -> None:
+    from chatvec_lab.sweep import run_sweep_cli
+
+    run_sweep_cli(args)
+
+
+def cmd_demo(args) -> None:
+    from chatvec_lab.demo import run_demo
+
+    out = run_demo(args.out, overwrite=args.overwrite, notebooks=not args.no_notebooks, quick=args.quick)
+    print(f"report: {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from chatvec_lab import __version__
+
+    p = argparse.ArgumentParser(prog="chatvec", description="Chat-vector arithmetic on language models.")
+    p.add_argument("--version", action="version", version=f"chatvec_lab {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("extract", help="build a chat vector: chat − base")
+    e.add_argument("--base", required=True, help="hub id, model folder or .safetensors file")
+    e.add_argument("--chat", required=True)
+    e.add_argument("-o", "--out", required=True, help="folder to write the vector to")
+    e.set_defaults(func=cmd_extract)
+
+    a = sub.add_parser("apply", help="target + Σ alpha·vector, written as a new model folder")
+    a.add_argument("--target", required=True)
+    a.add_argument("--vector", action="append", required=True, help="a vector folder (repeatable)")
+    a.add_argument("--alpha", action="append", type=_number, help="coefficient for each --vector (default 1.0)")
+    a.add_argument("-o", "--out", required=True)
+    a.add_argument("--base", help="the vector's base, for the lineage check (default: the one recorded)")
+    a.add_argument("--no-lineage-check", action="store_true")
+    a.add_argument("--embeddings", choices=["error", "skip", "shared"], default="error",
+                   help="when vocabularies differ: refuse, leave embeddings/lm_head, or add to shared rows")
+    a.add_argument("--include", help="regex: only tensors whose name matches")
+    a.add_argument("--exclude", help="regex: leave tensors whose name matches")
+    a.add_argument("--layers", type=_layers, help="only these layers, e.g. 0-15 or 0,2,4")
+    a.add_argument("--token-map", help="comma-separated tokens whose embedding rows come from --chat")
+    a.add_argument("--chat", help="the chat model (for --token-map)")
+    a.add_argument("--chat-template-from", help="copy the chat template from this model")
+    a.set_defaults(func=cmd_apply)
+
+    i = sub.add_parser("info", help="what a vector or checkpoint holds")
+    i.add_argument("path")
+    i.add_argument("--no-norms", action="store_true", help="skip reading tensors (headers only)")
+    i.add_argument("--max-rows", type=int, default=40)
+    i.set_defaults(func=cmd_info)
+
+    c = sub.add_parser("compare", help="cosine similarity and per-layer norms of vectors")
+    c.add_argument("vectors", nargs="+")
+    c.add_argument("--csv", help="write the cosine matrix here")
+    c.add_argument("--plots", help="write PNG figures to this folder")
+    c.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("sweep", help="generate and score replies over coefficients")
+    s.add_argument("--target", required=True)
+    s.add_argument("--vector", action="append", required=True)
+    s.add_argument("--alphas", type=_alphas, default=[0.0, 0.5, 1.0])
+    s.add_argument("--prompts", required=True, help="one prompt a line, or JSONL with a 'prompt' field")
+    s.add_argument("--scorers", default="turn_end,language,refusal,offensive",
+                   help="comma-separated: turn_end, language, refusal, offensive, detoxify")
+    s.add_argument("--seeds", type=int, default=1, help="number of sampling seeds")
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--language", default="de", help="the new language's code, for the language share")
+    s.add_argument("--csv", required=True)
+    s.add_argument("--cache-dir", help="reuse results cached here")
+    s.set_defaults(func=cmd_sweep)
+
+    d = sub.add_parser("demo", help="run the whole lab on the toy family and write a report folder")
+    d.add_argument("-o", "--out", default="chatvec-report")
+    d.add_argument("--no-notebooks", action="store_true", help="skip executing the notebooks")
+    d.add_argument("--quick", action="store_true", help="fewer prompts and seeds")
+    d.set_defaults(func=cmd_demo)
+
+    for sp in (e, a):
+        sp.add_argument("--overwrite", action="store_true", help="replace an existing output")
+        sp.add_argument("--allow-pickle", action="store_true", help="load .bin/.pt weights (weights_only=True)")
+        sp.add_argument("--max-shard-gb", type=float, default=4.0)
+    d.add_argument("--overwrite", action="store_true")
+    for sp in (e, a, i, c, s, d):
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ChatVecError as e:
+        print(f"chatvec {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"chatvec {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"chatvec {args.command}: interrupted; no partial output was left", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

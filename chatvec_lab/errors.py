@@ -1,0 +1,21 @@
+"""Errors with one-line messages that say which file or tensor and why."""
+
+
+class ChatVecError(Exception):
+    """Base class: bad input that the user can fix. The CLI prints the message, exit code 2."""
+
+
+class SourceError(ChatVecError):
+    """A model or vector could not be opened or read (missing, corrupt, unsafe format)."""
+
+
+class MismatchError(ChatVecError):
+    """Two models or vectors do not fit together (names, shapes, architectures)."""
+
+
+class NonFiniteError(ChatVecError):
+    """A tensor holds NaN or Inf."""
+
+
+class OutputError(ChatVecError):
+    """The output path exists, or cannot be written."""

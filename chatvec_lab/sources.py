@@ -1,0 +1,370 @@
+"""Open a model's weights lazily, tensor by tensor, wherever they live.
+
+``open_weights(spec)`` accepts a hub id, a local folder of (sharded) ``*.safetensors``, a single
+``.safetensors`` file, an in-memory ``torch.nn.Module`` or state dict, or an already open source.
+Only the tensor asked for is read, so memory holds one tensor at a time, not the model.
+Pickled weights (``.bin``, ``.pt``) are refused unless ``allow_pickle=True``, and are then loaded
+with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+
+from chatvec_lab.errors import SourceError
+
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class WeightSource(Mapping):
+    """A read-only, lazy map from tensor name to tensor."""
+
+    description: str = "weights"
+    folder: Path | None = None  # where config.json and the tokenizer live, if anywhere
+
+    def keys(self) -> list[str]:  # type: ignore[override]
+        raise NotImplementedError
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def dtype(self, name: str) -> torch.dtype:
+        raise NotImplementedError
+
+    def get(self, name: str) -> torch.Tensor:  # type: ignore[override]
+        raise NotImplementedError
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._key_set():
+            raise KeyError(name)
+        return self.get(name)
+
+    def _key_set(self) -> set[str]:
+        if not hasattr(self, "_keys_cache"):
+            self._keys_cache = set(self.keys())
+        return self._keys_cache
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._key_set()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def numel(self) -> int:
+        total = 0
+        for name in self.keys():
+            n = 1
+            for d in self.shape(name):
+                n *= d
+            total += n
+        return total
+
+    def nbytes(self) -> int:
+        return sum(_numel(self.shape(n)) * _itemsize(self.dtype(n)) for n in self.keys())
+
+    @property
+    def config(self) -> dict | None:
+        if getattr(self, "_config", None) is not None:
+            return self._config
+        if self.folder and (self.folder / "config.json").is_file():
+            return json.loads((self.folder / "config.json").read_text())
+        return None
+
+    def fingerprint(self, hash_files: bool = True) -> dict:
+        return {"source": self.description}
+
+    def close(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.description}: {len(self)} tensors>"
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# ------------------------------------------------------------------ safetensors
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+ST_DTYPE_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """Parse and check a safetensors header: one-line error if the file is corrupt or truncated."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("file shorter than the 8-byte header length")
+            n = int.from_bytes(raw, "little")
+            if n <= 0 or n > min(size - 8, 100_000_000):
+                raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise SourceError(f"corrupt safetensors file {path}: {e}") from None
+    header.pop("__metadata__", None)
+    data_len = size - 8 - n
+    end = 0
+    for name, info in header.items():
+        try:
+            start, stop = info["data_offsets"]
+            dtype = _ST_DTYPES[info["dtype"]]
+            expected = _numel(info["shape"]) * _itemsize(dtype)
+        except (KeyError, TypeError, ValueError):
+            raise SourceError(f"corrupt safetensors file {path}: bad header entry for tensor {name!r}") from None
+        if stop - start != expected:
+            raise SourceError(f"corrupt safetensors file {path}: tensor {name!r} spans {stop - start} bytes, "
+                              f"its shape and dtype need {expected}")
+        end = max(end, stop)
+    if end > data_len:
+        raise SourceError(f"truncated safetensors file {path}: header needs {end} data bytes, file has {data_len}")
+    return header
+
+
+class SafetensorsSource(WeightSource):
+    """Tensors from one or more safetensors files, read lazily with ``safe_open``."""
+
+    def __init__(self, files: list[Path], folder: Path | None = None, description: str | None = None,
+                 revision: str | None = None):
+        self.files = [Path(f) for f in files]
+        self.folder = folder
+        self.description = description or str(folder or self.files[0])
+        self.revision = revision
+        self._where: dict[str, Path] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for f in self.files:
+            for name, info in read_safetensors_header(f).items():
+                if name in self._where:
+                    raise SourceError(f"tensor {name!r} appears in both {self._where[name].name} and {f.name}")
+                self._where[name] = f
+                self._meta[name] = (tuple(info["shape"]), _ST_DTYPES[info["dtype"]])
+        self._handle: tuple[Path, object] | None = None
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._meta[name][0]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._meta[name][1]
+
+    def file_of(self, name: str) -> Path:
+        return self._where[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        path = self._where.get(name)
+        if path is None:
+            raise KeyError(f"{self.description} has no tensor {name!r}")
+        if self._handle is None or self._handle[0] != path:
+            self._handle = None  # only one file open at a time keeps mapped memory to one shard
+            try:
+                self._handle = (path, safe_open(str(path), framework="pt", device="cpu"))
+            except Exception as e:  # safetensors raises its own error types
+                raise SourceError(f"cannot read {path}: {e}") from None
+        try:
+            return self._handle[1].get_tensor(name).clone()
+        except Exception as e:
+            raise SourceError(f"cannot read tensor {name!r} from {path}: {e}") from None
+
+    def close(self) -> None:
+        self._handle = None
+
+    def fingerprint(self, hash_files: bool = True) -> dict:
+        out: dict = {"source": self.description}
+        if self.revision:
+            out["revision"] = self.revision
+        if hash_files:
+            out["sha256"] = {f.name: sha256_file(f) for f in self.files}
+        return out
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------ in memory and pickles
+
+class TensorDictSource(WeightSource):
+    """An in-memory state dict or module (tensors are not copied)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], description: str = "in-memory tensors",
+                 folder: Path | None = None):
+        self.tensors = dict(tensors)
+        self.description = description
+        self.folder = folder
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.tensors[name].dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.tensors[name].detach()
+
+
+def module_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A module's persistent tensors, tied duplicates removed as a checkpoint would save them."""
+    seen: dict[int, str] = {}
+    out = {}
+    for name, tensor in module.state_dict().items():
+        key = tensor.data_ptr() if tensor.numel() else id(tensor)
+        if key in seen:
+            continue
+        seen[key] = name
+        out[name] = tensor
+    return out
+
+
+def _load_pickles(files: list[Path]) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            data = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise SourceError(f"cannot load {f} with weights_only=True: {str(e).splitlines()[0]}") from None
+        if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
+            data = data["state_dict"]
+        if not isinstance(data, dict):
+            raise SourceError(f"{f} does not hold a state dict (found {type(data).__name__})")
+        tensors.update({k: v for k, v in data.items() if isinstance(v, torch.Tensor)})
+    return tensors
+
+
+# ------------------------------------------------------------------ resolving a spec
+
+def _folder_files(folder: Path, allow_pickle: bool) -> tuple[str, list[Path]]:
+    for index_name in ("model.safetensors.index.json", "vector.safetensors.index.json"):
+        index = folder / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise SourceError(f"bad index {index}: {e}") from None
+            files = sorted({folder / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise SourceError(f"{index} names shard {missing[0]}, which is missing")
+            return "safetensors", files
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return "safetensors", files
+    pickles = sorted(f for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES and f.is_file())
+    if pickles:
+        if not allow_pickle:
+            raise SourceError(f"{folder} holds only pickled weights ({pickles[0].name}); pickles can run code: "
+                              "pass allow_pickle=True (--allow-pickle) to load them with weights_only=True")
+        return "pickle", pickles
+    raise SourceError(f"no weights in {folder} (expected *.safetensors, optionally with an index json)")
+
+
+def _resolve_hub(repo_id: str, revision: str | None) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover
+        raise SourceError(f"{repo_id!r} is not a local path and huggingface_hub is not installed") from None
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    patterns = ["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=offline))
+    except Exception as first:
+        if not offline:
+            try:  # no network: fall back to the local cache
+                return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
+                                              local_files_only=True))
+            except Exception:
+                pass
+        raise SourceError(f"{repo_id!r} is neither a local path nor a model in the local hub cache, and the hub "
+                          f"could not be reached ({type(first).__name__})") from None
+
+
+def open_weights(spec, allow_pickle: bool = False, revision: str | None = None) -> WeightSource:
+    """Open weights lazily from a hub id, folder, ``.safetensors`` file, module or state dict."""
+    if isinstance(spec, WeightSource):
+        return spec
+    if isinstance(spec, torch.nn.Module):
+        return TensorDictSource(module_state(spec), description=f"in-memory {type(spec).__name__}",
+                                folder=_module_folder(spec))
+    if isinstance(spec, Mapping):
+        return TensorDictSource(spec)
+    if not isinstance(spec, (str, os.PathLike)):
+        raise SourceError(f"cannot open weights from a {type(spec).__name__}")
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            return SafetensorsSource([path], folder=path.parent if (path.parent / "config.json").is_file() else None,
+                                     description=str(path))
+        if path.suffix in PICKLE_SUFFIXES:
+            if not allow_pickle:
+                raise SourceError(f"{path} is a pickle, which can run code when loaded: pass allow_pickle=True "
+                                  "(--allow-pickle) to load it with weights_only=True")
+            return TensorDictSource(_load_pickles([path]), description=str(path))
+        raise SourceError(f"{path}: not a weights file (expected .safetensors)")
+    if path.is_dir():
+        kind, files = _folder_files(path, allow_pickle)
+        if kind == "pickle":
+            return TensorDictSource(_load_pickles(files), description=str(path), folder=path)
+        return SafetensorsSource(files, folder=path, description=str(path))
+    text = str(spec)
+    if text.startswith((".", "/", "~")) or os.sep in text.strip("/").replace("/", "", 1) or not _HUB_ID.match(text):
+        raise SourceError(f"no such file or folder: {text}")
+    folder = _resolve_hub(text, revision)
+    kind, files = _folder_files(folder, allow_pickle=False)
+    return SafetensorsSource(files, folder=folder, description=text, revision=folder.name)
+
+
+def _module_folder(module: torch.nn.Module) -> Path | None:
+    name = getattr(getattr(module, "config", None), "_name_or_path", None)
+    if name and Path(name).is_dir():
+        return Path(name)
+    return None
+
+
+def model_folder(spec, revision: str | None = None) -> Path | None:
+    """The folder holding config and tokenizer for a weights spec, if there is one."""
+    if isinstance(spec, WeightSource):
+        return spec.folder
+    if isinstance(spec, torch.nn.Module):
+        return _module_folder(spec)
+    if isinstance(spec, (str, os.PathLike)):
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            return path
+        if path.is_file():
+            return path.parent if (path.parent / "config.json").is_file() else None
+        if _HUB_ID.match(str(spec)):
+            return _resolve_hub(str(spec), revision)
+    return None

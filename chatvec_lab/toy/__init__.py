@@ -1,0 +1,39 @@
+"""The embedded toy family in ``data/toy/<name>/``: ``base``, ``chat``, ``chat-alt``, ``cp``, ``cp-xvocab``.
+
+    from chatvec_lab import toy
+    toy.path("cp")            # the folder, for any function that takes a model
+    model, tok = toy.load("chat")
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+MEMBERS = ("base", "chat", "chat-alt", "cp", "cp-xvocab")
+
+
+def data_dir() -> Path:
+    """``$CHATVEC_TOY_DIR``, else ``data/toy`` of the source checkout."""
+    env = os.environ.get("CHATVEC_TOY_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "data" / "toy"
+
+
+def path(name: str) -> Path:
+    if name not in MEMBERS:
+        raise KeyError(f"unknown toy model {name!r}; the family is {', '.join(MEMBERS)}")
+    folder = data_dir() / name
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"toy model {name!r} is missing at {folder}; rebuild the family with "
+                                "`python -m chatvec_lab.toy.train --out data/toy`")
+    return folder
+
+
+def load(name: str, dtype=None):
+    """``(model, tokenizer)`` of a toy member, loaded offline (float32 by default, for exact arithmetic)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = path(name)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype or torch.float32)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(str(folder))

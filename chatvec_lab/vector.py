@@ -1,0 +1,298 @@
+"""The chat vector: ``θ_chat − θ_base``, a task vector you can add, scale, save and apply.
+
+A ``ChatVector`` is lazy: it is a linear combination of *terms* (a difference of two models, a
+saved vector, or tensors in memory), evaluated one tensor at a time, in float32. So
+``0.5 * (v1 + v2)`` costs nothing until a tensor is asked for, and extracting from two 7B
+folders holds only a few tensors in memory.
+
+    v = ChatVector.from_models("meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-7b-chat-hf")
+    v.save("llama2-chat-vector")
+    apply_vectors("my-cp-model", [(v, 1.0)], out="my-cp-chat")
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import re
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from chatvec_lab.errors import MismatchError, NonFiniteError, SourceError
+from chatvec_lab.io import DEFAULT_SHARD_BYTES, ShardedSafetensorsWriter, atomic_folder, write_json
+from chatvec_lab.sources import WeightSource, open_weights
+
+METADATA_FILE = "chatvec.json"
+BASE_CONFIG_FILE = "base_config.json"
+FORMAT = "chatvec/1"
+
+
+def _version() -> str:
+    from chatvec_lab import __version__
+    return __version__
+
+
+def check_finite(name: str, tensor: torch.Tensor, where: str) -> None:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise NonFiniteError(f"tensor {name!r} in {where} holds {bad} NaN/Inf values")
+
+
+def _list_names(names: Iterable[str], limit: int = 5) -> str:
+    names = sorted(names)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(repr(n) for n in names[:limit]) + more
+
+
+def check_same_architecture(a: WeightSource, b: WeightSource, a_label: str, b_label: str) -> None:
+    ca, cb = a.config, b.config
+    if ca and cb:
+        ta, tb = ca.get("model_type"), cb.get("model_type")
+        if ta and tb and ta != tb:
+            raise MismatchError(f"{a_label} is a {ta!r} model but {b_label} is a {tb!r} model: "
+                                "a chat vector needs two models of one architecture")
+
+
+class _Diff:
+    """chat − base, with the last base tensor kept for the lineage check of ``apply``."""
+
+    def __init__(self, base: WeightSource, chat: WeightSource):
+        self.base, self.chat = base, chat
+        self.last_base: tuple[str, torch.Tensor] | None = None
+
+    def get(self, name: str) -> torch.Tensor:
+        b = self.base.get(name)
+        c = self.chat.get(name)
+        check_finite(name, b, self.base.description)
+        check_finite(name, c, self.chat.description)
+        self.last_base = (name, b)
+        return c.to(torch.float32) - b.to(torch.float32)
+
+    def base_tensor(self, name: str) -> torch.Tensor:
+        if self.last_base and self.last_base[0] == name:
+            return self.last_base[1]
+        return self.base.get(name)
+
+
+class _Stored:
+    def __init__(self, source: WeightSource):
+        self.source = source
+
+    def get(self, name: str) -> torch.Tensor:
+        t = self.source.get(name)
+        check_finite(name, t, self.source.description)
+        return t.to(torch.float32)
+
+
+class ChatVector:
+    """``Σ cᵢ · termᵢ``: a lazy map from tensor name to float32 delta."""
+
+    def __init__(self, terms: list[tuple[float, object]], shapes: dict[str, tuple[int, ...]], metadata: dict,
+                 base_config: dict | None = None):
+        self.terms = terms
+        self.shapes = dict(shapes)
+        self.metadata = metadata
+        self.base_config = base_config
+
+    # ------------------------------------------------------------ construction
+    @classmethod
+    def from_models(cls, base, chat, allow_pickle: bool = False, hash_files: bool = True) -> "ChatVector":
+        """``chat − base``. Both are opened lazily; names, shapes and architectures are checked now."""
+        b = open_weights(base, allow_pickle=allow_pickle)
+        c = open_weights(chat, allow_pickle=allow_pickle)
+        check_same_architecture(b, c, f"base {b.description}", f"chat {c.description}")
+        missing, extra = set(b.keys()) - set(c.keys()), set(c.keys()) - set(b.keys())
+        if missing:
+            raise MismatchError(f"chat {c.description} lacks tensors of base {b.description}: {_list_names(missing)}")
+        if extra:
+            raise MismatchError(f"chat {c.description} has tensors that base {b.description} lacks: {_list_names(extra)}")
+        shapes = {}
+        for name in b.keys():
+            if b.shape(name) != c.shape(name):
+                raise MismatchError(f"shape mismatch for {name!r}: base {b.shape(name)} vs chat {c.shape(name)}")
+            if not b.dtype(name).is_floating_point:
+                continue  # integer buffers (e.g. position ids) are not weights
+            shapes[name] = b.shape(name)
+        dtypes = sorted({str(b.dtype(n)).replace("torch.", "") for n in shapes})
+        metadata = {
+            "format": FORMAT,
+            "base": b.fingerprint(hash_files),
+            "chat": c.fingerprint(hash_files),
+            "source_dtype": ",".join(dtypes),
+            "dtype": "float32",
+            "tensors": len(shapes),
+            "parameters": sum(math.prod(s) for s in shapes.values()),
+            "chatvec_lab_version": _version(),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        return cls([(1.0, _Diff(b, c))], shapes, metadata, base_config=b.config)
+
+    @classmethod
+    def load(cls, path) -> "ChatVector":
+        """Open a vector saved with :meth:`save` (lazily)."""
+        path = Path(path)
+        meta_file = path / METADATA_FILE
+        if not meta_file.is_file():
+            raise SourceError(f"{path} is not a saved chat vector (no {METADATA_FILE}); "
+                              "to build one from two models use ChatVector.from_models / `chatvec extract`")
+        try:
+            metadata = json.loads(meta_file.read_text())
+        except ValueError as e:
+            raise SourceError(f"bad {meta_file}: {e}") from None
+        source = open_weights(path)
+        base_config = None
+        if (path / BASE_CONFIG_FILE).is_file():
+            base_config = json.loads((path / BASE_CONFIG_FILE).read_text())
+        shapes = {n: source.shape(n) for n in source.keys()}
+        return cls([(1.0, _Stored(source))], shapes, metadata, base_config=base_config)
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> "ChatVector":
+        source = open_weights({k: v.detach().to(torch.float32) for k, v in tensors.items()})
+        shapes = {n: source.shape(n) for n in source.keys()}
+        return cls([(1.0, _Stored(source))], shapes, {"format": FORMAT, **(metadata or {})})
+
+    @classmethod
+    def open(cls, spec) -> "ChatVector":
+        return spec if isinstance(spec, ChatVector) else cls.load(spec)
+
+    # ------------------------------------------------------------ access
+    @property
+    def names(self) -> list[str]:
+        return list(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.shapes
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.shapes:
+            raise KeyError(f"the vector has no tensor {name!r}")
+        total = None
+        for coef, term in self.terms:
+            if coef == 0:
+                continue
+            t = term.get(name)
+            scaled = t.mul(coef)  # a new tensor: never in place on a source's; no fused multiply-add, so results
+            total = scaled if total is None else total.add_(scaled)  # equal the naive `a + c * (x - y)`
+        return total if total is not None else torch.zeros(self.shapes[name], dtype=torch.float32)
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.shapes:
+            yield name, self[name]
+
+    def base_tensor(self, name: str) -> torch.Tensor | None:
+        """The base model's tensor, when this vector was built from a base it can still read."""
+        for _, term in self.terms:
+            if isinstance(term, _Diff):
+                return term.base_tensor(name)
+        return None
+
+    @property
+    def base_source(self) -> WeightSource | None:
+        for _, term in self.terms:
+            if isinstance(term, _Diff):
+                return term.base
+        return None
+
+    @property
+    def parameters(self) -> int:
+        return sum(math.prod(s) for s in self.shapes.values())
+
+    def norm(self) -> float:
+        """L2 norm over all tensors, streamed."""
+        return math.sqrt(sum(float(t.double().pow(2).sum()) for _, t in self.items()))
+
+    def materialize(self) -> "ChatVector":
+        """Evaluate every tensor now and keep them in memory."""
+        return ChatVector.from_tensors(dict(self.items()), metadata=self.metadata)
+
+    # ------------------------------------------------------------ arithmetic
+    def _combine(self, other: "ChatVector", sign: float) -> "ChatVector":
+        if not isinstance(other, ChatVector):
+            return NotImplemented
+        missing, extra = set(self.shapes) - set(other.shapes), set(other.shapes) - set(self.shapes)
+        if missing or extra:
+            detail = (f"only the left has {_list_names(missing)}" if missing else "") + \
+                     ("; " if missing and extra else "") + (f"only the right has {_list_names(extra)}" if extra else "")
+            raise MismatchError(f"cannot combine vectors with different tensors: {detail}")
+        for name, shape in self.shapes.items():
+            if other.shapes[name] != shape:
+                raise MismatchError(f"cannot combine vectors: {name!r} is {shape} in one and {other.shapes[name]} in the other")
+        terms = self.terms + [(sign * c, t) for c, t in other.terms]
+        meta = {"format": FORMAT, "combination_of": [self.metadata, other.metadata], "signs": [1, sign]}
+        return ChatVector(terms, self.shapes, meta, base_config=self.base_config or other.base_config)
+
+    def __add__(self, other):
+        if isinstance(other, (int, float)) and other == 0:
+            return self  # lets sum() work
+        return self._combine(other, 1.0)
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        return self._combine(other, -1.0)
+
+    def __mul__(self, scalar):
+        if not isinstance(scalar, (int, float)) or isinstance(scalar, bool):
+            return NotImplemented
+        meta = {**self.metadata, "scaled_by": scalar * self.metadata.get("scaled_by", 1.0)}
+        return ChatVector([(scalar * c, t) for c, t in self.terms], self.shapes, meta, self.base_config)
+
+    __rmul__ = __mul__
+
+    def __neg__(self):
+        return self * -1.0
+
+    def __truediv__(self, scalar):
+        return self * (1.0 / scalar)
+
+    def select(self, include: str | None = None, exclude: str | None = None) -> "ChatVector":
+        """Keep only tensors whose name matches ``include`` and not ``exclude`` (regexes, ``re.search``)."""
+        inc = re.compile(include) if include else None
+        exc = re.compile(exclude) if exclude else None
+        shapes = {n: s for n, s in self.shapes.items()
+                  if (inc is None or inc.search(n)) and not (exc and exc.search(n))}
+        if not shapes:
+            raise MismatchError(f"no tensor of the vector matches include={include!r} exclude={exclude!r}")
+        meta = {**self.metadata, "selected": {"include": include, "exclude": exclude}}
+        return ChatVector(self.terms, shapes, meta, self.base_config)
+
+    # ------------------------------------------------------------ saving
+    def save(self, path, overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+             progress: bool = False) -> Path:
+        """Write float32 safetensors shards + ``chatvec.json`` atomically; returns the folder."""
+        from tqdm.auto import tqdm
+
+        plan = [(n, s, torch.float32) for n, s in self.shapes.items()]
+        with atomic_folder(path, overwrite) as tmp:
+            writer = ShardedSafetensorsWriter(tmp, plan, prefix="vector", max_shard_bytes=max_shard_bytes)
+            for name in tqdm(self.names, desc="vector", unit="tensor", disable=not progress):
+                t = self[name]
+                check_finite(name, t, "the vector")
+                writer.write(name, t)
+            shards = writer.close()
+            write_json(tmp / METADATA_FILE, {**self.metadata, "shards": shards})
+            if self.base_config:
+                write_json(tmp / BASE_CONFIG_FILE, self.base_config)
+        return Path(path)
+
+    def __repr__(self) -> str:
+        return f"<ChatVector {len(self)} tensors, {self.parameters:,} parameters, {len(self.terms)} term(s)>"
+
+
+def extract(base, chat, out=None, overwrite: bool = False, allow_pickle: bool = False,
+            progress: bool = False, **save_kwargs) -> ChatVector:
+    """``chat − base``; saved to ``out`` when given."""
+    vector = ChatVector.from_models(base, chat, allow_pickle=allow_pickle)
+    if out is not None:
+        vector.save(out, overwrite=overwrite, progress=progress, **save_kwargs)
+        return ChatVector.load(out)
+    return vector
