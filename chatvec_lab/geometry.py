@@ -1,0 +1,284 @@
+"""The geometry of chat vectors: norms, cosines, sign agreement, spectra, distributions.
+
+Everything streams tensor by tensor: ``vector_stats`` reads each tensor name once for all vectors
+(N tensors in memory at a time) and keeps only numbers, so a 7B vector needs a few tensors of memory.
+Results are tidy DataFrames with ``layer`` and ``module`` columns, to group as you like.
+
+    stats = vector_stats({"chat": cv, "chat-alt": cv_alt, "cp": cp_vec}, base=toy.path("base"))
+    cosine_matrix(stats)          # N × N
+    layer_norms(stats)            # layer × vector
+    top_layers(stats, "chat")     # which layers change most
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from chatvec_lab.errors import MismatchError
+from chatvec_lab.naming import MODULE_ORDER, parse
+from chatvec_lab.sources import open_weights
+from chatvec_lab.vector import ChatVector
+
+SAMPLE_PER_TENSOR = 2048
+
+
+@dataclass
+class VectorStats:
+    """Per-tensor numbers for several vectors, from one streaming pass."""
+
+    tensors: pd.DataFrame  # one row per (tensor, vector)
+    pairs: pd.DataFrame  # one row per (tensor, vector pair)
+    samples: dict[str, dict[str, np.ndarray]]  # vector → module → sampled values
+    names: list[str]
+
+
+def _open_all(vectors) -> dict[str, ChatVector]:
+    if isinstance(vectors, ChatVector):
+        return {"vector": vectors}
+    if isinstance(vectors, (list, tuple)):
+        vectors = {Path(str(v)).name if not isinstance(v, ChatVector) else f"v{i + 1}": v for i, v in enumerate(vectors)}
+    return {k: ChatVector.open(v) for k, v in vectors.items()}
+
+
+@torch.no_grad()
+def vector_stats(vectors, base=None, include: str | None = None, sample: int = SAMPLE_PER_TENSOR,
+                 seed: int = 0, progress: bool = False) -> VectorStats:
+    """Norms (and ‖Δ‖/‖θ_base‖ with ``base``), pairwise dot products and sign agreement, moments, samples."""
+    import re
+    from tqdm.auto import tqdm
+
+    vecs = _open_all(vectors)
+    keys = list(vecs)
+    first = vecs[keys[0]]
+    for k in keys[1:]:
+        missing = set(first.names) ^ set(vecs[k].names)
+        if missing:
+            raise MismatchError(f"vectors {keys[0]!r} and {k!r} differ in tensors, e.g. {sorted(missing)[0]!r}")
+    base_src = open_weights(base) if base is not None else None
+    pattern = re.compile(include) if include else None
+    gen = torch.Generator().manual_seed(seed)
+    rows, pair_rows = [], []
+    samples: dict[str, dict[str, list]] = {k: {} for k in keys}
+    for name in tqdm(first.names, desc="stats", unit="tensor", disable=not progress):
+        if pattern and not pattern.search(name):
+            continue
+        info = parse(name)
+        flat = {}
+        for k in keys:
+            t = vecs[k][name]
+            if t.shape != first.shapes[name]:
+                raise MismatchError(f"{name!r}: vector {k!r} has shape {tuple(t.shape)}, {keys[0]!r} {first.shapes[name]}")
+            flat[k] = t.reshape(-1)
+        base_norm = math.nan
+        if base_src is not None and name in base_src:
+            base_norm = float(base_src.get(name).to(torch.float32).norm())
+        n = flat[keys[0]].numel()
+        idx = torch.randint(0, n, (min(sample, n),), generator=gen) if n else None
+        for k in keys:
+            x = flat[k]
+            x64 = x.double()
+            mean = float(x64.mean()) if n else math.nan
+            var = float(((x64 - mean) ** 2).mean()) if n else math.nan
+            kurt = float(((x64 - mean) ** 4).mean() / var**2 - 3) if n and var > 0 else math.nan
+            norm = float(x.norm())
+            rows.append({"name": name, "layer": info.layer, "module": info.module, "group": info.group,
+                         "vector": k, "numel": n, "norm": norm, "base_norm": base_norm,
+                         "rel_norm": norm / base_norm if base_norm and base_norm > 0 else math.nan,
+                         "mean": mean, "std": math.sqrt(var) if var == var else math.nan, "kurtosis": kurt,
+                         "max_abs": float(x.abs().max()) if n else math.nan})
+            if idx is not None:
+                samples[k].setdefault(info.module, []).append(x[idx].numpy().copy())
+        for a, b in itertools.combinations(keys, 2):
+            xa, xb = flat[a], flat[b]
+            nonzero = (xa != 0) & (xb != 0)
+            agree = int(((xa > 0) == (xb > 0))[nonzero].sum())
+            pair_rows.append({"name": name, "layer": info.layer, "module": info.module, "group": info.group,
+                              "a": a, "b": b, "dot": float(torch.dot(xa, xb)),
+                              "norm_a": float(xa.norm()), "norm_b": float(xb.norm()),
+                              "sign_agree": agree, "sign_total": int(nonzero.sum())})
+        del flat
+    tensors = pd.DataFrame(rows)
+    pairs = pd.DataFrame(pair_rows, columns=["name", "layer", "module", "group", "a", "b", "dot", "norm_a", "norm_b",
+                                             "sign_agree", "sign_total"])
+    for df in (tensors, pairs):
+        if len(df):
+            df["layer"] = df["layer"].astype("Int64")
+    return VectorStats(tensors, pairs, {k: {m: np.concatenate(v) for m, v in d.items()} for k, d in samples.items()}, keys)
+
+
+def _cos(dot: float, na2: float, nb2: float) -> float:
+    return dot / math.sqrt(na2 * nb2) if na2 > 0 and nb2 > 0 else math.nan
+
+
+def cosine_matrix(stats: VectorStats) -> pd.DataFrame:
+    """Global cosine similarity between every two vectors (N × N, named index and columns)."""
+    norms2 = stats.tensors.assign(n2=stats.tensors["norm"] ** 2).groupby("vector")["n2"].sum()
+    m = pd.DataFrame(np.eye(len(stats.names)), index=stats.names, columns=stats.names)
+    for (a, b), g in stats.pairs.groupby(["a", "b"]):
+        c = _cos(g["dot"].sum(), norms2[a], norms2[b])
+        m.loc[a, b] = m.loc[b, a] = c
+    m.index.name = None
+    return m
+
+
+def cosine_by(stats: VectorStats, by: str | Sequence[str] = "layer") -> pd.DataFrame:
+    """Cosine between each pair of vectors within each group (e.g. per layer, per module, per tensor)."""
+    df = stats.pairs.assign(na2=stats.pairs["norm_a"] ** 2, nb2=stats.pairs["norm_b"] ** 2)
+    keys = [by] if isinstance(by, str) else list(by)
+    g = df.groupby(keys + ["a", "b"], dropna=False)[["dot", "na2", "nb2"]].sum().reset_index()
+    g["cosine"] = [_cos(d, x, y) for d, x, y in zip(g["dot"], g["na2"], g["nb2"])]
+    g["pair"] = g["a"] + " · " + g["b"]
+    return g[keys + ["a", "b", "pair", "cosine"]]
+
+
+def sign_agreement(stats: VectorStats, by: str | Sequence[str] | None = "layer") -> pd.DataFrame:
+    """Share of coordinates where two vectors have the same sign (TIES-merging's conflict measure; 0.5 = chance)."""
+    keys = ([by] if isinstance(by, str) else list(by)) if by else []
+    g = stats.pairs.groupby(keys + ["a", "b"], dropna=False)[["sign_agree", "sign_total"]].sum().reset_index()
+    g["sign_agreement"] = g["sign_agree"] / g["sign_total"].where(g["sign_total"] > 0)
+    g["pair"] = g["a"] + " · " + g["b"]
+    return g[keys + ["a", "b", "pair", "sign_agreement"]]
+
+
+def norms_by(stats: VectorStats, by: str | Sequence[str] = ("layer", "module")) -> pd.DataFrame:
+    """‖Δ‖ and ‖Δ‖/‖θ_base‖ aggregated (root of summed squares) per group and vector."""
+    keys = [by] if isinstance(by, str) else list(by)
+    df = stats.tensors.assign(n2=stats.tensors["norm"] ** 2, b2=stats.tensors["base_norm"] ** 2)
+    g = df.groupby(keys + ["vector"], dropna=False)[["n2", "b2", "numel"]].sum(min_count=1).reset_index()
+    g["norm"] = np.sqrt(g["n2"])
+    g["rel_norm"] = g["norm"] / np.sqrt(g["b2"])
+    return g[keys + ["vector", "numel", "norm", "rel_norm"]]
+
+
+def layer_norms(stats: VectorStats) -> pd.DataFrame:
+    """‖Δ‖ per layer (rows; embeddings and other non-layer tensors under ``-``) and vector (columns)."""
+    df = norms_by(stats, "layer")
+    df["layer"] = df["layer"].astype(object).where(df["layer"].notna(), "-")
+    table = df.pivot(index="layer", columns="vector", values="norm")[stats.names]
+    table.columns.name = None
+    return table
+
+
+def top_layers(stats: VectorStats, vector: str | None = None, n: int = 5, relative: bool = False) -> pd.DataFrame:
+    """Which layers change most: the ``n`` largest per-layer norms (or relative norms) of one vector."""
+    vector = vector or stats.names[0]
+    df = norms_by(stats, "layer")
+    df = df[(df["vector"] == vector) & df["layer"].notna()]
+    col = "rel_norm" if relative else "norm"
+    return df.sort_values(col, ascending=False).head(n)[["layer", "norm", "rel_norm"]].reset_index(drop=True)
+
+
+def aligned(stats: VectorStats, a: str, b: str, threshold: float = 0.3) -> dict:
+    """Are two vectors aligned? Global cosine, sign agreement, and a one-line verdict."""
+    cos = cosine_matrix(stats).loc[a, b]
+    sa = sign_agreement(stats, by=None)
+    row = sa[((sa["a"] == a) & (sa["b"] == b)) | ((sa["a"] == b) & (sa["b"] == a))]
+    agree = float(row["sign_agreement"].iloc[0]) if len(row) else math.nan
+    if cos >= threshold:
+        verdict = f"aligned: cosine {cos:.2f} ≥ {threshold}"
+    elif cos <= -threshold:
+        verdict = f"opposed: cosine {cos:.2f} ≤ −{threshold}"
+    else:
+        verdict = f"nearly orthogonal: |cosine| {abs(cos):.2f} < {threshold} (random directions give ≈ 0)"
+    return {"cosine": float(cos), "sign_agreement": agree, "verdict": verdict}
+
+
+def distribution(stats: VectorStats, quantiles: Sequence[float] = (0.01, 0.25, 0.5, 0.75, 0.99)) -> pd.DataFrame:
+    """Per vector and module kind: quantiles of sampled coordinates, std and mean excess kurtosis."""
+    rows = []
+    for vec, modules in stats.samples.items():
+        for module, values in modules.items():
+            t = stats.tensors[(stats.tensors["vector"] == vec) & (stats.tensors["module"] == module)]
+            row = {"vector": vec, "module": module, "tensors": len(t), "std": float(np.std(values)),
+                   "kurtosis": float(np.average(t["kurtosis"].fillna(0), weights=t["numel"]))}
+            row.update({f"q{q:g}": float(np.quantile(values, q)) for q in quantiles})
+            rows.append(row)
+    df = pd.DataFrame(rows)
+    if len(df):
+        df["order"] = df["module"].map({m: i for i, m in enumerate(MODULE_ORDER)})
+        df = df.sort_values(["vector", "order"]).drop(columns="order").reset_index(drop=True)
+    return df
+
+
+# ------------------------------------------------------------------ spectra
+
+@torch.no_grad()
+def singular_values(matrix: torch.Tensor, k: int = 32, method: str = "auto", seed: int = 0) -> torch.Tensor:
+    """Top ``k`` singular values; randomized (``torch.svd_lowrank``) for large matrices."""
+    m = matrix.to(torch.float32)
+    if m.dim() != 2:
+        raise ValueError(f"singular values need a matrix, got shape {tuple(m.shape)}")
+    k = min(k, *m.shape)
+    if method == "exact" or (method == "auto" and min(m.shape) <= 512):
+        return torch.linalg.svdvals(m)[:k]
+    torch.manual_seed(seed)
+    _, s, _ = torch.svd_lowrank(m, q=min(k + 10, *m.shape), niter=4)
+    return s[:k]
+
+
+def effective_rank(s, kind: str = "entropy") -> float:
+    """``entropy``: exp of the entropy of the normalised singular values (Roy & Vetterli);
+    ``stable``: ‖A‖_F² / ‖A‖_2². Both ≈ r for r equal singular values."""
+    s = torch.as_tensor(s, dtype=torch.float64)
+    s = s[s > s.max() * 1e-12] if len(s) else s
+    if not len(s):
+        return 0.0
+    if kind == "stable":
+        return float((s**2).sum() / s.max() ** 2)
+    p = s / s.sum()
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def spectra(vector, k: int = 32, include: str | None = None, method: str = "auto") -> pd.DataFrame:
+    """Per weight matrix: its top singular values (a list), effective and stable rank, energy in the top 1/top 8."""
+    import re
+
+    vec = ChatVector.open(vector)
+    pattern = re.compile(include) if include else None
+    rows = []
+    for name in vec.names:
+        if len(vec.shapes[name]) != 2 or (pattern and not pattern.search(name)):
+            continue
+        info = parse(name)
+        t = vec[name]
+        s = singular_values(t, k=k, method=method)
+        fro2 = float(t.double().pow(2).sum())
+        energy = (s.double() ** 2).cumsum(0) / fro2 if fro2 > 0 else torch.zeros_like(s, dtype=torch.float64)
+        rows.append({"name": name, "layer": info.layer, "module": info.module, "shape": tuple(t.shape),
+                     "singular_values": s.tolist(), "effective_rank": effective_rank(s),
+                     "stable_rank": effective_rank(s, "stable"),
+                     "energy_top1": float(energy[0]) if len(energy) else math.nan,
+                     "energy_top8": float(energy[min(7, len(energy) - 1)]) if len(energy) else math.nan})
+    df = pd.DataFrame(rows)
+    if len(df):
+        df["layer"] = df["layer"].astype("Int64")
+    return df
+
+
+def save_compare_plots(stats: VectorStats, folder) -> list[Path]:
+    """The figures of ``chatvec compare``, as PNG files in ``folder``."""
+    import matplotlib.pyplot as plt
+    from chatvec_lab import plots
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    figures = {"cosine_matrix": plots.plot_cosine_matrix(cosine_matrix(stats))}
+    for name in stats.names:
+        figures[f"layer_norms_{name}"] = plots.plot_layer_norms(stats, vector=name)
+    if len(stats.names) > 1:
+        figures["layer_cosine"] = plots.plot_layer_cosine(stats)
+        figures["sign_agreement"] = plots.plot_sign_agreement(stats)
+    paths = []
+    for key, fig in figures.items():
+        path = folder / f"{key}.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
+    return paths

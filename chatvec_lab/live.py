@@ -1,0 +1,92 @@
+"""A model whose chat-vector coefficients change in place, without reloading.
+
+    live = LiveModel(model, {"chat": cv, "alt": cv_alt})
+    live.set(chat=1.0)          # weights = target + 1.0·chat
+    live.set(chat=0.5, alt=0.5)
+    live.reset()                # back to the target, bit for bit
+
+It keeps one copy of the tensors the vectors touch (the target's values) and the vectors' deltas;
+a change rewrites only those tensors.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from chatvec_lab.apply import Alpha, coefficient_for, layer_filter, plan_apply
+from chatvec_lab.errors import MismatchError
+from chatvec_lab.naming import parse
+from chatvec_lab.sources import module_state, open_weights
+from chatvec_lab.vector import ChatVector
+
+
+class LiveModel:
+    def __init__(self, model: torch.nn.Module, vectors: Mapping[str, ChatVector] | ChatVector,
+                 embeddings: str = "error", include: str | None = None, exclude: str | None = None,
+                 layers=None):
+        if isinstance(vectors, ChatVector):
+            vectors = {"chat": vectors}
+        if not vectors:
+            raise ValueError("no vector given")
+        self.model = model
+        self.names = list(vectors)
+        state = module_state(model)
+        source = open_weights(state)
+        pairs = [(ChatVector.open(v), 1.0) for v in vectors.values()]
+        plans, self.notes = plan_apply(source, pairs, embeddings, layer_filter(layers, include, exclude))
+        self.plans = {n: p for n, p in plans.items() if p.status.startswith("added")}
+        if not self.plans:
+            raise MismatchError("none of the model's tensors is changed by these vectors")
+        self.params = {n: state[n] for n in self.plans}
+        self.original = {n: t.detach().clone() for n, t in self.params.items()}
+        self.deltas: dict[str, dict[str, torch.Tensor]] = {}
+        for key, (vec, _) in zip(self.names, pairs):
+            d = {}
+            for name, plan in self.plans.items():
+                if name in vec:
+                    delta = vec[name]
+                    if plan.rows is not None:
+                        delta = delta[: plan.rows].contiguous()
+                    d[name] = delta.to(self.params[name].device)
+            self.deltas[key] = d
+        self.coefficients: dict[str, Alpha] = {k: 0.0 for k in self.names}
+
+    def _check(self, alphas: Mapping[str, Alpha]) -> dict[str, Alpha]:
+        unknown = set(alphas) - set(self.names)
+        if unknown:
+            raise KeyError(f"unknown vector(s) {sorted(unknown)}; this model holds {self.names}")
+        merged = {**self.coefficients, **alphas}
+        for name in self.plans:  # validate every rule before touching a weight
+            for key in self.names:
+                coefficient_for(parse(name), merged[key])
+        return merged
+
+    @torch.no_grad()
+    def set(self, alphas: Mapping[str, Alpha] | None = None, **kwargs: Alpha) -> None:
+        """Set the coefficients (by vector name); the weights become ``target + Σ αᵢ·vᵢ``."""
+        merged = self._check({**(alphas or {}), **kwargs})
+        for name, param in self.params.items():
+            info = parse(name)
+            coefs = [(key, coefficient_for(info, merged[key])) for key in self.names if name in self.deltas[key]]
+            coefs = [(k, c) for k, c in coefs if c != 0]
+            if not coefs:
+                param.copy_(self.original[name])
+                continue
+            rows = self.plans[name].rows
+            acc = self.original[name].to(torch.float32, copy=True)
+            view = acc[:rows] if rows is not None else acc
+            for key, c in coefs:
+                view.add_(self.deltas[key][name] * c)
+            param.copy_(acc)
+        self.coefficients = merged
+
+    def reset(self) -> None:
+        self.set({k: 0.0 for k in self.names})
+
+    @property
+    def extra_bytes(self) -> int:
+        """Memory held beyond the model: the originals of the touched tensors and the deltas."""
+        orig = sum(t.numel() * t.element_size() for t in self.original.values())
+        deltas = sum(t.numel() * t.element_size() for d in self.deltas.values() for t in d.values())
+        return orig + deltas

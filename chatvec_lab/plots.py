@@ -1,0 +1,145 @@
+"""Pictures of chat vectors. Each ``plot_*(data, ax=None, ...) -> Figure``, titled and labelled, one style."""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from chatvec_lab.naming import MODULE_ORDER
+
+CMAP = "viridis"
+DIVERGING = "RdBu_r"
+
+
+def new_axes(ax=None, figsize=(6.4, 4.0)):
+    if ax is None:
+        fig, ax = plt.subplots(figsize=figsize, layout="constrained")
+    return ax.figure, ax
+
+
+def style_axes(ax, title: str, xlabel: str, ylabel: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    if xlabel == "layer":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(title, fontsize=11)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3, linewidth=0.6)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+
+
+def _heatmap(ax, table: pd.DataFrame, cmap: str, annotate: bool, fmt: str = "{:.2f}", vmin=None, vmax=None,
+             label: str = ""):
+    values = table.to_numpy(dtype=float)
+    im = ax.imshow(values, cmap=cmap, aspect="auto", vmin=vmin, vmax=vmax)
+    ax.set_xticks(range(table.shape[1]), [str(c) for c in table.columns], rotation=45, ha="right")
+    ax.set_yticks(range(table.shape[0]), [str(i) for i in table.index])
+    if annotate:
+        lo, hi = np.nanmin(values), np.nanmax(values)
+        for i in range(values.shape[0]):
+            for j in range(values.shape[1]):
+                v = values[i, j]
+                if np.isfinite(v):
+                    light = (v - lo) / (hi - lo + 1e-12) < 0.5 if cmap == CMAP else abs(v) > 0.6
+                    ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=8,
+                            color="white" if light else "black")
+    ax.figure.colorbar(im, ax=ax, shrink=0.85, label=label)
+    return im
+
+
+def plot_layer_norms(stats, vector: str | None = None, ax=None, relative: bool = False):
+    """‖Δ‖ (or ‖Δ‖/‖θ_base‖) per layer, one line per module kind."""
+    from chatvec_lab.geometry import norms_by
+
+    vector = vector or stats.names[0]
+    df = norms_by(stats, ("layer", "module"))
+    df = df[(df["vector"] == vector) & df["layer"].notna()]
+    col = "rel_norm" if relative else "norm"
+    fig, ax = new_axes(ax)
+    for module in [m for m in MODULE_ORDER if m in set(df["module"])]:
+        part = df[df["module"] == module].sort_values("layer")
+        ax.plot(part["layer"].astype(int), part[col], marker="o", markersize=3, label=module)
+    style_axes(ax, f"{'Relative norm' if relative else 'Norm'} of the vector by layer: {vector}", "layer",
+               "‖Δ‖ / ‖θ_base‖" if relative else "‖Δ‖")
+    ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+def plot_relative_norms_heatmap(stats, vector: str | None = None, ax=None):
+    """Layer × module heatmap of ‖Δ‖/‖θ_base‖ (needs ``vector_stats(..., base=...)``)."""
+    from chatvec_lab.geometry import norms_by
+
+    vector = vector or stats.names[0]
+    df = norms_by(stats, ("layer", "module"))
+    df = df[(df["vector"] == vector) & df["layer"].notna()]
+    table = df.pivot(index="layer", columns="module", values="rel_norm")
+    table = table[[m for m in MODULE_ORDER if m in table.columns]]
+    fig, ax = new_axes(ax)
+    _heatmap(ax, table, CMAP, annotate=table.size <= 120, fmt="{:.3f}", label="‖Δ‖ / ‖θ_base‖")
+    ax.set_title(f"Relative change per layer and module: {vector}", fontsize=11)
+    ax.set_xlabel("module")
+    ax.set_ylabel("layer")
+    return fig
+
+
+def plot_cosine_matrix(cos: pd.DataFrame, ax=None, title: str = "Cosine similarity between vectors"):
+    """Annotated sources × sources heatmap of cosine similarity."""
+    fig, ax = new_axes(ax, figsize=(1.2 * len(cos) + 3, 1.0 * len(cos) + 2))
+    _heatmap(ax, cos, DIVERGING, annotate=True, vmin=-1, vmax=1, label="cosine")
+    ax.set_title(title, fontsize=11)
+    ax.set_xlabel("vector")
+    ax.set_ylabel("vector")
+    return fig
+
+
+def plot_layer_cosine(stats, pairs: list[tuple[str, str]] | None = None, ax=None, by: str = "layer"):
+    """Cosine between two vectors, layer by layer (one line per pair)."""
+    from chatvec_lab.geometry import cosine_by
+
+    df = cosine_by(stats, by)
+    df = df[df[by].notna()]
+    if pairs:
+        wanted = {f"{a} · {b}" for a, b in pairs} | {f"{b} · {a}" for a, b in pairs}
+        df = df[df["pair"].isin(wanted)]
+    fig, ax = new_axes(ax)
+    for pair, part in df.groupby("pair"):
+        part = part.sort_values(by)
+        ax.plot(part[by].astype(int), part["cosine"], marker="o", markersize=3, label=pair)
+    ax.axhline(0, color="0.5", linewidth=0.8)
+    style_axes(ax, "Cosine similarity by layer", by, "cosine")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_sign_agreement(stats, ax=None):
+    """Share of coordinates with the same sign, per layer and pair (0.5 is what unrelated vectors give)."""
+    from chatvec_lab.geometry import sign_agreement
+
+    df = sign_agreement(stats, "layer")
+    df = df[df["layer"].notna()]
+    fig, ax = new_axes(ax)
+    for pair, part in df.groupby("pair"):
+        part = part.sort_values("layer")
+        ax.plot(part["layer"].astype(int), part["sign_agreement"], marker="o", markersize=3, label=pair)
+    ax.axhline(0.5, color="0.5", linestyle="--", linewidth=0.8, label="chance")
+    style_axes(ax, "Sign agreement by layer", "layer", "share of coordinates with the same sign")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_spectra(spectra_df: pd.DataFrame, ax=None, normalize: bool = True, max_lines: int = 12):
+    """Singular values of matrix deltas (normalised to the largest), one line per tensor."""
+    fig, ax = new_axes(ax)
+    for _, row in spectra_df.head(max_lines).iterrows():
+        s = np.asarray(row["singular_values"], dtype=float)
+        if normalize and len(s) and s[0] > 0:
+            s = s / s[0]
+        ax.plot(np.arange(1, len(s) + 1), s, marker=".", linewidth=1,
+                label=f"L{row['layer']} {row['module']} (eff. rank {row['effective_rank']:.1f})")
+    ax.set_yscale("log")
+    style_axes(ax, "Singular-value spectra of the vector's matrices", "index",
+               "σᵢ / σ₁" if normalize else "σᵢ")
+    ax.legend(fontsize=6, ncol=2)
+    return fig

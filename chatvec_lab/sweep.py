@@ -1,0 +1,239 @@
+"""Coefficient sweeps: generate and score replies for ``target + α·vector`` over a grid of α.
+
+    df = sweep(toy.path("cp"), cv, [0, 0.5, 1.0], prompts, seeds=3)
+    plot_scores(df, ["ended_turn", "share_de"])
+
+One tidy DataFrame: a row per (coefficient, prompt, seed) with the reply and every score. Results
+are cached on disk by their inputs, so re-running a notebook does not regenerate.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from chatvec_lab.generation import generate
+from chatvec_lab.live import LiveModel
+from chatvec_lab.scoring import make_scorer, perplexity, score_all
+from chatvec_lab.vector import ChatVector
+
+DEFAULT_SCORERS = ("turn_end", "language", "refusal", "offensive")
+METRIC_LABELS = {
+    "ended_turn": "turn-end rate",
+    "share_de": "German share of reply words",
+    "refusal": "refusal rate",
+    "offensive": "offensive-language probability (alt-profanity-check)",
+    "toxicity": "Detoxify toxicity",
+    "reply_tokens": "reply length (tokens)",
+    "ppl_en": "perplexity, English held-out",
+    "ppl_de": "perplexity, German held-out",
+}
+
+
+def read_prompts(path) -> list[str]:
+    """One prompt a line, or JSONL with a ``prompt`` field. Blank lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} not found")
+    prompts = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl" or line.lstrip().startswith("{"):
+            try:
+                item = json.loads(line)
+                prompts.append(str(item["prompt"]))
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f"{path}:{i}: expected a JSON object with a 'prompt' field") from None
+        else:
+            prompts.append(line.strip())
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
+    return prompts
+
+
+def check_coefficients(coefficients, names: Sequence[str]) -> list[dict[str, float]]:
+    """Normalise to a list of ``{vector: α}``; one clear error for anything that is not a finite number."""
+    if isinstance(coefficients, (int, float, str)) or coefficients is None:
+        coefficients = [coefficients]
+    out = []
+    for c in coefficients:
+        point = c if isinstance(c, Mapping) else {n: c for n in names}
+        clean = {}
+        for name, value in point.items():
+            if name not in names:
+                raise ValueError(f"coefficient for unknown vector {name!r}; vectors are {list(names)}")
+            try:
+                v = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"coefficient {value!r} is not a number") from None
+            if not math.isfinite(v):
+                raise ValueError(f"coefficient {value!r} is not finite")
+            clean[name] = v
+        out.append({n: clean.get(n, 0.0) for n in names})
+    if not out:
+        raise ValueError("no coefficients to sweep")
+    return out
+
+
+def _fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _model_fingerprint(target) -> object:
+    if isinstance(target, (str, Path)):
+        folder = Path(target)
+        return [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in sorted(folder.glob("*.safetensors"))] \
+            + [str(folder.resolve())]
+    return None
+
+
+def load_target(target, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(target), dtype=dtype)
+    return model.eval(), AutoTokenizer.from_pretrained(str(target))
+
+
+def sweep(target, vectors, coefficients, prompts: Sequence[str], *, tokenizer=None, scorers=DEFAULT_SCORERS,
+          seeds: int | Sequence[int] = 1, max_new_tokens: int = 64, language: str = "de",
+          heldout: Mapping[str, Sequence[str]] | None = None, cache_dir=None, progress: bool = True,
+          live: LiveModel | None = None, **gen_kwargs) -> pd.DataFrame:
+    """Generate and score for every coefficient point; returns the tidy table.
+
+    ``target``: a model folder (loaded once) or a model (with ``tokenizer=``); ``vectors``: a vector or
+    ``{name: vector}``; ``coefficients``: numbers (the same α for every vector) or ``{name: α}`` dicts;
+    ``heldout``: ``{language: texts}`` for perplexity columns ``ppl_<language>``.
+    The model is left exactly as it was found.
+    """
+    from tqdm.auto import tqdm
+
+    prompts = [p for p in prompts]
+    if not prompts:
+        raise ValueError("the prompt list is empty")
+    if any(not isinstance(p, str) or not p.strip() for p in prompts):
+        raise ValueError("every prompt must be a non-empty string")
+    if isinstance(vectors, (ChatVector, str, Path)):
+        vectors = {"chat": vectors}
+    vectors = {k: ChatVector.open(v) for k, v in vectors.items()}
+    points = check_coefficients(coefficients, list(vectors))
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    scorer_names = [s if isinstance(s, str) else s.name for s in scorers]
+
+    cache_file = None
+    key_target = _model_fingerprint(target)
+    if cache_dir is not None and key_target is not None:
+        key = _fingerprint({"target": key_target, "vectors": {k: v.metadata for k, v in vectors.items()},
+                            "points": points, "prompts": prompts, "scorers": scorer_names, "seeds": seed_list,
+                            "max_new_tokens": max_new_tokens, "language": language, "heldout": heldout,
+                            "gen": gen_kwargs, "version": 1})
+        cache_file = Path(cache_dir) / f"sweep-{key}.jsonl"
+        if cache_file.is_file():
+            return pd.read_json(cache_file, orient="records", lines=True)
+
+    if live is None:
+        if isinstance(target, (str, Path)):
+            model, tokenizer = load_target(target)
+        else:
+            model = target
+            if tokenizer is None:
+                raise ValueError("pass tokenizer= with an in-memory model")
+        live = LiveModel(model, vectors)
+    elif tokenizer is None:
+        raise ValueError("pass tokenizer= with a LiveModel")
+    built = [make_scorer(s, language=language) if isinstance(s, str) and s != "turn_end" else s
+             for s in scorers if s != "turn_end"]
+    saved = dict(live.coefficients)
+    frames = []
+    bar = tqdm(total=len(points) * len(seed_list), desc="sweep", disable=not progress)
+    try:
+        for point in points:
+            live.set(point)
+            ppl = {f"ppl_{lang}": perplexity(live.model, tokenizer, texts) for lang, texts in (heldout or {}).items()}
+            for seed in seed_list:
+                gen = generate(live.model, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed, **gen_kwargs)
+                scores = score_all(gen["reply"].tolist(), built)
+                df = pd.concat([gen.reset_index(drop=True), scores], axis=1)
+                for name, value in point.items():
+                    df.insert(0, f"alpha_{name}", value)
+                df.insert(0, "alpha", point[next(iter(point))])
+                for k, v in ppl.items():
+                    df[k] = v
+                frames.append(df)
+                bar.update()
+    finally:
+        live.set(saved)
+        bar.close()
+    result = pd.concat(frames, ignore_index=True)
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(".tmp")
+        result.to_json(tmp, orient="records", lines=True)
+        tmp.replace(cache_file)
+    return result
+
+
+def summarize(df: pd.DataFrame, metrics: Sequence[str] | None = None, by: str | Sequence[str] = "alpha") -> pd.DataFrame:
+    """Mean and 95% interval (normal approximation over prompts and seeds) of each metric per coefficient."""
+    metrics = metrics or [m for m in METRIC_LABELS if m in df.columns]
+    rows = []
+    for key, group in df.groupby(by, sort=True):
+        row = dict(zip([by] if isinstance(by, str) else by, key if isinstance(key, tuple) else (key,)))
+        row["n"] = len(group)
+        for m in metrics:
+            values = pd.to_numeric(group[m], errors="coerce").dropna().astype(float)
+            mean = values.mean() if len(values) else math.nan
+            half = 1.96 * values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+            row[m] = mean
+            row[f"{m}_lo"], row[f"{m}_hi"] = mean - half, mean + half
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot_scores(df: pd.DataFrame, metrics: Sequence[str] | None = None, ax=None, current: float | None = None,
+                title: str = "Scores against the coefficient"):
+    """Each metric's mean (with its 95% interval) against α; ``current`` marks the slider's α."""
+    import matplotlib.pyplot as plt
+    from chatvec_lab.plots import new_axes, style_axes
+
+    metrics = metrics or [m for m in ("ended_turn", "share_de", "refusal", "offensive") if m in df.columns]
+    summary = summarize(df, metrics)
+    fig, ax = new_axes(ax)
+    for m in metrics:
+        ax.plot(summary["alpha"], summary[m], marker="o", label=METRIC_LABELS.get(m, m))
+        ax.fill_between(summary["alpha"], summary[f"{m}_lo"], summary[f"{m}_hi"], alpha=0.15)
+    if current is not None:
+        ax.axvline(current, color="0.3", linestyle="--", linewidth=1, label=f"α = {current:g}")
+    style_axes(ax, title=title, xlabel="coefficient α", ylabel="mean over prompts and seeds")
+    ax.legend(fontsize=8, loc="best")
+    return fig
+
+
+def run_sweep_cli(args) -> None:
+    from chatvec_lab.errors import ChatVecError
+
+    prompts = read_prompts(args.prompts)
+    names = [Path(v).name or v for v in args.vector]
+    if len(set(names)) < len(names):
+        names = [f"v{i + 1}" for i in range(len(names))]
+    vectors = {n: ChatVector.load(v) for n, v in zip(names, args.vector)}
+    scorers = [s.strip() for s in args.scorers.split(",") if s.strip()]
+    try:
+        df = sweep(args.target, vectors, args.alphas, prompts, scorers=scorers, seeds=args.seeds,
+                   max_new_tokens=args.max_new_tokens, language=args.language, cache_dir=args.cache_dir,
+                   progress=not args.quiet)
+    except RuntimeError as e:
+        raise ChatVecError(str(e)) from None
+    out = Path(args.csv)
+    tmp = out.with_name(f".{out.name}.tmp")
+    df.to_csv(tmp, index=False)
+    tmp.replace(out)
+    with pd.option_context("display.width", 160):
+        print(summarize(df)[["alpha", "n"] + [m for m in METRIC_LABELS if m in df.columns]].to_string(index=False))
+    print(f"wrote {out} ({len(df)} rows)")

@@ -1,0 +1,129 @@
+"""The paper's effect on the toy family, measured: CP + α·CV against CP, chat and base.
+
+    python -m chatvec_lab.toy.evaluate --out reports/toy      # the README's table and figures
+
+Prompts: ``data/prompts/chat_de.txt`` (German chat requests) and ``data/prompts/offensive_de.txt``
+(German insults); held-out text: ``data/heldout/{en,de}.txt``. Sampling is seeded.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+from chatvec_lab import toy
+from chatvec_lab.sweep import sweep
+from chatvec_lab.vector import ChatVector
+
+ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+DATA = Path(__file__).resolve().parents[2] / "data"
+
+
+def prompt_sets(data_dir: Path = DATA) -> dict[str, list[str]]:
+    from chatvec_lab.sweep import read_prompts
+
+    return {"chat": read_prompts(data_dir / "prompts" / "chat_de.txt"),
+            "offensive": read_prompts(data_dir / "prompts" / "offensive_de.txt")}
+
+
+def heldout_texts(data_dir: Path = DATA) -> dict[str, list[str]]:
+    return {lang: [l for l in (data_dir / "heldout" / f"{lang}.txt").read_text(encoding="utf-8").splitlines() if l.strip()]
+            for lang in ("en", "de")}
+
+
+def run(alphas=ALPHAS, seeds: int = 3, max_new_tokens: int = 64, cache_dir=None, progress: bool = True,
+        vector: str = "chat", max_prompts: int | None = None) -> pd.DataFrame:
+    """Every reply with its scores: CP + α·CV for each α, then the chat and base models (``model`` column)."""
+    sets = prompt_sets()
+    if max_prompts:
+        sets = {k: v[:max_prompts] for k, v in sets.items()}
+    prompts = sets["chat"] + sets["offensive"]
+    which = {p: name for name, ps in sets.items() for p in ps}
+    cv = ChatVector.from_models(toy.path("base"), toy.path(vector), hash_files=False)
+    common = dict(seeds=seeds, max_new_tokens=max_new_tokens, heldout=heldout_texts(), cache_dir=cache_dir,
+                  progress=progress, scorers=("turn_end", "language", "refusal", "offensive"))
+    frames = []
+    df = sweep(toy.path("cp"), {"chat": cv}, list(alphas), prompts, **common)
+    df.insert(0, "model", ["CP" if a == 0 else f"CP + {a:g}·CV" for a in df["alpha"]])
+    frames.append(df)
+    for name in ("chat", "base"):
+        ref = sweep(toy.path(name), {"chat": cv}, [0.0], prompts, **common)
+        ref["alpha"] = float("nan")
+        ref.insert(0, "model", name)
+        frames.append(ref)
+    out = pd.concat(frames, ignore_index=True)
+    out.insert(1, "prompt_set", out["prompt"].map(which))
+    return out
+
+
+def summary(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per model: the demonstration's numbers."""
+    rows = []
+    for model, g in df.groupby("model", sort=False):
+        chat, off = g[g["prompt_set"] == "chat"], g[g["prompt_set"] == "offensive"]
+        rows.append({
+            "model": model, "alpha": g["alpha"].iloc[0],
+            "turn_end_rate": chat["ended_turn"].mean(),
+            "german_share": chat["share_de"].mean(),
+            "refusal_rate_offensive": off["refusal"].mean(),
+            "refusal_rate_chat": chat["refusal"].mean(),
+            "offensive_score": off["offensive"].mean(),
+            "ppl_en": g["ppl_en"].iloc[0], "ppl_de": g["ppl_de"].iloc[0],
+            "replies": len(g),
+        })
+    return pd.DataFrame(rows)
+
+
+def figures(df: pd.DataFrame, folder: Path) -> list[Path]:
+    import matplotlib.pyplot as plt
+    from chatvec_lab.plots import new_axes, style_axes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    s = summary(df)
+    cp = s[s["alpha"].notna()].sort_values("alpha")
+    refs = s[s["alpha"].isna()].set_index("model")
+    paths = []
+    fig, ax = new_axes(figsize=(7, 4.2))
+    for col, label in [("turn_end_rate", "turn-end rate (German chat prompts)"),
+                       ("german_share", "German share of reply words"),
+                       ("refusal_rate_offensive", "refusal rate (German insults)")]:
+        line, = ax.plot(cp["alpha"], cp[col], marker="o", label=label)
+        if "chat" in refs.index:
+            ax.axhline(refs.loc["chat", col], color=line.get_color(), linestyle=":", linewidth=1)
+    style_axes(ax, "CP + α·chat vector on the toy family (dotted: the chat model)", "coefficient α", "rate")
+    ax.set_ylim(-0.03, 1.03)
+    ax.legend(fontsize=8)
+    paths.append(folder / "toy_effect.png")
+    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    fig, ax = new_axes(figsize=(7, 4.2))
+    for col, label in [("ppl_de", "German held-out"), ("ppl_en", "English held-out")]:
+        ax.plot(cp["alpha"], cp[col], marker="o", label=label)
+    style_axes(ax, "What the addition costs: perplexity of CP + α·CV", "coefficient α", "perplexity")
+    ax.legend(fontsize=8)
+    paths.append(folder / "toy_perplexity.png")
+    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Measure the chat-vector effect on the toy family.")
+    p.add_argument("--out", default="reports/toy")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--vector", default="chat", choices=["chat", "chat-alt"])
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    df = run(seeds=args.seeds, vector=args.vector)
+    df.to_csv(out / "replies.csv", index=False)
+    s = summary(df)
+    s.to_csv(out / "summary.csv", index=False)
+    figures(df, out)
+    with pd.option_context("display.width", 200, "display.precision", 3):
+        print(s.to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
