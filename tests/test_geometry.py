@@ -1,0 +1,218 @@
+"""Vector geometry against constructed vectors with known answers; naming on real architectures; plots."""
+from __future__ import annotations
+
+import math
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+
+from chatvec_lab import ChatVector, geometry, plots
+from chatvec_lab.naming import parse
+from conftest import new_model
+
+
+def _vecs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    names = {f"model.layers.{i}.self_attn.q_proj.weight": (8, 8) for i in range(3)}
+    names |= {f"model.layers.{i}.mlp.up_proj.weight": (16, 8) for i in range(3)}
+    names["model.embed_tokens.weight"] = (20, 8)
+    return {n: torch.randn(s, generator=g) for n, s in names.items()}
+
+
+def test_cosine_of_scaled_and_orthogonal_vectors():
+    v = _vecs()
+    a = ChatVector.from_tensors(v)
+    stats = geometry.vector_stats({"v": a, "2v": 2 * a, "-v": -a})
+    cos = geometry.cosine_matrix(stats)
+    assert cos.loc["v", "2v"] == pytest.approx(1.0, abs=1e-6)
+    assert cos.loc["v", "-v"] == pytest.approx(-1.0, abs=1e-6)
+    assert list(cos.index) == list(cos.columns) == ["v", "2v", "-v"]
+    # orthogonal: disjoint supports
+    x = {n: torch.zeros_like(t) for n, t in v.items()}
+    y = {n: torch.zeros_like(t) for n, t in v.items()}
+    for n, t in v.items():
+        if "q_proj" in n:
+            x[n] = t
+        else:
+            y[n] = t
+    s2 = geometry.vector_stats({"x": ChatVector.from_tensors(x), "y": ChatVector.from_tensors(y)})
+    assert geometry.cosine_matrix(s2).loc["x", "y"] == pytest.approx(0.0, abs=1e-9)
+    assert "orthogonal" in geometry.aligned(s2, "x", "y")["verdict"]
+    assert "aligned" in geometry.aligned(stats, "v", "2v")["verdict"]
+
+
+def test_norms_match_numpy_and_relative_norms():
+    v = _vecs()
+    base = {n: torch.randn(t.shape, generator=torch.Generator().manual_seed(7)) for n, t in v.items()}
+    stats = geometry.vector_stats({"v": ChatVector.from_tensors(v)}, base=base)
+    for _, row in stats.tensors.iterrows():
+        arr = v[row["name"]].numpy().astype(np.float64)
+        assert row["norm"] == pytest.approx(np.linalg.norm(arr), rel=1e-6)
+        assert row["rel_norm"] == pytest.approx(np.linalg.norm(arr) / np.linalg.norm(base[row["name"]].numpy()), rel=1e-6)
+        assert row["kurtosis"] == pytest.approx(((arr - arr.mean()) ** 4).mean() / arr.var() ** 2 - 3, rel=1e-5)
+    per_layer = geometry.layer_norms(stats)
+    expected0 = math.sqrt(sum(float(t.double().pow(2).sum()) for n, t in v.items() if ".layers.0." in n))
+    assert per_layer.loc[0, "v"] == pytest.approx(expected0, rel=1e-6)
+    assert "-" in per_layer.index  # embeddings sit outside the layers
+    top = geometry.top_layers(stats, "v", n=2)
+    assert len(top) == 2 and top["norm"].is_monotonic_decreasing
+    by_module = geometry.norms_by(stats, "module")
+    assert set(by_module["module"]) == {"attn_q", "mlp_up", "embed"}
+
+
+def test_sign_agreement_known_values():
+    v = _vecs()
+    a = ChatVector.from_tensors(v)
+    flipped = {n: t.clone() for n, t in v.items()}
+    for n in flipped:
+        flat = flipped[n].view(-1)
+        flat[: flat.numel() // 4] *= -1  # a quarter of the signs flipped
+    stats = geometry.vector_stats({"a": a, "same": 3 * a, "neg": -a, "q": ChatVector.from_tensors(flipped)})
+    sa = geometry.sign_agreement(stats, by=None).set_index("pair")["sign_agreement"]
+    assert sa["a · same"] == pytest.approx(1.0)
+    assert sa["a · neg"] == pytest.approx(0.0)
+    total = sum(t.numel() for t in v.values())
+    flipped_count = sum(t.numel() // 4 for t in v.values())
+    assert sa["a · q"] == pytest.approx(1 - flipped_count / total)
+    by_layer = geometry.sign_agreement(stats, "layer")
+    assert set(by_layer["layer"].dropna()) == {0, 1, 2}
+
+
+def test_spectrum_of_planted_rank_two():
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(300, 2, generator=g))
+    w, _ = torch.linalg.qr(torch.randn(200, 2, generator=g))
+    low = u @ torch.diag(torch.tensor([5.0, 4.0])) @ w.T
+    s = geometry.singular_values(low, k=10)
+    assert s[0] == pytest.approx(5.0, rel=1e-4) and s[1] == pytest.approx(4.0, rel=1e-4)
+    assert geometry.effective_rank(s) == pytest.approx(2.0, abs=0.05)
+    big = torch.nn.functional.pad(low, (0, 600, 0, 500))  # 800 × 800: randomized path
+    s_big = geometry.singular_values(big, k=8, method="auto")
+    assert s_big[0] == pytest.approx(5.0, rel=1e-3) and s_big[2] < 1e-3
+    vec = ChatVector.from_tensors({"model.layers.0.mlp.up_proj.weight": low, "model.norm.weight": torch.ones(4)})
+    df = geometry.spectra(vec, k=8)
+    assert len(df) == 1 and df["effective_rank"].iloc[0] == pytest.approx(2.0, abs=0.05)
+    assert df["energy_top8"].iloc[0] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_distribution_summary():
+    stats = geometry.vector_stats({"v": ChatVector.from_tensors(_vecs())})
+    dist = geometry.distribution(stats)
+    assert set(dist["module"]) == {"attn_q", "mlp_up", "embed"}
+    assert {"q0.01", "q0.5", "q0.99", "kurtosis", "std"} <= set(dist.columns)
+    assert (dist["q0.01"] < dist["q0.5"]).all() and (dist["q0.5"] < dist["q0.99"]).all()
+
+
+EXPECTED_MODULES = {
+    "llama": {"model.layers.1.self_attn.q_proj.weight": (1, "attn_q"), "model.layers.0.mlp.gate_proj.weight": (0, "mlp_gate"),
+              "model.layers.1.mlp.down_proj.weight": (1, "mlp_down"), "model.embed_tokens.weight": (None, "embed"),
+              "lm_head.weight": (None, "lm_head"), "model.norm.weight": (None, "final_norm"),
+              "model.layers.0.input_layernorm.weight": (0, "norm")},
+    "mistral": {"model.layers.0.self_attn.k_proj.weight": (0, "attn_k"), "model.layers.1.self_attn.o_proj.weight": (1, "attn_o")},
+    "qwen2": {"model.layers.0.self_attn.q_proj.bias": (0, "attn_q"), "model.layers.1.mlp.up_proj.weight": (1, "mlp_up")},
+    "gemma": {"model.layers.1.self_attn.v_proj.weight": (1, "attn_v"), "model.layers.0.post_attention_layernorm.weight": (0, "norm")},
+    "gpt2": {"transformer.h.1.attn.c_attn.weight": (1, "attn_qkv"), "transformer.h.0.attn.c_proj.weight": (0, "attn_o"),
+             "transformer.h.0.mlp.c_fc.weight": (0, "mlp_up"), "transformer.h.1.mlp.c_proj.bias": (1, "mlp_down"),
+             "transformer.wte.weight": (None, "embed"), "transformer.wpe.weight": (None, "pos_embed"),
+             "transformer.ln_f.weight": (None, "final_norm"), "transformer.h.0.ln_1.weight": (0, "norm")},
+    "gpt_neox": {"gpt_neox.layers.0.attention.query_key_value.weight": (0, "attn_qkv"),
+                 "gpt_neox.layers.1.attention.dense.weight": (1, "attn_o"),
+                 "gpt_neox.layers.0.mlp.dense_h_to_4h.weight": (0, "mlp_up"),
+                 "gpt_neox.layers.0.mlp.dense_4h_to_h.weight": (0, "mlp_down"),
+                 "gpt_neox.embed_in.weight": (None, "embed"), "lm_head.weight": (None, "lm_head"),
+                 "gpt_neox.final_layer_norm.weight": (None, "final_norm")},
+    "phi3": {"model.layers.0.self_attn.qkv_proj.weight": (0, "attn_qkv"), "model.layers.1.mlp.gate_up_proj.weight": (1, "mlp_gate_up")},
+}
+
+
+@pytest.mark.parametrize("arch", sorted(EXPECTED_MODULES))
+def test_naming_on_real_tensor_names(arch):
+    names = set(new_model(arch).state_dict())
+    for name, (layer, module) in EXPECTED_MODULES[arch].items():
+        assert name in names, f"{arch} has no {name}"
+        info = parse(name)
+        assert (info.layer, info.module) == (layer, module), name
+    # every per-layer tensor gets its layer, and nothing is left unlabelled
+    for name in names:
+        info = parse(name)
+        if ".layers." in name or ".h." in name:
+            assert info.layer is not None, name
+        assert info.module != "other", name
+
+
+def test_naming_fallback_for_unknown_models():
+    info = parse("encoder.blocks.7.weird_thing.weight")
+    assert info.layer == 7 and info.module == "other"
+    assert parse("foo.12.bar").layer == 12
+    # names as older checkpoints on the hub spell them (Pythia's embed_out, GPT-2 without a prefix)
+    assert parse("embed_out.weight").module == "lm_head"
+    assert (parse("h.3.attn.c_attn.weight").layer, parse("h.3.attn.c_attn.weight").module) == (3, "attn_qkv")
+
+
+def test_plots_have_titles_and_labels(tmp_path):
+    import matplotlib.pyplot as plt
+
+    v = _vecs()
+    base = {n: torch.randn(t.shape) for n, t in v.items()}
+    a = ChatVector.from_tensors(v)
+    b = ChatVector.from_tensors({n: t + torch.randn(t.shape) for n, t in v.items()})
+    stats = geometry.vector_stats({"a": a, "b": b}, base=base)
+    figs = {
+        "norms": plots.plot_layer_norms(stats, "a"),
+        "heat": plots.plot_relative_norms_heatmap(stats, "a"),
+        "cos": plots.plot_cosine_matrix(geometry.cosine_matrix(stats)),
+        "layercos": plots.plot_layer_cosine(stats),
+        "spectra": plots.plot_spectra(geometry.spectra(a)),
+        "signs": plots.plot_sign_agreement(stats),
+    }
+    for key, fig in figs.items():
+        ax = fig.axes[0]
+        assert ax.get_title(), key
+        assert ax.get_xlabel() and ax.get_ylabel(), key
+        fig.savefig(tmp_path / f"{key}.png")
+    assert [t.get_text() for t in figs["cos"].axes[0].get_xticklabels()] == ["a", "b"]
+    assert len(figs["norms"].axes[0].get_lines()) == 2  # attn_q and mlp_up
+    assert {t.get_text() for t in figs["heat"].axes[0].get_xticklabels()} == {"attn_q", "mlp_up"}
+    _, ax = plt.subplots()
+    assert plots.plot_layer_norms(stats, "b", ax=ax) is ax.figure  # draws into a given axes
+    plt.close("all")
+
+
+def test_streaming_memory_is_bounded():
+    """A vector of many tensors is measured with peak memory far below its total size."""
+    n_tensors, shape = 40, (256, 256)
+    total = n_tensors * shape[0] * shape[1] * 4
+
+    class Lazy:  # a term that makes each tensor on demand, like a file-backed vector
+        def get(self, name):
+            return torch.ones(shape) * (int(name.split(".")[2]) + 1)
+
+    shapes = {f"model.layers.{i}.mlp.up_proj.weight": shape for i in range(n_tensors)}
+    a = ChatVector([(1.0, Lazy())], shapes, {})
+    b = ChatVector([(2.0, Lazy())], shapes, {})
+    tracemalloc.start()
+    stats = geometry.vector_stats({"a": a, "b": b}, sample=64)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert geometry.cosine_matrix(stats).loc["a", "b"] == pytest.approx(1.0)
+    assert peak < total / 5, f"peak {peak} vs total {total}"
+
+
+def test_compare_cli(tmp_path, family_factory, capsys):
+    from chatvec_lab.cli import main
+
+    fam = family_factory("llama")
+    ChatVector.from_models(fam["base"], fam["chat"]).save(tmp_path / "chat")
+    ChatVector.from_models(fam["base"], fam["cp"]).save(tmp_path / "cp")
+    rc = main(["compare", str(tmp_path / "chat"), str(tmp_path / "cp"), "--csv", str(tmp_path / "cos.csv"),
+               "--plots", str(tmp_path / "plots"), "-q"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "cosine similarity" in out and "norm of each vector by layer" in out
+    import pandas as pd
+    cos = pd.read_csv(tmp_path / "cos.csv", index_col=0)
+    assert list(cos.index) == list(cos.columns) == ["chat", "cp"]
+    assert cos.loc["chat", "chat"] == pytest.approx(1.0)
+    assert (tmp_path / "plots" / "cosine_matrix.png").is_file()
