@@ -6,6 +6,7 @@ target's dtype, write. The output folder appears only when it is complete.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -21,12 +22,13 @@ import torch
 from chatvec_lab.errors import MismatchError, SourceError
 from chatvec_lab.io import DEFAULT_SHARD_BYTES, ShardedSafetensorsWriter, atomic_folder, check_output_path, write_json
 from chatvec_lab.naming import TensorInfo, parse
-from chatvec_lab.sources import WeightSource, model_folder, module_state, open_weights
-from chatvec_lab.vector import ChatVector, _Diff, check_finite, check_same_architecture
+from chatvec_lab.sources import Prefetcher, WeightSource, model_folder, module_state, open_weights
+from chatvec_lab.vector import CHUNK_ELEMENTS, ChatVector, _Diff, check_finite, check_same_architecture, row_blocks
 
 Alpha = Union[float, Mapping[str, float], Callable[[TensorInfo], float]]
 EMBEDDING_POLICIES = ("error", "skip", "shared")
 LINEAGE_WARN = 0.5
+LINEAGE_STRIDE = 4
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
                "chat_template.jinja", "chat_template.json", "preprocessor_config.json")
@@ -177,19 +179,30 @@ def plan_apply(target: WeightSource, pairs: list[tuple[ChatVector, Alpha]], embe
     return plans, notes
 
 
-def merge_tensor(target_tensor: torch.Tensor, plan: TensorPlan, pairs: list[tuple[ChatVector, Alpha]]) -> torch.Tensor:
-    """``target + Σ αᵢ·vᵢ`` in float32, cast back to the target's dtype."""
-    acc = target_tensor.to(torch.float32, copy=True)
-    view = acc[: plan.rows] if plan.rows is not None else acc
-    for coef, (vec, _) in zip(plan.coefficients, pairs):
-        if coef == 0 or plan.name not in vec:
-            continue
-        delta = vec[plan.name]
-        if plan.rows is not None:
-            delta = delta[: plan.rows]
-        view.add_(delta * coef)  # not add_(alpha=): no fused multiply-add, same rounding as the naive formula
-    check_finite(plan.name, acc, "the result")
-    return acc.to(target_tensor.dtype)
+def merge_tensor(target_tensor: torch.Tensor, plan: TensorPlan, pairs: list[tuple[ChatVector, Alpha]],
+                 chunk: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """``target + Σ αᵢ·vᵢ``, accumulated in float32 a block of rows at a time, in the target's dtype."""
+    out = torch.empty_like(target_tensor)
+    active = [(coef, vec) for coef, (vec, _) in zip(plan.coefficients, pairs) if coef != 0 and plan.name in vec]
+    streams = [(coef, vec.blocks(plan.name, rows=plan.rows, chunk=chunk, check=False)) for coef, vec in active]
+    for index in row_blocks(tuple(target_tensor.shape), plan.rows, chunk):
+        acc = target_tensor[index].to(torch.float32, copy=True)
+        deltas = []
+        for coef, stream in streams:
+            _, delta = next(stream)
+            deltas.append(delta)
+            if coef != 1:
+                delta.mul_(coef)  # multiply, then add: the naive formula's rounding
+            acc.add_(delta)
+        if not bool(torch.isfinite(acc.sum())):  # one cheap check; on failure, say where it came from
+            check_finite(plan.name, target_tensor[index].float(), "the target")
+            for (coef, vec), d in zip(active, deltas):
+                check_finite(plan.name, d, "a vector (its base or chat)")
+            check_finite(plan.name, acc, "the result")
+        out[index] = acc
+    if plan.rows is not None and plan.rows < target_tensor.shape[0]:
+        out[plan.rows:] = target_tensor[plan.rows:]
+    return out
 
 
 class _TokenRows:
@@ -227,18 +240,30 @@ def _token_id(tokenizer, token: str, which: str) -> int:
     return tid
 
 
+def squared_norm(x: torch.Tensor, chunk: int = CHUNK_ELEMENTS) -> float:
+    """Σx² in blocks (float32 dot products summed in float64): no full-size temporary."""
+    flat = x.reshape(-1)
+    total = 0.0
+    for start in range(0, flat.numel(), chunk):
+        c = flat[start:start + chunk].to(torch.float32)
+        total += float(torch.dot(c, c))
+    return total
+
+
 def _lineage(acc: list[float], target_t: torch.Tensor, base_t: torch.Tensor | None) -> None:
     """Accumulate ‖target − base‖² and ‖base‖² over weight matrices (norm gains near 1 would hide a stranger)."""
     if base_t is None or target_t.dim() < 2 or not target_t.is_floating_point():
         return
-    rows = min(target_t.shape[0], base_t.shape[0]) if target_t.dim() else None
-    t, b = target_t.to(torch.float32), base_t.to(torch.float32)
-    if target_t.shape != base_t.shape:
-        if rows is None or target_t.shape[1:] != base_t.shape[1:]:
-            return
-        t, b = t[:rows], b[:rows]
-    acc[0] += float((t - b).double().pow(2).sum())
-    acc[1] += float(b.double().pow(2).sum())
+    if target_t.shape[1:] != base_t.shape[1:]:
+        return
+    rows = min(target_t.shape[0], base_t.shape[0])
+    for i, index in enumerate(row_blocks(tuple(target_t.shape), rows)):
+        if i % LINEAGE_STRIDE:
+            continue  # an estimate from every LINEAGE_STRIDE-th block of rows is plenty for a warning
+        b = base_t[index].to(torch.float32)
+        d = target_t[index].to(torch.float32) - b
+        acc[0] += float(torch.dot(d.reshape(-1), d.reshape(-1)))
+        acc[1] += float(torch.dot(b.reshape(-1), b.reshape(-1)))
 
 
 def _resolve_base(base, pairs) -> tuple[WeightSource | None, bool]:
@@ -346,10 +371,17 @@ def apply_vectors(target, vectors, out, *, base=None, embeddings: str = "error",
         base_src = None
     lineage = [0.0, 0.0] if base_src is not None else None
     plan = [(n, target_src.shape(n), target_src.dtype(n)) for n in target_src.keys()]
-    with atomic_folder(out, overwrite) as tmp:
-        writer = ShardedSafetensorsWriter(tmp, plan, prefix="model", max_shard_bytes=max_shard_bytes)
-        for name in tqdm(target_src.keys(), desc="apply", unit="tensor", disable=not progress):
-            t = target_src.get(name)
+    order = list(target_src.keys())
+    with atomic_folder(out, overwrite) as tmp, contextlib.ExitStack() as stack:
+        for vec, _ in pairs:
+            stack.enter_context(vec.prefetching(order))
+        reader = Prefetcher(target_src, order)
+        stack.callback(reader.close)
+        writer = ShardedSafetensorsWriter(tmp, plan, prefix="model", max_shard_bytes=max_shard_bytes,
+                                          background=True)
+        stack.callback(writer.abort)
+        for name in tqdm(order, desc="apply", unit="tensor", disable=not progress):
+            t = reader.get(name)
             p = plans[name]
             result = merge_tensor(t, p, pairs) if p.status.startswith("added") else t
             if lineage is not None:

@@ -71,8 +71,14 @@ class ShardedSafetensorsWriter:
     """
 
     def __init__(self, folder: Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]], prefix: str = "model",
-                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, metadata: dict[str, str] | None = None):
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, metadata: dict[str, str] | None = None,
+                 background: bool = False):
         self.folder = Path(folder)
+        self.pool = None
+        self.inflight = None
+        if background:  # file writes overlap the computation of the next tensor (one write in flight)
+            from concurrent.futures import ThreadPoolExecutor
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatvec-write")
         self.prefix = prefix
         self.metadata = {"format": "pt", **(metadata or {})}
         shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
@@ -117,7 +123,14 @@ class ShardedSafetensorsWriter:
         _, shape, dtype = self.expected[name]
         if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
             raise ValueError(f"tensor {name!r}: planned {tuple(shape)} {dtype}, got {tuple(tensor.shape)} {tensor.dtype}")
+        self._wait()
         self.pending[name] = tensor
+        if self.pool is None:
+            self._drain()
+        else:
+            self.inflight = self.pool.submit(self._drain)
+
+    def _drain(self) -> None:
         while self.position < len(self.order) and self.order[self.position][1][0] in self.pending:
             fname, (pname, _, _) = self.order[self.position]
             if self.current != fname:
@@ -130,7 +143,27 @@ class ShardedSafetensorsWriter:
             self.total_bytes += t.numel() * t.element_size()
             self.position += 1
 
+    def _wait(self) -> None:
+        if self.inflight is not None:
+            self.inflight.result()
+            self.inflight = None
+
+    def abort(self) -> None:
+        """Stop writing (after an error): wait for the write in flight and close the file."""
+        try:
+            self._wait()
+        except Exception:
+            pass
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+        if self.file:
+            self.file.close()
+            self.file = None
+
     def close(self) -> list[str]:
+        self._wait()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
         if self.position != len(self.order):
             missing = self.order[self.position][1][0]
             raise ValueError(f"write plan incomplete: tensor {missing!r} was never written")

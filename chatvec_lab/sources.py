@@ -145,7 +145,11 @@ def read_safetensors_header(path: Path) -> dict:
 
 
 class SafetensorsSource(WeightSource):
-    """Tensors from one or more safetensors files, read lazily with ``safe_open``."""
+    """Tensors from one or more safetensors files, read one at a time.
+
+    Each tensor is read with a plain positioned read into its own buffer (no memory map), so the
+    process holds only the tensors it is working on, whatever the shard size.
+    """
 
     def __init__(self, files: list[Path], folder: Path | None = None, description: str | None = None,
                  revision: str | None = None):
@@ -153,15 +157,18 @@ class SafetensorsSource(WeightSource):
         self.folder = folder
         self.description = description or str(folder or self.files[0])
         self.revision = revision
-        self._where: dict[str, Path] = {}
+        self._where: dict[str, tuple[Path, int, int]] = {}
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         for f in self.files:
-            for name, info in read_safetensors_header(f).items():
+            header = read_safetensors_header(f)
+            with open(f, "rb") as fh:
+                data_start = 8 + int.from_bytes(fh.read(8), "little")
+            for name, info in header.items():
                 if name in self._where:
-                    raise SourceError(f"tensor {name!r} appears in both {self._where[name].name} and {f.name}")
-                self._where[name] = f
+                    raise SourceError(f"tensor {name!r} appears in both {self._where[name][0].name} and {f.name}")
+                start, stop = info["data_offsets"]
+                self._where[name] = (f, data_start + start, stop - start)
                 self._meta[name] = (tuple(info["shape"]), _ST_DTYPES[info["dtype"]])
-        self._handle: tuple[Path, object] | None = None
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -173,27 +180,29 @@ class SafetensorsSource(WeightSource):
         return self._meta[name][1]
 
     def file_of(self, name: str) -> Path:
-        return self._where[name]
+        return self._where[name][0]
 
     def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        path = self._where.get(name)
-        if path is None:
+        where = self._where.get(name)
+        if where is None:
             raise KeyError(f"{self.description} has no tensor {name!r}")
-        if self._handle is None or self._handle[0] != path:
-            self._handle = None  # only one file open at a time keeps mapped memory to one shard
-            try:
-                self._handle = (path, safe_open(str(path), framework="pt", device="cpu"))
-            except Exception as e:  # safetensors raises its own error types
-                raise SourceError(f"cannot read {path}: {e}") from None
+        path, offset, nbytes = where
+        shape, dtype = self._meta[name]
+        buf = bytearray(nbytes)
         try:
-            return self._handle[1].get_tensor(name).clone()
-        except Exception as e:
+            with open(path, "rb", buffering=0) as f:
+                f.seek(offset)
+                view, done = memoryview(buf), 0
+                while done < nbytes:
+                    n = f.readinto(view[done:])
+                    if not n:
+                        raise SourceError(f"truncated safetensors file {path}: tensor {name!r} ends past the file")
+                    done += n
+        except OSError as e:
             raise SourceError(f"cannot read tensor {name!r} from {path}: {e}") from None
-
-    def close(self) -> None:
-        self._handle = None
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
     def fingerprint(self, hash_files: bool = True) -> dict:
         out: dict = {"source": self.description}
@@ -202,6 +211,41 @@ class SafetensorsSource(WeightSource):
         if hash_files:
             out["sha256"] = {f.name: sha256_file(f) for f in self.files}
         return out
+
+
+class Prefetcher:
+    """Reads the next tensor of a known order in a background thread while the current one is used.
+
+    File reads release the GIL, so reading overlaps computing; ``depth`` tensors are held ahead.
+    """
+
+    def __init__(self, source: WeightSource, order: list[str], depth: int = 1):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.source = source
+        self.order = [n for n in order if n in source]
+        self.position = {n: i for i, n in enumerate(self.order)}
+        self.depth = depth
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatvec-read")
+        self.pending: dict = {}
+        self._schedule(0)
+
+    def _schedule(self, start: int) -> None:
+        for name in self.order[start:start + self.depth]:
+            if name not in self.pending:
+                self.pending[name] = self.pool.submit(self.source.get, name)
+
+    def get(self, name: str) -> torch.Tensor:
+        future = self.pending.pop(name, None)
+        if name in self.position:
+            self._schedule(self.position[name] + 1)
+        return future.result() if future is not None else self.source.get(name)
+
+    def close(self) -> None:
+        for f in self.pending.values():
+            f.cancel()
+        self.pending.clear()
+        self.pool.shutdown(wait=True)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:

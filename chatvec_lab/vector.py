@@ -11,6 +11,7 @@ folders holds only a few tensors in memory.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -34,10 +35,31 @@ def _version() -> str:
     return __version__
 
 
+CHUNK_ELEMENTS = 1 << 20  # rows are processed in blocks of about this many values (4 MB in float32)
+
+
 def check_finite(name: str, tensor: torch.Tensor, where: str) -> None:
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
+    """Raise if ``tensor`` holds NaN/Inf. A sum is finite only if every term is: one cheap pass."""
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum())):
+        return
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
         raise NonFiniteError(f"tensor {name!r} in {where} holds {bad} NaN/Inf values")
+
+
+def row_blocks(shape: tuple[int, ...], rows: int | None = None, chunk: int = CHUNK_ELEMENTS):
+    """Index blocks of whole rows covering the first ``rows`` rows (all by default)."""
+    if len(shape) == 0:
+        yield ...
+        return
+    n = shape[0] if rows is None else rows
+    if n == 0:
+        yield slice(0, 0)
+        return
+    per_row = max(1, math.prod(shape[1:]))
+    step = max(1, chunk // per_row)
+    for start in range(0, n, step):
+        yield slice(start, min(n, start + step))
 
 
 def _list_names(names: Iterable[str], limit: int = 5) -> str:
@@ -61,29 +83,47 @@ class _Diff:
     def __init__(self, base: WeightSource, chat: WeightSource):
         self.base, self.chat = base, chat
         self.last_base: tuple[str, torch.Tensor] | None = None
+        self.description = f"base {base.description} or chat {chat.description}"
 
-    def get(self, name: str) -> torch.Tensor:
-        b = self.base.get(name)
-        c = self.chat.get(name)
-        check_finite(name, b, self.base.description)
-        check_finite(name, c, self.chat.description)
+    def raw(self, name: str):
+        b, c = self.base.get(name), self.chat.get(name)
         self.last_base = (name, b)
-        return c.to(torch.float32) - b.to(torch.float32)
+        return c, b
+
+    @staticmethod
+    def block(raw, index) -> torch.Tensor:
+        c, b = raw
+        return c[index].to(torch.float32) - b[index].to(torch.float32)
 
     def base_tensor(self, name: str) -> torch.Tensor:
         if self.last_base and self.last_base[0] == name:
             return self.last_base[1]
         return self.base.get(name)
 
+    def sources(self) -> dict[str, WeightSource]:
+        return {"base": self.base, "chat": self.chat}
+
+    def set_sources(self, base, chat) -> None:
+        self.base, self.chat = base, chat
+
 
 class _Stored:
     def __init__(self, source: WeightSource):
         self.source = source
+        self.description = source.description
 
-    def get(self, name: str) -> torch.Tensor:
-        t = self.source.get(name)
-        check_finite(name, t, self.source.description)
-        return t.to(torch.float32)
+    def raw(self, name: str):
+        return self.source.get(name)
+
+    def sources(self) -> dict[str, WeightSource]:
+        return {"source": self.source}
+
+    def set_sources(self, source) -> None:
+        self.source = source
+
+    @staticmethod
+    def block(raw, index) -> torch.Tensor:
+        return raw[index].to(torch.float32, copy=True)  # always a new tensor: callers scale it in place
 
 
 class ChatVector:
@@ -172,17 +212,47 @@ class ChatVector:
     def __iter__(self) -> Iterator[str]:
         return iter(self.shapes)
 
-    def __getitem__(self, name: str) -> torch.Tensor:
+    def blocks(self, name: str, rows: int | None = None, chunk: int = CHUNK_ELEMENTS, check: bool = True):
+        """Yield ``(index, float32 delta block)`` over blocks of rows: each term's tensor is read once,
+        and arithmetic happens a block at a time, so temporaries stay small whatever the tensor's size."""
         if name not in self.shapes:
             raise KeyError(f"the vector has no tensor {name!r}")
-        total = None
-        for coef, term in self.terms:
-            if coef == 0:
-                continue
-            t = term.get(name)
-            scaled = t.mul(coef)  # a new tensor: never in place on a source's; no fused multiply-add, so results
-            total = scaled if total is None else total.add_(scaled)  # equal the naive `a + c * (x - y)`
-        return total if total is not None else torch.zeros(self.shapes[name], dtype=torch.float32)
+        live = [(coef, term, term.raw(name)) for coef, term in self.terms if coef != 0]
+        for index in row_blocks(self.shapes[name], rows, chunk):
+            total = None
+            for coef, term, raw in live:
+                d = term.block(raw, index)
+                if check:
+                    check_finite(name, d, term.description)
+                if coef != 1:
+                    d.mul_(coef)  # multiply, then add: no fused multiply-add, so results equal the naive formula
+                total = d if total is None else total.add_(d)
+            if total is None:
+                shape = self.shapes[name] if index is ... else (index.stop - index.start, *self.shapes[name][1:])
+                total = torch.zeros(shape, dtype=torch.float32)
+            yield index, total
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return next(self.blocks(name, chunk=1 << 62))[1]
+
+    @contextlib.contextmanager
+    def prefetching(self, order: list[str], depth: int = 1):
+        """Within the block, tensors are read ahead in ``order`` by background threads."""
+        from chatvec_lab.sources import Prefetcher
+
+        saved = []
+        for _, term in self.terms:
+            if hasattr(term, "sources"):
+                originals = term.sources()
+                saved.append((term, originals))
+                term.set_sources(*[Prefetcher(src, order, depth) for src in originals.values()])
+        try:
+            yield self
+        finally:
+            for term, originals in saved:
+                for pf in term.sources().values():
+                    pf.close()
+                term.set_sources(*originals.values())
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.shapes:

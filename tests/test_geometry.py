@@ -186,8 +186,14 @@ def test_streaming_memory_is_bounded():
     total = n_tensors * shape[0] * shape[1] * 4
 
     class Lazy:  # a term that makes each tensor on demand, like a file-backed vector
-        def get(self, name):
+        description = "generated"
+
+        def raw(self, name):
             return torch.ones(shape) * (int(name.split(".")[2]) + 1)
+
+        @staticmethod
+        def block(raw, index):
+            return raw[index].clone()
 
     shapes = {f"model.layers.{i}.mlp.up_proj.weight": shape for i in range(n_tensors)}
     a = ChatVector([(1.0, Lazy())], shapes, {})
