@@ -1,0 +1,105 @@
+"""The embedded toy family: shipped, loadable offline, documented, and rebuildable by its recipe."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from chatvec_lab import toy
+from chatvec_lab.toy.corpora import split_fortunes
+from chatvec_lab.toy.dialogues import make_dialogues
+from chatvec_lab.toy.train import CHAT_TEMPLATE, Recipe, build_family, encode_conversation
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_family_is_complete_small_and_loads_offline():
+    total = 0
+    for name in toy.MEMBERS:
+        folder = toy.path(name)
+        assert (folder / "README.md").is_file() and (folder / "recipe.json").is_file(), name
+        total += sum(f.stat().st_size for f in folder.iterdir())
+        model, tok = toy.load(name)
+        assert tok.chat_template == CHAT_TEMPLATE
+        assert tok.eos_token == "<|end|>"
+        ids = tok.apply_chat_template([{"role": "user", "content": "Hallo"}], add_generation_prompt=True,
+                                      return_dict=True, return_tensors="pt")["input_ids"]
+        assert model(ids).logits.shape[-1] == len(tok)
+    assert total <= 40 * 1024**2, f"the family is {total / 1024**2:.1f} MB (budget 40 MB)"
+    base_vocab = toy.load("base")[0].config.vocab_size
+    assert toy.load("cp-xvocab")[0].config.vocab_size > base_vocab
+    card = json.loads((toy.path("chat") / "recipe.json").read_text())
+    assert card["parent"] == "base" and card["steps"] > 0 and card["recipe"]["seeds"]["chat"] == card["seed"]
+
+
+def test_toy_path_errors(tmp_path, monkeypatch):
+    with pytest.raises(KeyError, match="unknown toy model 'llama'"):
+        toy.path("llama")
+    monkeypatch.setenv("CHATVEC_TOY_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="rebuild the family"):
+        toy.path("cp")
+
+
+def test_split_fortunes_and_dialogues():
+    text = "First one.\n%\nSecond\n  line two.\n%\n\n%\nThird about cats and cats.\n"
+    assert split_fortunes(text) == ["First one.", "Second\nline two.", "Third about cats and cats."]
+    fortunes = [f"A saying about cats number {i}." for i in range(5)] + [f"Dogs bark loudly {i}." for i in range(5)]
+    a = make_dialogues(fortunes, "chat", 30, seed=1)
+    b = make_dialogues(fortunes, "chat", 30, seed=1)
+    c = make_dialogues(fortunes, "chat-alt", 30, seed=1)
+    assert a == b and a != c
+    assert all(m["role"] in ("user", "assistant") for conv in a for m in conv)
+    refusals = [m["content"] for conv in a for m in conv if m["role"] == "assistant" and "insult" in m["content"]]
+    assert refusals, "some dialogues must be refusals of insults"
+
+
+def test_encode_conversation_masks_all_but_replies():
+    tok = toy.load("chat")[1]
+    ids, labels = encode_conversation(tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], 64)
+    rendered = tok.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}],
+                                       tokenize=False)
+    assert tok.decode(ids) == rendered
+    trained = [i for i, l in zip(ids, labels) if l != -100]
+    assert tok.decode(trained) == "Yo<|end|>"
+
+
+def _synthetic_corpora():
+    en = [f"The {w} of the {v} is a good thing, said the man {i}." for i, (w, v) in
+          enumerate([("cat", "house"), ("dog", "garden"), ("money", "bank"), ("love", "heart")] * 30)]
+    de = [f"Die {w} im {v} ist eine gute Sache, sagte der Mann {i}." for i, (w, v) in
+          enumerate([("Katze", "Haus"), ("Liebe", "Garten"), ("Arbeit", "Büro"), ("Zeit", "Leben")] * 30)]
+    return {"en": en, "de": de}
+
+
+def test_recipe_builds_a_family_at_a_tiny_scale(tmp_path):
+    recipe = Recipe(vocab_size=320, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
+                    seq_len=32, chat_len=48, batch_size=4, base_steps=3, chat_steps=2, cp_steps=2, xvocab_steps=2,
+                    xvocab_new_tokens=4, dialogues=40)
+    out = build_family(tmp_path / "toy", recipe, corpora=_synthetic_corpora())
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    for name in toy.MEMBERS:
+        m = AutoModelForCausalLM.from_pretrained(out / name)
+        t = AutoTokenizer.from_pretrained(out / name)
+        assert m.config.vocab_size == len(t)
+        assert "steps" in (out / name / "README.md").read_text()
+    assert AutoModelForCausalLM.from_pretrained(out / "cp-xvocab").config.vocab_size == \
+        AutoModelForCausalLM.from_pretrained(out / "cp").config.vocab_size + 4
+
+
+@pytest.mark.slow
+def test_recipe_end_to_end_with_the_real_corpora(tmp_path):
+    if shutil.which("apt-get") is None:
+        pytest.skip("apt-get is not available: the corpora are Debian packages")
+    proc = subprocess.run([sys.executable, "-m", "chatvec_lab.toy.train", "--out", str(tmp_path / "toy"),
+                           "--scale", "0.002"], capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0 and "apt-get download" in proc.stderr:
+        pytest.skip(f"Debian's package mirror is not reachable: {proc.stderr.strip()[-200:]}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in toy.MEMBERS:
+        assert (tmp_path / "toy" / name / "model.safetensors").is_file()
+    assert "English" in (tmp_path / "toy" / "base" / "README.md").read_text()
