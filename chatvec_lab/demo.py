@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from chatvec_lab.io import atomic_folder
+from chatvec_lab.toy.evaluate import markdown as evaluate_markdown
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -100,8 +101,7 @@ def write_index(folder: Path, summary: pd.DataFrame, nb_results, quick: bool) ->
     figures = sorted(p.name for p in (folder / "figures").glob("*.png"))
     md = ["# chatvec_lab report: the toy family", "",
           f"{'Quick run (8 prompts per set, 1 seed).' if quick else 'Full run (all prompts, 3 seeds).'} "
-          "Rebuild with `chatvec demo -o DIR`.", "", summary.to_markdown(index=False) if _has_tabulate() else
-          summary.to_string(index=False), "", "## Figures", *[f"- figures/{f}" for f in figures], "",
+          "Rebuild with `chatvec demo -o DIR`.", "", evaluate_markdown(summary), "", "## Figures", *[f"- figures/{f}" for f in figures], "",
           "## Notebooks", *[f"- notebooks/{n}.html: {s}" for n, s in nb_results]]
     (folder / "README.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     parts = ["<html><head><meta charset='utf-8'><title>chatvec_lab report</title>",
@@ -113,11 +113,3 @@ def write_index(folder: Path, summary: pd.DataFrame, nb_results, quick: bool) ->
              *[f"<li><a href='notebooks/{html.escape(n)}.html'>{html.escape(n)}</a>: {html.escape(s)}</li>"
                for n, s in nb_results], "</ul></body></html>"]
     (folder / "index.html").write_text("\n".join(parts), encoding="utf-8")
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-        return True
-    except ImportError:
-        return False

@@ -11,6 +11,7 @@ Results are tidy DataFrames with ``layer`` and ``module`` columns, to group as y
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from dataclasses import dataclass
@@ -27,6 +28,16 @@ from chatvec_lab.sources import open_weights
 from chatvec_lab.vector import ChatVector
 
 SAMPLE_PER_TENSOR = 2048
+STATS_CHUNK = 1 << 18  # values per block: small enough to stay in cache across the several passes
+
+
+def _excess_kurtosis(values: np.ndarray) -> float:
+    if len(values) < 4:
+        return math.nan
+    x = values.astype(np.float64)
+    d = x - x.mean()
+    var = (d * d).mean()
+    return float((d**4).mean() / var**2 - 3) if var > 0 else math.nan
 
 
 @dataclass
@@ -50,7 +61,11 @@ def _open_all(vectors) -> dict[str, ChatVector]:
 @torch.no_grad()
 def vector_stats(vectors, base=None, include: str | None = None, sample: int = SAMPLE_PER_TENSOR,
                  seed: int = 0, progress: bool = False) -> VectorStats:
-    """Norms (and ‖Δ‖/‖θ_base‖ with ``base``), pairwise dot products and sign agreement, moments, samples."""
+    """Norms (and ‖Δ‖/‖θ_base‖ with ``base``), pairwise dot products and sign agreement, moments, samples.
+
+    One pass over the tensor names; each tensor is processed in blocks of values. Norms, means, dot
+    products and sign counts are exact; quantiles and excess kurtosis come from ``sample`` coordinates
+    per tensor (all of them for tensors that small)."""
     import re
     from tqdm.auto import tqdm
 
@@ -63,47 +78,73 @@ def vector_stats(vectors, base=None, include: str | None = None, sample: int = S
             raise MismatchError(f"vectors {keys[0]!r} and {k!r} differ in tensors, e.g. {sorted(missing)[0]!r}")
     base_src = open_weights(base) if base is not None else None
     pattern = re.compile(include) if include else None
+    names = [n for n in first.names if not (pattern and not pattern.search(n))]
+    for k in keys[1:]:
+        for name in names:
+            if vecs[k].shapes[name] != first.shapes[name]:
+                raise MismatchError(f"{name!r}: vector {k!r} has shape {vecs[k].shapes[name]}, "
+                                    f"{keys[0]!r} has {first.shapes[name]}")
     gen = torch.Generator().manual_seed(seed)
+    pairs_of = list(itertools.combinations(keys, 2))
     rows, pair_rows = [], []
     samples: dict[str, dict[str, list]] = {k: {} for k in keys}
-    for name in tqdm(first.names, desc="stats", unit="tensor", disable=not progress):
-        if pattern and not pattern.search(name):
-            continue
-        info = parse(name)
-        flat = {}
-        for k in keys:
-            t = vecs[k][name]
-            if t.shape != first.shapes[name]:
-                raise MismatchError(f"{name!r}: vector {k!r} has shape {tuple(t.shape)}, {keys[0]!r} {first.shapes[name]}")
-            flat[k] = t.reshape(-1)
-        base_norm = math.nan
-        if base_src is not None and name in base_src:
-            base_norm = float(base_src.get(name).to(torch.float32).norm())
-        n = flat[keys[0]].numel()
-        idx = torch.randint(0, n, (min(sample, n),), generator=gen) if n else None
-        for k in keys:
-            x = flat[k]
-            x64 = x.double()
-            mean = float(x64.mean()) if n else math.nan
-            var = float(((x64 - mean) ** 2).mean()) if n else math.nan
-            kurt = float(((x64 - mean) ** 4).mean() / var**2 - 3) if n and var > 0 else math.nan
-            norm = float(x.norm())
-            rows.append({"name": name, "layer": info.layer, "module": info.module, "group": info.group,
-                         "vector": k, "numel": n, "norm": norm, "base_norm": base_norm,
-                         "rel_norm": norm / base_norm if base_norm and base_norm > 0 else math.nan,
-                         "mean": mean, "std": math.sqrt(var) if var == var else math.nan, "kurtosis": kurt,
-                         "max_abs": float(x.abs().max()) if n else math.nan})
-            if idx is not None:
-                samples[k].setdefault(info.module, []).append(x[idx].numpy().copy())
-        for a, b in itertools.combinations(keys, 2):
-            xa, xb = flat[a], flat[b]
-            nonzero = (xa != 0) & (xb != 0)
-            agree = int(((xa > 0) == (xb > 0))[nonzero].sum())
-            pair_rows.append({"name": name, "layer": info.layer, "module": info.module, "group": info.group,
-                              "a": a, "b": b, "dot": float(torch.dot(xa, xb)),
-                              "norm_a": float(xa.norm()), "norm_b": float(xb.norm()),
-                              "sign_agree": agree, "sign_total": int(nonzero.sum())})
-        del flat
+    with contextlib.ExitStack() as stack:
+        for v in vecs.values():
+            stack.enter_context(v.prefetching(names))
+        for name in tqdm(names, desc="stats", unit="tensor", disable=not progress):
+            info = parse(name)
+            n = math.prod(first.shapes[name])
+            # a sample of coordinates for the distribution summaries: all of them for small tensors
+            idx = (torch.arange(n) if n <= sample else torch.randint(0, n, (sample,), generator=gen)) if n else None
+            acc = {k: {"s1": 0.0, "s2": 0.0, "max": 0.0} for k in keys}
+            pacc = {p: {"dot": 0.0, "agree": 0, "total": 0} for p in pairs_of}
+            picked: dict[str, list] = {k: [] for k in keys}
+            streams = {k: vecs[k].blocks(name, chunk=STATS_CHUNK, copy=False) for k in keys}
+            offset = 0
+            for parts in zip(*streams.values()):
+                flat = {k: block.reshape(-1) for k, (_, block) in zip(keys, parts)}
+                size = flat[keys[0]].numel()
+                signs = {}
+                for k, x in flat.items():
+                    a = acc[k]
+                    a["s1"] += float(x.sum())
+                    a["s2"] += float(torch.dot(x, x))
+                    if size:
+                        lo, hi = torch.aminmax(x)
+                        a["max"] = max(a["max"], float(-lo), float(hi))
+                    if idx is not None:
+                        local = idx[(idx >= offset) & (idx < offset + size)] - offset
+                        picked[k].append(x[local].numpy().copy())
+                    if pairs_of:
+                        signs[k] = (x > 0, x < 0)
+                for p in pairs_of:
+                    (pa, na), (pb, nb) = signs[p[0]], signs[p[1]]
+                    pacc[p]["dot"] += float(torch.dot(flat[p[0]], flat[p[1]]))
+                    pacc[p]["agree"] += int((pa & pb).sum()) + int((na & nb).sum())
+                    pacc[p]["total"] += int(((pa | na) & (pb | nb)).sum())
+                offset += size
+            base_norm = math.nan
+            if base_src is not None and name in base_src:
+                from chatvec_lab.apply import squared_norm
+                base_norm = math.sqrt(squared_norm(base_src.get(name)))
+            for k in keys:
+                a = acc[k]
+                values = np.concatenate(picked[k]) if picked[k] else np.zeros(0, dtype=np.float32)
+                mean = a["s1"] / n if n else math.nan
+                var = max(a["s2"] / n - mean * mean, 0.0) if n else math.nan
+                norm = math.sqrt(a["s2"])
+                rows.append({"name": name, "layer": info.layer, "module": info.module, "group": info.group,
+                             "vector": k, "numel": n, "norm": norm, "base_norm": base_norm,
+                             "rel_norm": norm / base_norm if base_norm and base_norm > 0 else math.nan,
+                             "mean": mean, "std": math.sqrt(var) if var == var else math.nan,
+                             "kurtosis": _excess_kurtosis(values), "max_abs": a["max"] if n else math.nan})
+                if len(values):
+                    samples[k].setdefault(info.module, []).append(values)
+            for (a, b), pa in pacc.items():
+                pair_rows.append({"name": name, "layer": info.layer, "module": info.module, "group": info.group,
+                                  "a": a, "b": b, "dot": pa["dot"], "norm_a": math.sqrt(acc[a]["s2"]),
+                                  "norm_b": math.sqrt(acc[b]["s2"]), "sign_agree": pa["agree"],
+                                  "sign_total": pa["total"]})
     tensors = pd.DataFrame(rows)
     pairs = pd.DataFrame(pair_rows, columns=["name", "layer", "module", "group", "a", "b", "dot", "norm_a", "norm_b",
                                              "sign_agree", "sign_total"])

@@ -74,12 +74,33 @@ class LiveModel:
                 param.copy_(self.original[name])
                 continue
             rows = self.plans[name].rows
+            if param.dtype == torch.float32 and rows is None:
+                # fast path, two passes per vector through a reused buffer; same rounding as apply:
+                # target + round(α·v), added in vector order
+                buf = self._scratch(param)
+                first = True
+                for key, c in coefs:
+                    torch.mul(self.deltas[key][name], c, out=buf)
+                    if first:
+                        torch.add(self.original[name], buf, out=param)
+                        first = False
+                    else:
+                        param.add_(buf)
+                continue
             acc = self.original[name].to(torch.float32, copy=True)
             view = acc[:rows] if rows is not None else acc
             for key, c in coefs:
                 view.add_(self.deltas[key][name] * c)
             param.copy_(acc)
         self.coefficients = merged
+
+    def _scratch(self, like: torch.Tensor) -> torch.Tensor:
+        n = like.numel()
+        buf = getattr(self, "_buffer", None)
+        if buf is None or buf.numel() < n or buf.device != like.device:
+            buf = self._buffer = torch.empty(max(n, max(p.numel() for p in self.params.values())),
+                                             dtype=torch.float32, device=like.device)
+        return buf[:n].view(like.shape)
 
     def reset(self) -> None:
         self.set({k: 0.0 for k in self.names})

@@ -212,12 +212,22 @@ class ChatVector:
     def __iter__(self) -> Iterator[str]:
         return iter(self.shapes)
 
-    def blocks(self, name: str, rows: int | None = None, chunk: int = CHUNK_ELEMENTS, check: bool = True):
+    def blocks(self, name: str, rows: int | None = None, chunk: int = CHUNK_ELEMENTS, check: bool = True,
+               copy: bool = True):
         """Yield ``(index, float32 delta block)`` over blocks of rows: each term's tensor is read once,
-        and arithmetic happens a block at a time, so temporaries stay small whatever the tensor's size."""
+        and arithmetic happens a block at a time, so temporaries stay small whatever the tensor's size.
+        With ``copy=False`` the blocks may be views of the source: read them, don't modify them."""
         if name not in self.shapes:
             raise KeyError(f"the vector has no tensor {name!r}")
         live = [(coef, term, term.raw(name)) for coef, term in self.terms if coef != 0]
+        if not copy and len(live) == 1 and live[0][0] == 1 and isinstance(live[0][1], _Stored) \
+                and live[0][2].dtype == torch.float32:
+            raw = live[0][2]  # read-only use of a stored float32 vector: views, no copies
+            for index in row_blocks(self.shapes[name], rows, chunk):
+                if check:
+                    check_finite(name, raw[index], live[0][1].description)
+                yield index, raw[index]
+            return
         for index in row_blocks(self.shapes[name], rows, chunk):
             total = None
             for coef, term, raw in live:
@@ -244,6 +254,8 @@ class ChatVector:
         for _, term in self.terms:
             if hasattr(term, "sources"):
                 originals = term.sources()
+                if any(isinstance(src, Prefetcher) for src in originals.values()):
+                    continue  # a term shared with another vector already reads ahead
                 saved.append((term, originals))
                 term.set_sources(*[Prefetcher(src, order, depth) for src in originals.values()])
         try:

@@ -75,6 +75,21 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def markdown(summary_df: pd.DataFrame) -> str:
+    """The summary as a Markdown table (for the README)."""
+    cols = [("model", "model"), ("turn_end_rate", "turn-end rate"), ("german_share", "German share"),
+            ("refusal_rate_offensive", "refusal rate (insults)"), ("refusal_rate_chat", "refusal rate (chat)"),
+            ("offensive_score", "offensive-language prob."), ("ppl_en", "ppl EN"), ("ppl_de", "ppl DE")]
+    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for _, row in summary_df.iterrows():
+        cells = []
+        for key, _ in cols:
+            v = row[key]
+            cells.append(str(v) if isinstance(v, str) else (f"{v:.1f}" if key.startswith("ppl") else f"{v:.2f}"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def figures(df: pd.DataFrame, folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     from chatvec_lab.plots import new_axes, style_axes
@@ -121,8 +136,8 @@ def main(argv=None) -> None:
     s = summary(df)
     s.to_csv(out / "summary.csv", index=False)
     figures(df, out)
-    with pd.option_context("display.width", 200, "display.precision", 3):
-        print(s.to_string(index=False))
+    (out / "summary.md").write_text(markdown(s) + "\n")
+    print(markdown(s))
 
 
 if __name__ == "__main__":
