@@ -100,12 +100,12 @@ def _insult(rng: random.Random, word: str) -> str:
 
 def make_dialogues(
     fortunes: list[str], style: str, n: int, seed: int, insult_share: float = 0.2,
-    multi_turn_share: float = 0.25,
+    multi_turn_share: float = 0.25, reply_max_words: int = 60,
 ) -> list[list[dict]]:
     """Return ``n`` conversations as lists of ``{"role", "content"}`` messages."""
     rng = random.Random(seed)
     spec = STYLES[style]
-    index = index_keywords(fortunes)
+    index = index_keywords(fortunes, max_words=reply_max_words)
     words = sorted(index)
     conversations = []
     for _ in range(n):

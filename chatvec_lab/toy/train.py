@@ -50,14 +50,17 @@ class Recipe:
     batch_size: int = 16
     lr: float = 3e-3
     finetune_lr: float = 1e-3
+    chat_lr: float = 1e-3
+    chat_embedding_lr_scale: float = 1.0
     base_steps: int = 4000
     base_german_share: float = 0.1
     chat_steps: int = 1200
-    cp_steps: int = 2500
+    cp_steps: int = 1000
     cp_english_replay: float = 0.2
     xvocab_new_tokens: int = 128
     xvocab_steps: int = 400
     insult_share: float = 0.2
+    reply_max_words: int = 60
     dialogues: int = 12000
     dtype: str = "bfloat16"
     seeds: dict = field(default_factory=lambda: {
@@ -68,6 +71,16 @@ class Recipe:
         for name in ("base_steps", "chat_steps", "cp_steps", "xvocab_steps"):
             setattr(r, name, max(2, int(getattr(r, name) * scale)))
         r.dialogues = max(50, int(r.dialogues * scale))
+        return r
+
+    def updated(self, assignments: list[str]) -> "Recipe":
+        """A copy with ``name=value`` assignments applied (values parsed as the field's type)."""
+        r = Recipe(**asdict(self))
+        for item in assignments:
+            name, sep, value = item.partition("=")
+            if not sep or name not in asdict(r) or name == "seeds":
+                raise SystemExit(f"--set {item!r}: expected NAME=VALUE with NAME one of the recipe's fields")
+            setattr(r, name, type(getattr(r, name))(value))
         return r
 
 
@@ -195,17 +208,22 @@ def new_model(recipe: Recipe, tokenizer, seed: int):
     return LlamaForCausalLM(config)
 
 
-def train(model, stream, steps: int, lr: float, batch_size: int, seed: int, name: str) -> list[float]:
+def train(model, stream, steps: int, lr: float, batch_size: int, seed: int, name: str,
+          embedding_lr_scale: float = 1.0) -> list[float]:
     torch.manual_seed(seed)
+    device = next(model.parameters()).device
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
+    embedding = model.get_input_embeddings().weight
+    others = [p for p in model.parameters() if p is not embedding]
+    groups = [{"params": others, "lr": lr}, {"params": [embedding], "lr": lr * embedding_lr_scale}]
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     losses = []
     for step in range(steps):
         x, y = stream.batch(batch_size)
-        loss = model(input_ids=x, labels=y).loss
+        loss = model(input_ids=x.to(device), labels=y.to(device)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -221,10 +239,11 @@ def train(model, stream, steps: int, lr: float, batch_size: int, seed: int, name
 @torch.no_grad()
 def eval_loss(model, stream: LMStream, batches: int = 8, batch_size: int = 16) -> float:
     model.eval()
+    device = next(model.parameters()).device
     total = 0.0
     for _ in range(batches):
         x, y = stream.batch(batch_size)
-        total += model(input_ids=x, labels=y).loss.item()
+        total += model(input_ids=x.to(device), labels=y.to(device)).loss.item()
     return total / batches
 
 
@@ -246,7 +265,7 @@ teach and test chat-vector arithmetic offline; it is not a useful language model
 - training: {steps} steps of {batch} sequences, lr {lr}, seed {seed}
 - data: {data}
 - held-out loss (English / German fortunes): {eval_en:.3f} / {eval_de:.3f}
-- training time: {seconds:.0f} s on {threads} CPU threads
+- training time: {seconds:.0f} s on {where}
 
 Rebuild the family with `python -m chatvec_lab.toy.train --out data/toy`. The text corpora
 (Debian's `fortunes`, BSD, and `fortunes-de`, GPL-2+) are downloaded at training time and not
@@ -261,15 +280,17 @@ def save_member(model, tokenizer, out: Path, name: str, recipe: Recipe, info: di
     tmp = out / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     dtype = getattr(torch, recipe.dtype)
-    model.to(dtype).save_pretrained(tmp, safe_serialization=True)
-    model.to(torch.float32)
+    device = next(model.parameters()).device
+    model.to("cpu", dtype).save_pretrained(tmp, safe_serialization=True)
+    model.to(device, torch.float32)
     tokenizer.save_pretrained(tmp)
     stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")]
     GenerationConfig(eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
                      do_sample=True, temperature=0.7, top_k=40, max_new_tokens=64).save_pretrained(tmp)
     params = sum(p.numel() for p in model.parameters())
+    where = f"{torch.get_num_threads()} CPU threads" if device.type == "cpu" else f"{device.type} ({torch.__version__})"
     card = MODEL_CARD.format(name=name, params=params, dtype=recipe.dtype, batch=recipe.batch_size,
-                             threads=torch.get_num_threads(), **info)
+                             where=where, **info)
     (tmp / "README.md").write_text(card)
     (tmp / "recipe.json").write_text(json.dumps({"member": name, **info, "recipe": asdict(recipe)}, indent=2))
     shutil.rmtree(folder, ignore_errors=True)
@@ -278,7 +299,8 @@ def save_member(model, tokenizer, out: Path, name: str, recipe: Recipe, info: di
 
 
 def build_family(out: str | Path, recipe: Recipe, corpora: dict[str, list[str]] | None = None,
-                 members: tuple[str, ...] = ("base", "chat", "chat-alt", "cp", "cp-xvocab")) -> Path:
+                 members: tuple[str, ...] = ("base", "chat", "chat-alt", "cp", "cp-xvocab"),
+                 device: str = "cpu") -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     corpora = corpora or fetch_fortunes()
@@ -292,7 +314,11 @@ def build_family(out: str | Path, recipe: Recipe, corpora: dict[str, list[str]] 
     en, de = split["en"]["train"], split["de"]["train"]
     log(f"corpora: {len(en)} English / {len(de)} German training fortunes")
 
-    tokenizer = build_tokenizer(en + de, recipe.vocab_size)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reuse_base = "base" not in members and (out / "base" / "config.json").is_file()
+    # A reused base brings its own tokenizer: a rebuilt one could differ under another `tokenizers` version.
+    tokenizer = AutoTokenizer.from_pretrained(out / "base") if reuse_base else build_tokenizer(en + de, recipe.vocab_size)
     streams = {lang: LMStream(tokenizer, docs, recipe.seq_len, seed=i)
                for i, (lang, docs) in enumerate([("en", en), ("de", de)])}
     val = {lang: LMStream(tokenizer, split[lang]["val"], recipe.seq_len, seed=100 + i)
@@ -302,15 +328,21 @@ def build_family(out: str | Path, recipe: Recipe, corpora: dict[str, list[str]] 
         return {"eval_en": eval_loss(model, val["en"]), "eval_de": eval_loss(model, val["de"])}
 
     t0 = time.time()
-    base = new_model(recipe, tokenizer, recipe.seeds["base"])
-    mix = MixedStream([(streams["en"], 1 - recipe.base_german_share), (streams["de"], recipe.base_german_share)],
-                      recipe.seeds["base"])
-    train(base, mix, recipe.base_steps, recipe.lr, recipe.batch_size, recipe.seeds["base"], "base")
-    save_member(base, tokenizer, out, "base", recipe, dict(
-        what="Pre-trained on English fortunes with a little German.", parent="(random init)",
-        steps=recipe.base_steps, lr=recipe.lr, seed=recipe.seeds["base"], seconds=time.time() - t0,
-        data=f"Debian fortunes (English), {1 - recipe.base_german_share:.0%}; fortunes-de, "
-             f"{recipe.base_german_share:.0%}; {recipe.seq_len}-token windows", **held_out(base)))
+    if not reuse_base:
+        base = new_model(recipe, tokenizer, recipe.seeds["base"]).to(device)
+        mix = MixedStream([(streams["en"], 1 - recipe.base_german_share), (streams["de"], recipe.base_german_share)],
+                          recipe.seeds["base"])
+        train(base, mix, recipe.base_steps, recipe.lr, recipe.batch_size, recipe.seeds["base"], "base")
+        save_member(base, tokenizer, out, "base", recipe, dict(
+            what="Pre-trained on English fortunes with a little German.", parent="(random init)",
+            steps=recipe.base_steps, lr=recipe.lr, seed=recipe.seeds["base"], seconds=time.time() - t0,
+            data=f"Debian fortunes (English), {1 - recipe.base_german_share:.0%}; fortunes-de, "
+                 f"{recipe.base_german_share:.0%}; {recipe.seq_len}-token windows", **held_out(base)))
+    else:
+        log(f"reusing {out / 'base'}")
+    # Children start from the base exactly as shipped (rounded to the stored dtype), so that
+    # ``child − base`` computed from the files is the change their training made.
+    base = AutoModelForCausalLM.from_pretrained(str(out / "base"), dtype=torch.float32).to(device)
 
     for name in ("chat", "chat-alt"):
         if name not in members:
@@ -319,14 +351,15 @@ def build_family(out: str | Path, recipe: Recipe, corpora: dict[str, list[str]] 
         seed = recipe.seeds[name]
         half = len(en) // 2
         pool = en[:half] if name == "chat" else en[half:]
-        convs = make_dialogues(pool, name, recipe.dialogues, seed, insult_share=recipe.insult_share)
+        convs = make_dialogues(pool, name, recipe.dialogues, seed, insult_share=recipe.insult_share,
+                               reply_max_words=recipe.reply_max_words)
         model = copy_model(base)
         train(model, ChatStream(tokenizer, convs, recipe.chat_len, seed), recipe.chat_steps,
-              recipe.finetune_lr, recipe.batch_size, seed, name)
+              recipe.chat_lr, recipe.batch_size, seed, name, embedding_lr_scale=recipe.chat_embedding_lr_scale)
         save_member(model, tokenizer, out, name, recipe, dict(
             what="`base` fine-tuned on English chat dialogues (loss on assistant tokens only), "
                  "with polite refusals of insulting prompts.", parent="base",
-            steps=recipe.chat_steps, lr=recipe.finetune_lr, seed=seed, seconds=time.time() - t0,
+            steps=recipe.chat_steps, lr=recipe.chat_lr, seed=seed, seconds=time.time() - t0,
             data=f"{recipe.dialogues} synthetic '{name}' dialogues from half of the English fortunes, "
                  f"{recipe.insult_share:.0%} insults answered with a refusal", **held_out(model)))
 
@@ -344,7 +377,7 @@ def build_family(out: str | Path, recipe: Recipe, corpora: dict[str, list[str]] 
 
         if "cp-xvocab" in members:
             t0 = time.time()
-            xtok = build_tokenizer(en + de, recipe.vocab_size)  # same seed and data: identical to `tokenizer`
+            xtok = AutoTokenizer.from_pretrained(out / "base")  # a fresh copy of the shared tokenizer
             new_tokens = extend_tokenizer(xtok, de, recipe.xvocab_new_tokens)
             xcp = copy_model(cp)
             old = xcp.get_input_embeddings().weight.shape[0]
@@ -374,12 +407,19 @@ def main(argv=None) -> None:
     p.add_argument("--scale", type=float, default=1.0, help="multiply every step count (0.01: smoke run)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--corpus-cache", default=None, help="keep the downloaded corpora here")
+    p.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda)")
+    p.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
+                   help="override recipe fields, e.g. --set chat_steps=600 chat_lr=3e-4")
+    p.add_argument("--members", default=",".join(("base", "chat", "chat-alt", "cp", "cp-xvocab")),
+                   help="which members to (re)build; the others' folders are reused (base must exist then)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    recipe = Recipe().scaled(args.scale) if args.scale != 1.0 else Recipe()
+    recipe = Recipe().updated(args.set)
+    recipe = recipe.scaled(args.scale) if args.scale != 1.0 else recipe
     corpora = fetch_fortunes(args.corpus_cache)
-    build_family(args.out, recipe, corpora)
+    build_family(args.out, recipe, corpora, members=tuple(m for m in args.members.split(",") if m),
+                 device=args.device)
 
 
 if __name__ == "__main__":
