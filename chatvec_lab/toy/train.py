@@ -1,13 +1,16 @@
 """Rebuild the embedded toy family: the paper's setting in miniature.
 
-    python -m chatvec_lab.toy.train --out data/toy            # the shipped recipe (~1 h, 2 cores)
+    python -m chatvec_lab.toy.train --out data/toy            # the shipped recipe (~45 min, 2 cores)
     python -m chatvec_lab.toy.train --out /tmp/t --scale 0.01 # a smoke run
 
 One tokenizer and one Llama architecture for every member:
 
 - ``base``:  pre-trained on English fortunes with a little German (real bases see some of every language);
 - ``chat``, ``chat-alt``: base fine-tuned on English chat dialogues (loss on assistant tokens only),
-  with polite refusals of insults; two different data sets and seeds;
+  with polite refusals of insults; two different data sets and seeds. The input embeddings train at a
+  tenth of the learning rate and the lm_head at a fifth: with Adam every token seen moves by a full
+  step, so in a 2,048-token model these two matrices otherwise dominate the chat vector with "reply in
+  English" (a big model fine-tuned at a small rate barely moves them);
 - ``cp``: base continually pre-trained on German with English replay;
 - ``cp-xvocab``: ``cp`` with an extended vocabulary (new German word tokens), trained a little more.
 
@@ -50,8 +53,9 @@ class Recipe:
     batch_size: int = 16
     lr: float = 3e-3
     finetune_lr: float = 1e-3
-    chat_lr: float = 1e-3
-    chat_embedding_lr_scale: float = 1.0
+    chat_lr: float = 3e-4
+    chat_embedding_lr_scale: float = 0.1
+    chat_head_lr_scale: float = 0.2
     base_steps: int = 4000
     base_german_share: float = 0.1
     chat_steps: int = 1200
@@ -60,7 +64,7 @@ class Recipe:
     xvocab_new_tokens: int = 128
     xvocab_steps: int = 400
     insult_share: float = 0.2
-    reply_max_words: int = 60
+    reply_max_words: int = 30
     dialogues: int = 12000
     dtype: str = "bfloat16"
     seeds: dict = field(default_factory=lambda: {
@@ -209,13 +213,15 @@ def new_model(recipe: Recipe, tokenizer, seed: int):
 
 
 def train(model, stream, steps: int, lr: float, batch_size: int, seed: int, name: str,
-          embedding_lr_scale: float = 1.0) -> list[float]:
+          embedding_lr_scale: float = 1.0, head_lr_scale: float = 1.0) -> list[float]:
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     model.train()
-    embedding = model.get_input_embeddings().weight
-    others = [p for p in model.parameters() if p is not embedding]
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    others = [p for p in model.parameters() if p is not embedding and p is not head]
     groups = [{"params": others, "lr": lr}, {"params": [embedding], "lr": lr * embedding_lr_scale}]
+    if head is not embedding:
+        groups.append({"params": [head], "lr": lr * head_lr_scale})
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -355,7 +361,8 @@ def build_family(out: str | Path, recipe: Recipe, corpora: dict[str, list[str]] 
                                reply_max_words=recipe.reply_max_words)
         model = copy_model(base)
         train(model, ChatStream(tokenizer, convs, recipe.chat_len, seed), recipe.chat_steps,
-              recipe.chat_lr, recipe.batch_size, seed, name, embedding_lr_scale=recipe.chat_embedding_lr_scale)
+              recipe.chat_lr, recipe.batch_size, seed, name, embedding_lr_scale=recipe.chat_embedding_lr_scale,
+              head_lr_scale=recipe.chat_head_lr_scale)
         save_member(model, tokenizer, out, name, recipe, dict(
             what="`base` fine-tuned on English chat dialogues (loss on assistant tokens only), "
                  "with polite refusals of insulting prompts.", parent="base",
