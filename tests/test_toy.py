@@ -103,3 +103,17 @@ def test_recipe_end_to_end_with_the_real_corpora(tmp_path):
     for name in toy.MEMBERS:
         assert (tmp_path / "toy" / name / "model.safetensors").is_file()
     assert "English" in (tmp_path / "toy" / "base" / "README.md").read_text()
+
+
+def test_bootstrap_interval_brackets_the_mean():
+    import pandas as pd
+    from chatvec_lab.toy.evaluate import bootstrap_interval, intervals
+
+    rows = [{"model": "CP + 1·CV", "prompt_set": s, "prompt": f"{s}{i}", "seed": k,
+             "ended_turn": i % 2 == 0, "share_de": 0.9, "refusal": i < 3}
+            for s in ("chat", "offensive") for i in range(10) for k in range(3)]
+    df = pd.DataFrame(rows)
+    mean, lo, hi = bootstrap_interval(df, "CP + 1·CV", "chat", "ended_turn")
+    assert mean == 0.5 and 0.0 <= lo < 0.5 < hi <= 1.0
+    assert bootstrap_interval(df, "CP + 1·CV", "chat", "share_de")[1:] == (0.9, 0.9)
+    assert "refusal rate (insults) 0.30" in intervals(df)
