@@ -2,8 +2,10 @@
 
     python benchmarks/bench_live.py                 # the toy family and a ~0.5 GB synthetic Llama
 
-Reload = ``AutoModelForCausalLM.from_pretrained`` of the model folder (page cache warm) — what a
-notebook without live coefficients would do for each slider move.
+Without live coefficients a notebook gets CP + α·CV for a new α by reloading the target and adding
+the vector again: ``apply_to_model(folder, [(cv, α)])`` (page cache warm, vector already in memory).
+That is the baseline of the ratio. A bare ``from_pretrained`` is shown too: transformers maps
+float32 safetensors lazily, so on its own it defers the reading to the first use of each weight.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ def timed(fn, repeat: int) -> float:
 def bench(label: str, folder_base: Path, folder_chat: Path, folder_target: Path, repeat: int) -> dict:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
+    from chatvec_lab.apply import apply_to_model
     from chatvec_lab.live import LiveModel
     from chatvec_lab.vector import ChatVector
 
@@ -45,9 +48,12 @@ def bench(label: str, folder_base: Path, folder_chat: Path, folder_target: Path,
     alphas = iter([0.5, 1.0, 1.5, 0.25] * 100)
     change = timed(lambda: live.set(chat=next(alphas)), repeat)
     reload = timed(load, max(2, repeat // 3))
+    reapply = timed(lambda: apply_to_model(folder_target, [(cv, next(alphas))], dtype=torch.float32,
+                                           check_lineage=False), max(2, repeat // 3))
     params = sum(p.numel() for p in model.parameters())
     return {"model": label, "parameters": f"{params / 1e6:.1f} M", "size (float32)": f"{params * 4 / 1e9:.2f} GB",
-            "α change (s)": f"{change:.4f}", "reload (s)": f"{reload:.3f}", "reload ÷ change": f"{reload / change:.0f}×"}
+            "α change (s)": f"{change:.4f}", "reload + apply (s)": f"{reapply:.3f}",
+            "bare reload (s)": f"{reload:.3f}", "(reload + apply) ÷ change": f"{reapply / change:.0f}×"}
 
 
 def main() -> None:
@@ -65,7 +71,7 @@ def main() -> None:
     paths = write_family(work / "synthetic-0.5gb", cfg, dtype=_t.float32)
     rows.append(bench("synthetic Llama", paths["base"], paths["chat"], paths["cp"], args.repeat))
     print(table(rows, list(rows[0])))
-    print("target: reload ÷ change ≥ 20×")
+    print("target: (reload + apply) ÷ change ≥ 20×")
 
 
 if __name__ == "__main__":
