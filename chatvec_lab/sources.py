@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import re
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -147,9 +148,12 @@ def read_safetensors_header(path: Path) -> dict:
 class SafetensorsSource(WeightSource):
     """Tensors from one or more safetensors files, read one at a time.
 
-    Each tensor is read with a plain positioned read into its own buffer (no memory map), so the
-    process holds only the tensors it is working on, whatever the shard size.
+    Each tensor gets its own private, copy-on-write memory map of just its bytes (small ones a plain
+    read): no copy through a buffer, writes never reach the file, and the map goes when the tensor
+    does, so the process holds only the tensors it is working on, whatever the shard size.
     """
+
+    MAP_AT_LEAST = 1 << 20  # bytes; smaller tensors are read, mapping them costs more than copying
 
     def __init__(self, files: list[Path], folder: Path | None = None, description: str | None = None,
                  revision: str | None = None):
@@ -188,6 +192,8 @@ class SafetensorsSource(WeightSource):
             raise KeyError(f"{self.description} has no tensor {name!r}")
         path, offset, nbytes = where
         shape, dtype = self._meta[name]
+        if nbytes >= self.MAP_AT_LEAST:
+            return self._map(path, offset, nbytes, shape, dtype, name)
         buf = bytearray(nbytes)
         try:
             with open(path, "rb", buffering=0) as f:
@@ -203,6 +209,30 @@ class SafetensorsSource(WeightSource):
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+    @staticmethod
+    def _map(path: Path, offset: int, nbytes: int, shape, dtype, name: str) -> torch.Tensor:
+        import mmap
+        import warnings
+
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            with open(path, "rb") as f:
+                if os.fstat(f.fileno()).st_size < offset + nbytes:
+                    raise SourceError(f"truncated safetensors file {path}: tensor {name!r} ends past the file")
+                mapped = mmap.mmap(f.fileno(), offset + nbytes - start, access=mmap.ACCESS_COPY, offset=start)
+        except OSError as e:
+            raise SourceError(f"cannot read tensor {name!r} from {path}: {e}") from None
+        populate = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else None)
+        if populate is not None:
+            try:  # fault the pages in now (in a prefetching thread, that overlaps the caller's work)
+                mapped.madvise(populate)
+            except (OSError, ValueError):
+                pass
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.frombuffer(mapped, dtype=dtype, count=nbytes // _itemsize(dtype),
+                                    offset=offset - start).reshape(shape)
 
     def fingerprint(self, hash_files: bool = True) -> dict:
         out: dict = {"source": self.description}

@@ -396,3 +396,39 @@ def test_hub_id_resolves_from_local_cache(family_factory, tmp_path, monkeypatch)
     src = open_weights("toy-org/tiny-llama")
     assert set(src.keys()) == set(load_all(fam["base"]))
     assert src.fingerprint(hash_files=False)["revision"] == "a" * 40
+
+
+def test_memory_mapped_reads_match_plain_reads_and_never_write_back(family_factory, tmp_path, monkeypatch):
+    from chatvec_lab.sources import SafetensorsSource
+
+    fam = family_factory("llama")
+    before = checksums(fam["base"], fam["chat"], fam["cp"])
+    src = open_weights(fam["base"])
+    plain = {n: src.get(n).clone() for n in src.keys()}
+    monkeypatch.setattr(SafetensorsSource, "MAP_AT_LEAST", 0)  # map every tensor, however small
+    mapped_src = open_weights(fam["base"])
+    for name, expected in plain.items():
+        t = mapped_src.get(name)
+        assert t.dtype == expected.dtype and torch.equal(t, expected), name
+        if t.numel():
+            t.add_(1)  # a private copy-on-write map: the caller may write, the file never changes
+    assert checksums(fam["base"], fam["chat"], fam["cp"]) == before
+
+    vec = ChatVector.from_models(fam["base"], fam["chat"])
+    apply_vectors(fam["cp"], [(vec, 0.7)], tmp_path / "out")
+    base, chat, cp, out = (load_all(p) for p in (fam["base"], fam["chat"], fam["cp"], tmp_path / "out"))
+    for name, b in base.items():
+        if b.is_floating_point():
+            assert torch.equal(out[name], cp[name] + 0.7 * (chat[name] - b)), name
+    assert checksums(fam["base"], fam["chat"], fam["cp"]) == before
+
+    shard = sorted(fam["base"].glob("*.safetensors"))[0]
+    source = open_weights(shard)
+    name = max(source.keys(), key=lambda n: source.get(n).numel())
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(shard.read_bytes())
+    cut_src = open_weights(cut)
+    with open(cut, "r+b") as f:  # truncated after opening: the read says so instead of crashing
+        f.truncate(cut_src._where[name][1] + 1)
+    with pytest.raises(SourceError, match=f"truncated safetensors file .*{name}"):
+        cut_src.get(name)
