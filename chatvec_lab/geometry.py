@@ -120,8 +120,8 @@ def vector_stats(vectors, base=None, include: str | None = None, sample: int = S
                 for p in pairs_of:
                     (pa, na), (pb, nb) = signs[p[0]], signs[p[1]]
                     pacc[p]["dot"] += float(torch.dot(flat[p[0]], flat[p[1]]))
-                    pacc[p]["agree"] += int((pa & pb).sum()) + int((na & nb).sum())
-                    pacc[p]["total"] += int(((pa | na) & (pb | nb)).sum())
+                    pacc[p]["agree"] += int(torch.count_nonzero(pa & pb)) + int(torch.count_nonzero(na & nb))
+                    pacc[p]["total"] += int(torch.count_nonzero((pa | na) & (pb | nb)))
                 offset += size
             base_norm = math.nan
             if base_src is not None and name in base_src:
