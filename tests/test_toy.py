@@ -117,3 +117,21 @@ def test_bootstrap_interval_brackets_the_mean():
     assert mean == 0.5 and 0.0 <= lo < 0.5 < hi <= 1.0
     assert bootstrap_interval(df, "CP + 1·CV", "chat", "share_de")[1:] == (0.9, 0.9)
     assert "refusal rate (insults) 0.30" in intervals(df)
+
+
+def test_recipe_overrides_and_rebuilding_some_members_reuses_the_base(tmp_path):
+    recipe = Recipe(vocab_size=320, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
+                    seq_len=32, chat_len=48, batch_size=4, base_steps=3, chat_steps=2, cp_steps=2, xvocab_steps=2,
+                    xvocab_new_tokens=4, dialogues=40)
+    changed = recipe.updated(["chat_steps=3", "chat_lr=1e-4"])
+    assert (changed.chat_steps, changed.chat_lr, recipe.chat_steps) == (3, 1e-4, 2)
+    for bad in (["nope=1"], ["chat_steps"], ["chat_steps=many"]):
+        with pytest.raises(SystemExit, match="--set"):
+            recipe.updated(bad)
+    out = build_family(tmp_path / "toy", recipe, corpora=_synthetic_corpora(), members=("base", "chat"))
+    base_bytes = (out / "base" / "model.safetensors").read_bytes()
+    build_family(out, changed, corpora=_synthetic_corpora(), members=("chat",))
+    assert (out / "base" / "model.safetensors").read_bytes() == base_bytes
+    card = json.loads((out / "chat" / "recipe.json").read_text())
+    assert card["steps"] == 3 and card["lr"] == 1e-4 and card["recipe"]["chat_lr"] == 1e-4
+    assert not (out / "cp").exists()

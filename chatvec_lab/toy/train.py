@@ -1,6 +1,6 @@
 """Rebuild the embedded toy family: the paper's setting in miniature.
 
-    python -m chatvec_lab.toy.train --out data/toy            # the shipped recipe (~45 min, 2 cores)
+    python -m chatvec_lab.toy.train --out data/toy            # the shipped recipe (~30 min, 2 cores)
     python -m chatvec_lab.toy.train --out /tmp/t --scale 0.01 # a smoke run
 
 One tokenizer and one Llama architecture for every member:
@@ -84,7 +84,10 @@ class Recipe:
             name, sep, value = item.partition("=")
             if not sep or name not in asdict(r) or name == "seeds":
                 raise SystemExit(f"--set {item!r}: expected NAME=VALUE with NAME one of the recipe's fields")
-            setattr(r, name, type(getattr(r, name))(value))
+            try:
+                setattr(r, name, type(getattr(r, name))(value))
+            except ValueError:
+                raise SystemExit(f"--set {item!r}: {name} takes a {type(getattr(r, name)).__name__}") from None
         return r
 
 
