@@ -192,7 +192,7 @@ class SafetensorsSource(WeightSource):
             raise KeyError(f"{self.description} has no tensor {name!r}")
         path, offset, nbytes = where
         shape, dtype = self._meta[name]
-        if nbytes >= self.MAP_AT_LEAST:
+        if nbytes >= self.MAP_AT_LEAST and offset % _itemsize(dtype) == 0:  # elements must be aligned
             return self._map(path, offset, nbytes, shape, dtype, name)
         buf = bytearray(nbytes)
         try:
