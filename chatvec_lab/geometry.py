@@ -105,6 +105,7 @@ def vector_stats(vectors, base=None, include: str | None = None, sample: int = S
                 flat = {k: block.reshape(-1) for k, (_, block) in zip(keys, parts)}
                 size = flat[keys[0]].numel()
                 signs = {}
+                local = idx[(idx >= offset) & (idx < offset + size)] - offset if idx is not None else None
                 for k, x in flat.items():
                     a = acc[k]
                     a["s1"] += float(x.sum())
@@ -112,16 +113,16 @@ def vector_stats(vectors, base=None, include: str | None = None, sample: int = S
                     if size:
                         lo, hi = torch.aminmax(x)
                         a["max"] = max(a["max"], float(-lo), float(hi))
-                    if idx is not None:
-                        local = idx[(idx >= offset) & (idx < offset + size)] - offset
+                    if local is not None:
                         picked[k].append(x[local].numpy().copy())
                     if pairs_of:
-                        signs[k] = (x > 0, x < 0)
+                        positive, negative = x > 0, x < 0
+                        signs[k] = (positive, negative, positive | negative)
                 for p in pairs_of:
-                    (pa, na), (pb, nb) = signs[p[0]], signs[p[1]]
+                    (pa, na, nza), (pb, nb, nzb) = signs[p[0]], signs[p[1]]
                     pacc[p]["dot"] += float(torch.dot(flat[p[0]], flat[p[1]]))
-                    pacc[p]["agree"] += int(torch.count_nonzero(pa & pb)) + int(torch.count_nonzero(na & nb))
-                    pacc[p]["total"] += int(torch.count_nonzero((pa | na) & (pb | nb)))
+                    pacc[p]["agree"] += int(torch.count_nonzero((pa & pb) | (na & nb)))
+                    pacc[p]["total"] += int(torch.count_nonzero(nza & nzb))
                 offset += size
             base_norm = math.nan
             if base_src is not None and name in base_src:
