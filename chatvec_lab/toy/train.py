@@ -297,7 +297,9 @@ def save_member(model, tokenizer, out: Path, name: str, recipe: Recipe, info: di
     GenerationConfig(eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
                      do_sample=True, temperature=0.7, top_k=40, max_new_tokens=64).save_pretrained(tmp)
     params = sum(p.numel() for p in model.parameters())
-    where = f"{torch.get_num_threads()} CPU threads" if device.type == "cpu" else f"{device.type} ({torch.__version__})"
+    threads = torch.get_num_threads()
+    where = (f"{threads} CPU thread{'s' if threads > 1 else ''}" if device.type == "cpu"
+             else f"{device.type} ({torch.__version__})")
     card = MODEL_CARD.format(name=name, params=params, dtype=recipe.dtype, batch=recipe.batch_size,
                              where=where, **info)
     (tmp / "README.md").write_text(card)
