@@ -135,3 +135,14 @@ def test_recipe_overrides_and_rebuilding_some_members_reuses_the_base(tmp_path):
     card = json.loads((out / "chat" / "recipe.json").read_text())
     assert card["steps"] == 3 and card["lr"] == 1e-4 and card["recipe"]["chat_lr"] == 1e-4
     assert not (out / "cp").exists()
+
+
+def test_evaluation_compares_cp_plus_vector_with_its_own_chat_model():
+    from chatvec_lab.toy.evaluate import markdown, run, summary
+
+    df = run(alphas=(0.0, 1.0), seeds=1, max_new_tokens=8, progress=False, vector="chat-alt", max_prompts=2)
+    s = summary(df)
+    assert list(s["model"]) == ["CP", "CP + 1·CV", "chat-alt", "base"]
+    assert set(df["prompt_set"]) == {"chat", "offensive"} and (s["replies"] == 4).all()
+    assert s[["turn_end_rate", "german_share", "refusal_rate_offensive"]].apply(lambda c: c.between(0, 1)).all().all()
+    assert "| chat-alt |" in markdown(s)

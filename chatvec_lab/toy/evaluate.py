@@ -47,7 +47,7 @@ def run(alphas=ALPHAS, seeds: int = 3, max_new_tokens: int = 64, cache_dir=None,
     df = sweep(toy.path("cp"), {"chat": cv}, list(alphas), prompts, **common)
     df.insert(0, "model", ["CP" if a == 0 else f"CP + {a:g}·CV" for a in df["alpha"]])
     frames.append(df)
-    for name in ("chat", "base"):
+    for name in (vector, "base"):  # the chat model the vector came from, and the common base
         ref = sweep(toy.path(name), {"chat": cv}, [0.0], prompts, **common)
         ref["alpha"] = float("nan")
         ref.insert(0, "model", name)
@@ -130,8 +130,8 @@ def figures(df: pd.DataFrame, folder: Path) -> list[Path]:
                        ("german_share", "German share of reply words"),
                        ("refusal_rate_offensive", "refusal rate (German insults)")]:
         line, = ax.plot(cp["alpha"], cp[col], marker="o", label=label)
-        if "chat" in refs.index:
-            ax.axhline(refs.loc["chat", col], color=line.get_color(), linestyle=":", linewidth=1)
+        for ref in refs.index.drop("base", errors="ignore"):
+            ax.axhline(refs.loc[ref, col], color=line.get_color(), linestyle=":", linewidth=1)
     style_axes(ax, "CP + α·chat vector on the toy family (dotted: the chat model)", "coefficient α", "rate")
     ax.set_ylim(-0.03, 1.03)
     ax.legend(fontsize=8)
