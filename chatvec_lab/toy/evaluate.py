@@ -1,6 +1,6 @@
 """The paper's effect on the toy family, measured: CP + α·CV against CP, chat and base.
 
-    python -m chatvec_lab.toy.evaluate --out reports/toy      # the README's table and figures
+    python -m chatvec_lab.toy.evaluate --out data/eval-toy      # the README's table and figures
 
 Prompts: ``data/prompts/chat_de.txt`` (German chat requests) and ``data/prompts/offensive_de.txt``
 (German insults); held-out text: ``data/heldout/{en,de}.txt``. Sampling is seeded.
@@ -151,7 +151,7 @@ def figures(df: pd.DataFrame, folder: Path) -> list[Path]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Measure the chat-vector effect on the toy family.")
-    p.add_argument("--out", default="reports/toy")
+    p.add_argument("--out", default="data/eval-toy")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--vector", default="chat", choices=["chat", "chat-alt"])
     args = p.parse_args(argv)
