@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import re
+import sys
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -223,6 +223,7 @@ class SafetensorsSource(WeightSource):
                 mapped = mmap.mmap(f.fileno(), offset + nbytes - start, access=mmap.ACCESS_COPY, offset=start)
         except OSError as e:
             raise SourceError(f"cannot read tensor {name!r} from {path}: {e}") from None
+        # MADV_POPULATE_READ is 22 on Linux ≥ 5.14; Python's mmap module names it only from 3.13 on
         populate = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else None)
         if populate is not None:
             try:  # fault the pages in now (in a prefetching thread, that overlaps the caller's work)
