@@ -23,12 +23,13 @@ import pandas as pd
 import torch
 
 from chatvec_lab.errors import MismatchError
+from chatvec_lab.kernels import block_stats
 from chatvec_lab.naming import MODULE_ORDER, parse
 from chatvec_lab.sources import open_weights
-from chatvec_lab.vector import ChatVector
+from chatvec_lab.vector import ChatVector, check_finite
 
 SAMPLE_PER_TENSOR = 2048
-STATS_CHUNK = 1 << 18  # values per block: small enough to stay in cache across the several passes
+STATS_CHUNK = 1 << 20  # values per vector per block: a few MB, so blocks stay in cache between passes
 
 
 def _excess_kurtosis(values: np.ndarray) -> float:
@@ -88,64 +89,68 @@ def vector_stats(vectors, base=None, include: str | None = None, sample: int = S
     pairs_of = list(itertools.combinations(keys, 2))
     rows, pair_rows = [], []
     samples: dict[str, dict[str, list]] = {k: {} for k in keys}
+
+    def finish(name: str, acc: np.ndarray, pacc: np.ndarray, picked: dict[str, list]) -> None:
+        info, n = parse(name), math.prod(first.shapes[name])
+        base_norm = math.nan
+        if base_src is not None and name in base_src:
+            from chatvec_lab.apply import squared_norm
+            base_norm = math.sqrt(squared_norm(base_src.get(name)))
+        for k, (s1, s2, top) in zip(keys, acc):
+            values = np.concatenate(picked[k]) if picked[k] else np.zeros(0, dtype=np.float32)
+            mean = s1 / n if n else math.nan
+            var = max(s2 / n - mean * mean, 0.0) if n else math.nan
+            norm = math.sqrt(s2)
+            rows.append({"name": name, "layer": info.layer, "module": info.module, "group": info.group,
+                         "vector": k, "numel": n, "norm": norm, "base_norm": base_norm,
+                         "rel_norm": norm / base_norm if base_norm and base_norm > 0 else math.nan,
+                         "mean": mean, "std": math.sqrt(var) if var == var else math.nan,
+                         "kurtosis": _excess_kurtosis(values), "max_abs": top if n else math.nan})
+            if len(values):
+                samples[k].setdefault(info.module, []).append(values)
+        norms = {k: math.sqrt(a[1]) for k, a in zip(keys, acc)}
+        for (a, b), (dot, agree, total) in zip(pairs_of, pacc):
+            pair_rows.append({"name": name, "layer": info.layer, "module": info.module, "group": info.group,
+                              "a": a, "b": b, "dot": dot, "norm_a": norms[a], "norm_b": norms[b],
+                              "sign_agree": int(agree), "sign_total": int(total)})
+
     with contextlib.ExitStack() as stack:
         for v in vecs.values():
             stack.enter_context(v.prefetching(names))
-        for name in tqdm(names, desc="stats", unit="tensor", disable=not progress):
-            info = parse(name)
-            n = math.prod(first.shapes[name])
-            # a sample of coordinates for the distribution summaries: all of them for small tensors
-            idx = (torch.arange(n) if n <= sample else torch.randint(0, n, (sample,), generator=gen)) if n else None
-            acc = {k: {"s1": 0.0, "s2": 0.0, "max": 0.0} for k in keys}
-            pacc = {p: {"dot": 0.0, "agree": 0, "total": 0} for p in pairs_of}
-            picked: dict[str, list] = {k: [] for k in keys}
-            streams = {k: vecs[k].blocks(name, chunk=STATS_CHUNK, copy=False) for k in keys}
-            offset = 0
-            for parts in zip(*streams.values()):
-                flat = {k: block.reshape(-1) for k, (_, block) in zip(keys, parts)}
-                size = flat[keys[0]].numel()
-                signs = {}
-                local = idx[(idx >= offset) & (idx < offset + size)] - offset if idx is not None else None
-                for k, x in flat.items():
-                    a = acc[k]
-                    a["s1"] += float(x.sum())
-                    a["s2"] += float(torch.dot(x, x))
-                    if size:
-                        lo, hi = torch.aminmax(x)
-                        a["max"] = max(a["max"], float(-lo), float(hi))
-                    if local is not None:
-                        picked[k].append(x[local].numpy().copy())
-                    if pairs_of:
-                        positive, negative = x > 0, x < 0
-                        signs[k] = (positive, negative, positive | negative)
-                for p in pairs_of:
-                    (pa, na, nza), (pb, nb, nzb) = signs[p[0]], signs[p[1]]
-                    pacc[p]["dot"] += float(torch.dot(flat[p[0]], flat[p[1]]))
-                    pacc[p]["agree"] += int(torch.count_nonzero((pa & pb) | (na & nb)))
-                    pacc[p]["total"] += int(torch.count_nonzero(nza & nzb))
-                offset += size
-            base_norm = math.nan
-            if base_src is not None and name in base_src:
-                from chatvec_lab.apply import squared_norm
-                base_norm = math.sqrt(squared_norm(base_src.get(name)))
-            for k in keys:
-                a = acc[k]
-                values = np.concatenate(picked[k]) if picked[k] else np.zeros(0, dtype=np.float32)
-                mean = a["s1"] / n if n else math.nan
-                var = max(a["s2"] / n - mean * mean, 0.0) if n else math.nan
-                norm = math.sqrt(a["s2"])
-                rows.append({"name": name, "layer": info.layer, "module": info.module, "group": info.group,
-                             "vector": k, "numel": n, "norm": norm, "base_norm": base_norm,
-                             "rel_norm": norm / base_norm if base_norm and base_norm > 0 else math.nan,
-                             "mean": mean, "std": math.sqrt(var) if var == var else math.nan,
-                             "kurtosis": _excess_kurtosis(values), "max_abs": a["max"] if n else math.nan})
-                if len(values):
-                    samples[k].setdefault(info.module, []).append(values)
-            for (a, b), pa in pacc.items():
-                pair_rows.append({"name": name, "layer": info.layer, "module": info.module, "group": info.group,
-                                  "a": a, "b": b, "dot": pa["dot"], "norm_a": math.sqrt(acc[a]["s2"]),
-                                  "norm_b": math.sqrt(acc[b]["s2"]), "sign_agree": pa["agree"],
-                                  "sign_total": pa["total"]})
+        bar = stack.enter_context(tqdm(total=len(names), desc="stats", unit="tensor", disable=not progress))
+        streams = [vecs[k].stream(names, chunk=STATS_CHUNK, copy=False, check=False) for k in keys]
+        current = None
+        for parts in zip(*streams):
+            name = parts[0][0]
+            if name != current:
+                if current is not None:
+                    finish(current, acc, pacc, picked)
+                    bar.update()
+                current, offset = name, 0
+                n = math.prod(first.shapes[name])
+                acc = np.zeros((len(keys), 3))  # per vector: Σx, Σx², max |x|
+                pacc = np.zeros((len(pairs_of), 3))  # per pair: dot, same-sign count, both-nonzero count
+                picked: dict[str, list] = {k: [] for k in keys}
+                # a sample of coordinates for the distribution summaries: all of them for small tensors
+                idx = np.arange(n) if n <= sample else np.sort(torch.randint(0, n, (sample,), generator=gen).numpy())
+            flat = [block.reshape(-1) for _, _, block in parts]
+            size = flat[0].numel()
+            per_vector, per_pair = block_stats(flat)
+            for k, x, top in zip(keys, flat, per_vector[:, 2]):
+                if not math.isfinite(top):
+                    check_finite(name, x, f"vector {k!r}")
+            acc[:, :2] += per_vector[:, :2]
+            acc[:, 2] = np.maximum(acc[:, 2], per_vector[:, 2])
+            pacc += per_pair
+            lo, hi = np.searchsorted(idx, (offset, offset + size))
+            if hi > lo:
+                local = torch.from_numpy(idx[lo:hi] - offset)
+                for k, x in zip(keys, flat):
+                    picked[k].append(x[local].numpy().copy())
+            offset += size
+        if current is not None:
+            finish(current, acc, pacc, picked)
+            bar.update()
     tensors = pd.DataFrame(rows)
     pairs = pd.DataFrame(pair_rows, columns=["name", "layer", "module", "group", "a", "b", "dot", "norm_a", "norm_b",
                                              "sign_agree", "sign_total"])

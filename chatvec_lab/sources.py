@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
 import sys
@@ -41,6 +42,12 @@ class WeightSource(Mapping):
 
     def get(self, name: str) -> torch.Tensor:  # type: ignore[override]
         raise NotImplementedError
+
+    reads_ranges = False  # whether read_into can read part of a tensor without reading all of it
+
+    def read_into(self, name: str, start: int, out: memoryview) -> None:
+        """Copy bytes [start, start + len(out)) of tensor ``name``'s data (row-major) into ``out``."""
+        raise NotImplementedError(f"{type(self).__name__} does not read parts of tensors")
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._key_set():
@@ -154,6 +161,7 @@ class SafetensorsSource(WeightSource):
     """
 
     MAP_AT_LEAST = 1 << 20  # bytes; smaller tensors are read, mapping them costs more than copying
+    POPULATE_AT_MOST = 1 << 26  # bytes; larger mapped tensors are faulted in block by block (see paged_rows)
 
     def __init__(self, files: list[Path], folder: Path | None = None, description: str | None = None,
                  revision: str | None = None):
@@ -210,9 +218,29 @@ class SafetensorsSource(WeightSource):
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
-    @staticmethod
-    def _map(path: Path, offset: int, nbytes: int, shape, dtype, name: str) -> torch.Tensor:
-        import mmap
+    reads_ranges = True
+
+    def read_into(self, name: str, start: int, out: memoryview) -> None:
+        where = self._where.get(name)
+        if where is None:
+            raise KeyError(f"{self.description} has no tensor {name!r}")
+        path, offset, nbytes = where
+        if start < 0 or start + len(out) > nbytes:
+            raise ValueError(f"bytes {start}..{start + len(out)} are outside tensor {name!r} ({nbytes} bytes)")
+        try:
+            with open(path, "rb", buffering=0) as f:
+                f.seek(offset + start)
+                done = 0
+                while done < len(out):
+                    n = f.readinto(out[done:])
+                    if not n:
+                        raise SourceError(f"truncated safetensors file {path}: tensor {name!r} ends past the file")
+                    done += n
+        except OSError as e:
+            raise SourceError(f"cannot read tensor {name!r} from {path}: {e}") from None
+
+    @classmethod
+    def _map(cls, path: Path, offset: int, nbytes: int, shape, dtype, name: str) -> torch.Tensor:
         import warnings
 
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
@@ -223,17 +251,15 @@ class SafetensorsSource(WeightSource):
                 mapped = mmap.mmap(f.fileno(), offset + nbytes - start, access=mmap.ACCESS_COPY, offset=start)
         except OSError as e:
             raise SourceError(f"cannot read tensor {name!r} from {path}: {e}") from None
-        # MADV_POPULATE_READ is 22 on Linux ≥ 5.14; Python's mmap module names it only from 3.13 on
-        populate = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else None)
-        if populate is not None:
-            try:  # fault the pages in now (in a prefetching thread, that overlaps the caller's work)
-                mapped.madvise(populate)
-            except (OSError, ValueError):
-                pass
+        pages = MappedPages(mapped, offset - start, whole=nbytes <= cls.POPULATE_AT_MOST)
+        if pages.whole:
+            pages.populate(0, nbytes)  # now, in the prefetching thread, which overlaps the caller's work
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.frombuffer(mapped, dtype=dtype, count=nbytes // _itemsize(dtype),
-                                    offset=offset - start).reshape(shape)
+            tensor = torch.frombuffer(mapped, dtype=dtype, count=nbytes // _itemsize(dtype),
+                                      offset=offset - start).reshape(shape)
+        tensor.mapped_pages = pages
+        return tensor
 
     def fingerprint(self, hash_files: bool = True) -> dict:
         out: dict = {"source": self.description}
@@ -242,6 +268,141 @@ class SafetensorsSource(WeightSource):
         if hash_files:
             out["sha256"] = {f.name: sha256_file(f) for f in self.files}
         return out
+
+
+class MappedPages:
+    """The private file mapping behind a memory-mapped tensor: fault byte ranges in ahead of use, drop them after.
+
+    Dropping pages of a copy-on-write mapping discards writes to them, so only code that never writes to
+    the tensor (``paged_rows(..., release=True)``) drops them; unwritten pages read back from the file."""
+
+    # MADV_POPULATE_READ is 22 on Linux ≥ 5.14; Python's mmap module names it only from 3.13 on
+    POPULATE = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else None)
+    DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
+
+    def __init__(self, mapping: mmap.mmap, data_offset: int, whole: bool):
+        self.mapping = mapping
+        self.data_offset = data_offset
+        self.whole = whole  # faulted in as a whole when mapped; else left to paged_rows
+
+    def _advise(self, option: int | None, start: int, stop: int) -> None:
+        if option is None or stop <= start:
+            return
+        try:
+            self.mapping.madvise(option, start, stop - start)
+        except (OSError, ValueError):  # an older kernel, or the mapping closed: advice only, so carry on
+            pass
+
+    def populate(self, start: int, stop: int) -> None:
+        """Fault in the tensor's bytes [start, stop)."""
+        first = (self.data_offset + start) // mmap.PAGESIZE * mmap.PAGESIZE
+        self._advise(self.POPULATE, first, self.data_offset + stop)
+
+    def release(self, start: int, stop: int) -> None:
+        """Drop the pages wholly inside the tensor's bytes [start, stop) from this process's memory."""
+        first = -(-(self.data_offset + start) // mmap.PAGESIZE) * mmap.PAGESIZE
+        last = (self.data_offset + stop) // mmap.PAGESIZE * mmap.PAGESIZE
+        self._advise(self.DONTNEED, first, last)
+
+
+_IO_POOL = None
+
+
+def _io_pool():
+    """One background thread for page faulting, dropping and block reads (they are queued in order)."""
+    global _IO_POOL
+    if _IO_POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+        _IO_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatvec-io")
+    return _IO_POOL
+
+
+def _byte_range(tensor: torch.Tensor, index) -> tuple[int, int]:
+    if index is ... or tensor.dim() == 0:
+        return 0, tensor.numel() * tensor.element_size()
+    row = tensor[0].numel() * tensor.element_size() if len(tensor) else 0
+    return index.start * row, index.stop * row
+
+
+def paged_rows(tensors, indices, release: bool = False) -> Iterator:
+    """Yield each row-block index of ``indices`` once those rows of every memory-mapped tensor in ``tensors``
+    that was too large to fault in whole are faulted in; the next block's are faulted in by a background
+    thread meanwhile. With ``release`` (only for callers that never write to the tensors) each block's pages
+    are dropped once the caller moves on, and all the tensors' pages once it is done, also in the background:
+    a tensor of any size then costs two blocks of memory, and unmapping costs the caller nothing."""
+    mapped = [(t, t.mapped_pages) for t in tensors if getattr(t, "mapped_pages", None) is not None]
+    if not mapped:
+        yield from indices
+        return
+    pool = _io_pool()
+    paged = [(t, pages) for t, pages in mapped if not pages.whole]
+
+    def fault_in(index) -> None:
+        for t, pages in paged:
+            pages.populate(*_byte_range(t, index))
+
+    def drop(index) -> None:
+        for t, pages in paged:
+            pages.release(*_byte_range(t, index))
+
+    def drop_all() -> None:
+        for t, pages in mapped:
+            pages.release(0, t.numel() * t.element_size())
+
+    try:
+        indices = iter(indices)
+        current = next(indices, None)
+        pending = pool.submit(fault_in, current) if paged and current is not None else None
+        while current is not None:
+            following = next(indices, None)
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(fault_in, following) if paged and following is not None else None
+            yield current
+            if release and paged:
+                pool.submit(drop, current)
+            current = following
+    finally:
+        if release:
+            pool.submit(drop_all)
+
+
+def read_blocks(source: WeightSource, items) -> Iterator[tuple[str, object, torch.Tensor]]:
+    """Yield ``(name, index, rows)`` for each ``(tensor name, row-block index)`` of ``items``, read from
+    ``source`` (one that ``reads_ranges``) into two reused buffers: a background thread reads the next
+    block, of this tensor or the next, while the caller uses this one. A block stays valid until the caller
+    asks for the next one; don't modify it."""
+    items = list(items)
+    shapes = {name: tuple(source.shape(name)) for name in dict.fromkeys(name for name, _ in items)}
+    dtypes = {name: source.dtype(name) for name in shapes}
+
+    def layout(i: int) -> tuple[int, int, tuple[int, ...]]:  # first element, element count, block shape
+        name, index = items[i]
+        shape = shapes[name]
+        if index is ...:
+            return 0, _numel(shape), shape
+        row = _numel(shape[1:])
+        return index.start * row, (index.stop - index.start) * row, (index.stop - index.start, *shape[1:])
+
+    largest = max((layout(i)[1] * _itemsize(dtypes[n]) for i, (n, _) in enumerate(items)), default=0)
+    slots = [torch.empty(largest, dtype=torch.uint8) for _ in range(2)]
+
+    def read(i: int) -> None:
+        name = items[i][0]
+        first, count, _ = layout(i)
+        size = _itemsize(dtypes[name])
+        if count:
+            source.read_into(name, first * size, memoryview(slots[i % 2][:count * size].numpy()))
+
+    pool = _io_pool()
+    pending = pool.submit(read, 0) if items else None
+    for i, (name, index) in enumerate(items):
+        pending.result()
+        if i + 1 < len(items):  # into the buffer of block i − 1, which the caller is done with
+            pending = pool.submit(read, i + 1)
+        _, count, shape = layout(i)
+        size = _itemsize(dtypes[name])
+        yield name, index, slots[i % 2][:count * size].view(dtypes[name]).view(shape)
 
 
 class Prefetcher:
@@ -258,8 +419,7 @@ class Prefetcher:
         self.position = {n: i for i, n in enumerate(self.order)}
         self.depth = depth
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatvec-read")
-        self.pending: dict = {}
-        self._schedule(0)
+        self.pending: dict = {}  # filled from the first get on: a user that reads otherwise costs nothing
 
     def _schedule(self, start: int) -> None:
         for name in self.order[start:start + self.depth]:

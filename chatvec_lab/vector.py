@@ -23,7 +23,7 @@ import torch
 
 from chatvec_lab.errors import MismatchError, NonFiniteError, SourceError
 from chatvec_lab.io import DEFAULT_SHARD_BYTES, ShardedSafetensorsWriter, atomic_folder, write_json
-from chatvec_lab.sources import WeightSource, open_weights
+from chatvec_lab.sources import WeightSource, open_weights, paged_rows, read_blocks
 
 METADATA_FILE = "chatvec.json"
 BASE_CONFIG_FILE = "base_config.json"
@@ -109,7 +109,8 @@ class _Diff:
 
 class _Stored:
     def __init__(self, source: WeightSource):
-        self.source = source
+        self.source = source  # may be swapped for a Prefetcher around ``store``
+        self.store = source
         self.description = source.description
 
     def raw(self, name: str):
@@ -216,19 +217,31 @@ class ChatVector:
                copy: bool = True):
         """Yield ``(index, float32 delta block)`` over blocks of rows: each term's tensor is read once,
         and arithmetic happens a block at a time, so temporaries stay small whatever the tensor's size.
-        With ``copy=False`` the blocks may be views of the source: read them, don't modify them."""
+        With ``copy=False`` the blocks may be views of the source or reused buffers: read them, don't modify
+        them, and don't keep them past asking for the next block."""
         if name not in self.shapes:
             raise KeyError(f"the vector has no tensor {name!r}")
-        live = [(coef, term, term.raw(name)) for coef, term in self.terms if coef != 0]
-        if not copy and len(live) == 1 and live[0][0] == 1 and isinstance(live[0][1], _Stored) \
-                and live[0][2].dtype == torch.float32:
-            raw = live[0][2]  # read-only use of a stored float32 vector: views, no copies
-            for index in row_blocks(self.shapes[name], rows, chunk):
+        active = [(coef, term) for coef, term in self.terms if coef != 0]
+        indices = row_blocks(self.shapes[name], rows, chunk)
+        sole = self._sole_stored(active, copy)
+        if sole is not None and sole.store.reads_ranges and sole.store.dtype(name) == torch.float32:
+            for _, index, block in read_blocks(sole.store, [(name, i) for i in indices]):  # into reused buffers
                 if check:
-                    check_finite(name, raw[index], live[0][1].description)
+                    check_finite(name, block, sole.description)
+                yield index, block
+            return
+        live = [(coef, term, term.raw(name)) for coef, term in active]
+        raws = [t for *_, raw in live for t in (raw if isinstance(raw, tuple) else (raw,))]
+        # the terms' tensors are never written to here: their pages can be dropped once a block is done
+        indices = paged_rows(raws, indices, release=True)
+        if sole is not None and live[0][2].dtype == torch.float32:
+            raw = live[0][2]  # views of the tensor
+            for index in indices:
+                if check:
+                    check_finite(name, raw[index], sole.description)
                 yield index, raw[index]
             return
-        for index in row_blocks(self.shapes[name], rows, chunk):
+        for index in indices:
             total = None
             for coef, term, raw in live:
                 d = term.block(raw, index)
@@ -241,6 +254,33 @@ class ChatVector:
                 shape = self.shapes[name] if index is ... else (index.stop - index.start, *self.shapes[name][1:])
                 total = torch.zeros(shape, dtype=torch.float32)
             yield index, total
+
+    @staticmethod
+    def _sole_stored(active, copy: bool):
+        """The one stored vector read as it is (no arithmetic, so no copies needed), if that is the case."""
+        if not copy and len(active) == 1 and active[0][0] == 1 and isinstance(active[0][1], _Stored):
+            return active[0][1]
+        return None
+
+    def stream(self, names: list[str], chunk: int = CHUNK_ELEMENTS, check: bool = True, copy: bool = True):
+        """Yield ``(name, index, float32 delta block)`` for every block of every tensor of ``names``, in order:
+        ``blocks`` of one tensor after another, except that a stored float32 vector read with ``copy=False``
+        reads the next block, of this tensor or the next, while the caller uses the current one."""
+        for name in names:
+            if name not in self.shapes:
+                raise KeyError(f"the vector has no tensor {name!r}")
+        sole = self._sole_stored([(c, t) for c, t in self.terms if c != 0], copy)
+        if sole is not None and sole.store.reads_ranges \
+                and all(sole.store.dtype(name) == torch.float32 for name in names):
+            items = [(name, index) for name in names for index in row_blocks(self.shapes[name], None, chunk)]
+            for name, index, block in read_blocks(sole.store, items):
+                if check:
+                    check_finite(name, block, sole.description)
+                yield name, index, block
+            return
+        for name in names:
+            for index, block in self.blocks(name, chunk=chunk, check=check, copy=copy):
+                yield name, index, block
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return next(self.blocks(name, chunk=1 << 62))[1]

@@ -432,3 +432,79 @@ def test_memory_mapped_reads_match_plain_reads_and_never_write_back(family_facto
         f.truncate(cut_src._where[name][1] + 1)
     with pytest.raises(SourceError, match=f"truncated safetensors file .*{name}"):
         cut_src.get(name)
+
+
+def test_block_reads_match_tensors(family_factory, tmp_path):
+    """read_into / read_blocks give the bytes get() gives, across tensors and dtypes; bad ranges are refused."""
+    from chatvec_lab.sources import read_blocks
+    from chatvec_lab.vector import row_blocks
+
+    for dtype in (torch.float32, torch.bfloat16):
+        src = open_weights(family_factory("llama", dtype)["base"])
+        names = sorted(src.keys())
+        items = [(n, i) for n in names for i in row_blocks(src.shape(n), None, chunk=100)]
+        seen = []
+        for name, index, block in read_blocks(src, items):
+            expected = src.get(name)[index]
+            assert block.dtype == dtype and torch.equal(block, expected), (name, index)
+            seen.append(name)
+        assert list(dict.fromkeys(seen)) == names
+        name = names[0]
+        nbytes = src.get(name).numel() * src.get(name).element_size()
+        out = bytearray(8)
+        src.read_into(name, nbytes - 8, memoryview(out))
+        assert bytes(out) == src.get(name).reshape(-1).view(torch.uint8)[-8:].numpy().tobytes()
+        with pytest.raises(ValueError, match="outside tensor"):
+            src.read_into(name, nbytes - 4, memoryview(out))
+
+    shard = sorted(family_factory("llama")["base"].glob("*.safetensors"))[0]
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(shard.read_bytes())
+    src = open_weights(cut)
+    name = max(src.keys(), key=lambda n: src._where[n][1])  # the last tensor in the file
+    with open(cut, "r+b") as f:
+        f.truncate(src._where[name][1] + 1)
+    with pytest.raises(SourceError, match=f"truncated safetensors file .*{name}"):
+        list(read_blocks(src, [(name, ...)]))
+
+
+def _rss_file_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    raise RuntimeError("no RssFile")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads RSS from /proc")
+def test_large_mapped_tensors_are_paged_in_and_dropped_block_by_block(tmp_path, monkeypatch):
+    from chatvec_lab.sources import SafetensorsSource, paged_rows
+    from chatvec_lab.vector import row_blocks
+
+    g = torch.Generator().manual_seed(0)
+    base = {"model.embed_tokens.weight": torch.randn(2048, 2048, generator=g)}  # 16 MiB
+    chat = {k: t + 0.01 * torch.randn(t.shape, generator=g) for k, t in base.items()}
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(chat, tmp_path / "chat.safetensors")
+    monkeypatch.setattr(SafetensorsSource, "POPULATE_AT_MOST", 1 << 20)  # 16 MiB is "large" here
+    src = open_weights(tmp_path / "base.safetensors")
+    t = src.get("model.embed_tokens.weight")
+    assert not t.mapped_pages.whole
+    before = _rss_file_kib()
+    indices = list(row_blocks(tuple(t.shape), None, chunk=1 << 18))
+    for index in paged_rows([t], indices, release=False):
+        assert torch.equal(t[index], base["model.embed_tokens.weight"][index])
+    grown = _rss_file_kib()
+    assert grown - before > 12 * 1024  # the pages are in
+    for _ in paged_rows([t], indices, release=True):
+        pass
+    from chatvec_lab.sources import _io_pool
+    _io_pool().submit(lambda: None).result()  # the drops run in the background thread, in order
+    assert _rss_file_kib() - before < 4 * 1024  # and out again
+    assert torch.equal(t, base["model.embed_tokens.weight"])  # dropped pages read back from the file
+
+    vec = ChatVector.from_models(tmp_path / "base.safetensors", tmp_path / "chat.safetensors")
+    name = "model.embed_tokens.weight"
+    got = torch.cat([b for _, b in vec.blocks(name, chunk=1 << 18)])
+    assert torch.equal(got, chat[name] - base[name])
+    streamed = [(n, b) for n, _, b in vec.stream([name], chunk=1 << 18)]
+    assert torch.equal(torch.cat([b for _, b in streamed]), got)

@@ -222,3 +222,85 @@ def test_compare_cli(tmp_path, family_factory, capsys):
     assert list(cos.index) == list(cos.columns) == ["chat", "cp"]
     assert cos.loc["chat", "chat"] == pytest.approx(1.0)
     assert (tmp_path / "plots" / "cosine_matrix.png").is_file()
+
+
+def _reference_block_stats(arrays):
+    x = [a.astype(np.float64) for a in arrays]
+    per_vector = [(v.sum(), (v * v).sum(), np.abs(v).max() if v.size else 0.0) for v in x]
+    per_pair = []
+    for i in range(len(x)):
+        for j in range(i + 1, len(x)):
+            a, b = arrays[i], arrays[j]
+            per_pair.append(((x[i] * x[j]).sum(), int(((a > 0) & (b > 0) | (a < 0) & (b < 0)).sum()),
+                             int(((a != 0) & (b != 0)).sum())))
+    return np.array(per_vector).reshape(-1, 3), np.array(per_pair).reshape(-1, 3)
+
+
+@pytest.mark.parametrize("use_numba", [True, False], ids=["numba", "torch"])
+@pytest.mark.parametrize("count", [1, 2, 3, 4])
+def test_block_kernel_matches_numpy(monkeypatch, use_numba, count):
+    from chatvec_lab import kernels
+
+    monkeypatch.setattr(kernels, "USE_NUMBA", use_numba)
+    g = np.random.default_rng(count)
+    n = 3 * kernels._SUB_BLOCK + 17  # several sub-blocks and a ragged end
+    arrays = [g.standard_normal(n).astype(np.float32) * 10.0 ** -k for k in range(count)]
+    for k, a in enumerate(arrays):
+        a[k::5] = 0.0
+        a[k + 1::7] = -0.0  # a negative zero is no sign
+    per_vector, per_pair = kernels.block_stats([torch.from_numpy(a) for a in arrays])
+    want_vector, want_pair = _reference_block_stats(arrays)
+    np.testing.assert_allclose(per_vector[:, :2], want_vector[:, :2], rtol=1e-5, atol=1e-12)
+    np.testing.assert_array_equal(per_vector[:, 2], want_vector[:, 2])  # the largest |x| is exact
+    if count > 1:
+        np.testing.assert_allclose(per_pair[:, 0], want_pair[:, 0], rtol=1e-5, atol=1e-9)
+        np.testing.assert_array_equal(per_pair[:, 1:], want_pair[:, 1:])  # sign counts are exact
+    arrays[0][5] = np.nan
+    arrays[-1][9] = -np.inf
+    per_vector, _ = kernels.block_stats([torch.from_numpy(a) for a in arrays])
+    assert per_vector[0, 2] == per_vector[-1, 2] == math.inf  # non-finite values are reported
+    with pytest.raises(ValueError, match="differ in length"):
+        kernels.block_stats([torch.zeros(3), torch.zeros(4)])
+    with pytest.raises(TypeError, match="float32"):
+        kernels.block_stats([torch.zeros(3, dtype=torch.float64)])
+
+
+@pytest.mark.parametrize("use_numba", [True, False], ids=["numba", "torch"])
+def test_stats_of_saved_vectors_equal_in_memory_ones(tmp_path, monkeypatch, use_numba):
+    """Saved float32 vectors are read block by block (ahead, across tensors); the numbers don't change."""
+    from chatvec_lab import kernels
+    from chatvec_lab.errors import NonFiniteError
+
+    monkeypatch.setattr(kernels, "USE_NUMBA", use_numba)
+    from chatvec_lab import vector as vector_module
+
+    monkeypatch.setattr(geometry, "STATS_CHUNK", 40)  # many blocks per tensor
+    reads = []
+    real_read_blocks = vector_module.read_blocks
+
+    def counting(source, items):
+        reads.append(source)
+        return real_read_blocks(source, items)
+
+    monkeypatch.setattr(vector_module, "read_blocks", counting)
+    v = _vecs()
+    w = {n: t * 0.5 + torch.randn(t.shape, generator=torch.Generator().manual_seed(3)) for n, t in v.items()}
+    ChatVector.from_tensors(v).save(tmp_path / "v")
+    ChatVector.from_tensors(w).save(tmp_path / "w")
+    saved = geometry.vector_stats({"v": ChatVector.load(tmp_path / "v"), "w": ChatVector.load(tmp_path / "w")})
+    assert len(reads) == 2  # one read-ahead stream per saved vector
+    memory = geometry.vector_stats({"v": ChatVector.from_tensors(v), "w": ChatVector.from_tensors(w)})
+    cols = ["norm", "mean", "std", "max_abs"]
+    np.testing.assert_allclose(saved.tensors[cols].to_numpy(), memory.tensors[cols].to_numpy(), rtol=1e-6)
+    assert saved.pairs[["sign_agree", "sign_total"]].equals(memory.pairs[["sign_agree", "sign_total"]])
+    np.testing.assert_allclose(saved.pairs["dot"], memory.pairs["dot"], rtol=1e-6)
+    for name, t in v.items():  # against a direct computation, tensor by tensor
+        row = saved.pairs.set_index("name").loc[name]
+        assert row["dot"] == pytest.approx(float((t.double() * w[name].double()).sum()), rel=1e-6)
+        assert row["sign_agree"] == int((torch.sign(t) == torch.sign(w[name])).sum())
+    np.testing.assert_array_equal(saved.samples["v"]["attn_q"], memory.samples["v"]["attn_q"])
+    bad = dict(v)
+    bad["model.layers.1.mlp.up_proj.weight"] = bad["model.layers.1.mlp.up_proj.weight"].clone()
+    bad["model.layers.1.mlp.up_proj.weight"][3, 2] = float("nan")
+    with pytest.raises(NonFiniteError, match="layers.1.mlp.up_proj"):
+        geometry.vector_stats({"v": ChatVector.from_tensors(v), "bad": ChatVector.from_tensors(bad)})

@@ -1,0 +1,137 @@
+"""One-pass statistics of a block of N vectors' values: the inner loop of ``geometry.vector_stats``.
+
+``block_stats(blocks)`` takes N flat float32 blocks (the same coordinates of N vectors) and returns
+
+- per vector: sum, sum of squares, largest |value|;
+- per pair (a, b) in ``itertools.combinations`` order: dot product, coordinates where both are nonzero
+  with the same sign, coordinates where both are nonzero.
+
+Sums are accumulated in float32 within runs of a few thousand values and in float64 across runs; counts
+are exact. With numba (a dependency), a few thousand values of every vector at a time are held in cache
+while one compiled, vectorised loop per vector and per pair runs over them, so the block is read from
+memory once; without numba the same numbers come from several torch passes over the block (slower).
+Signs and |value| are read from the float's bits (sign bit, exponent and mantissa), which is exact and
+vectorises: ``-0.0`` counts as zero, and a largest |value| that is NaN or ±inf reports non-finite values.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import torch
+
+try:
+    import numba
+except ImportError:  # pragma: no cover - numba is a dependency; the torch path is tested directly
+    numba = None
+
+USE_NUMBA = numba is not None
+_ABS_BITS = 0x7FFFFFFF  # a float32's bits without its sign
+_INF_BITS = 0x7F800000  # |x| bits at or above this: inf or NaN
+_SUB_BLOCK = 8192  # values per vector kept in cache while the passes over them run
+
+
+if numba is not None:
+    # reassociation lets the loops vectorise; no "fast" flags that assume finite values
+    _FLAGS = {"reassoc", "contract"}
+
+    # float32 sums over one sub-block (a few hundred values per SIMD lane), float64 across sub-blocks
+    @numba.njit(fastmath=_FLAGS, nogil=True, cache=True)
+    def _vector_pass(x):
+        bits = x.view(np.uint32)
+        s1 = np.float32(0)
+        s2 = np.float32(0)
+        top = np.uint32(0)
+        for i in range(x.size):
+            v = x[i]
+            s1 += v
+            s2 += v * v
+            top = max(top, bits[i] & np.uint32(_ABS_BITS))
+        return s1, s2, top
+
+    @numba.njit(fastmath=_FLAGS, nogil=True, cache=True)
+    def _pair_pass(x, y):
+        xb = x.view(np.uint32)
+        yb = y.view(np.uint32)
+        dot = np.float32(0)
+        agree = np.int32(0)
+        both = np.int32(0)
+        for i in range(x.size):
+            dot += x[i] * y[i]
+            a = xb[i]
+            b = yb[i]
+            nonzero = np.int32(((a & np.uint32(_ABS_BITS)) != 0) & ((b & np.uint32(_ABS_BITS)) != 0))
+            both += nonzero
+            agree += nonzero & np.int32(((a ^ b) >> np.uint32(31)) == 0)
+        return dot, agree, both
+
+    @numba.njit(fastmath=_FLAGS, nogil=True, cache=True)
+    def _fused_pass(xs, per_vector, per_pair):
+        # a few thousand values at a time, so every pass after the first reads them from cache
+        n = xs[0].size
+        for lo in range(0, n, _SUB_BLOCK):
+            hi = min(n, lo + _SUB_BLOCK)
+            p = 0
+            for a in range(len(xs)):
+                s1, s2, top = _vector_pass(xs[a][lo:hi])
+                per_vector[a, 0] += s1
+                per_vector[a, 1] += s2
+                per_vector[a, 2] = max(per_vector[a, 2], np.float64(top))
+                for b in range(a + 1, len(xs)):
+                    dot, agree, both = _pair_pass(xs[a][lo:hi], xs[b][lo:hi])
+                    per_pair[p, 0] += dot
+                    per_pair[p, 1] += agree
+                    per_pair[p, 2] += both
+                    p += 1
+
+
+def _bits_to_abs(bits: float) -> float:
+    return math.inf if bits >= _INF_BITS else float(np.array(int(bits), dtype=np.uint32).view(np.float32))
+
+
+def _numba_stats(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    count = len(arrays)
+    per_vector = np.zeros((count, 3))
+    per_pair = np.zeros((count * (count - 1) // 2, 3))
+    _fused_pass(tuple(arrays), per_vector, per_pair)
+    per_vector[:, 2] = [_bits_to_abs(b) for b in per_vector[:, 2]]
+    return per_vector, per_pair
+
+
+def _torch_stats(blocks: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    per_vector = np.empty((len(blocks), 3))
+    signs = []
+    for k, x in enumerate(blocks):
+        x64 = x.double()
+        top = float(x.abs().max()) if x.numel() else 0.0  # NaN if any value is: reported as inf, like the bits
+        if not math.isfinite(top):
+            top = math.inf
+        per_vector[k] = (float(x64.sum()), float(torch.dot(x64, x64)), top)
+        positive, negative = x > 0, x < 0
+        signs.append((positive, negative, positive | negative))
+    pairs = list(itertools.combinations(range(len(blocks)), 2))
+    per_pair = np.empty((len(pairs), 3))
+    for p, (a, b) in enumerate(pairs):
+        (pa, na, nza), (pb, nb, nzb) = signs[a], signs[b]
+        per_pair[p] = (float(torch.dot(blocks[a].double(), blocks[b].double())),
+                       int(torch.count_nonzero((pa & pb) | (na & nb))), int(torch.count_nonzero(nza & nzb)))
+    return per_vector, per_pair
+
+
+def block_stats(blocks: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    """(N × [sum, sum of squares, max |x|], P × [dot, same-sign count, both-nonzero count]) of flat float32 blocks.
+
+    A max |x| of inf means the block holds NaN or inf values."""
+    if any(b.dtype != torch.float32 or b.dim() != 1 for b in blocks):
+        raise TypeError("block_stats takes flat float32 blocks")
+    if not blocks:
+        return np.zeros((0, 3)), np.zeros((0, 3))
+    if len({b.numel() for b in blocks}) > 1:
+        raise ValueError(f"blocks differ in length: {[b.numel() for b in blocks]}")
+    if USE_NUMBA:
+        arrays = [b.contiguous().numpy() for b in blocks]
+        if not all(a.flags.writeable for a in arrays):  # one compiled kernel: all arrays of one kind
+            arrays = [np.array(a) for a in arrays]
+        return _numba_stats(arrays)
+    return _torch_stats(blocks)
