@@ -22,11 +22,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from chatvec_lab.errors import MismatchError
-from chatvec_lab.kernels import block_stats
+from chatvec_lab.errors import MismatchError, NonFiniteError
+from chatvec_lab.kernels import accumulate, top_values
 from chatvec_lab.naming import MODULE_ORDER, parse
 from chatvec_lab.sources import open_weights
-from chatvec_lab.vector import ChatVector, check_finite
+from chatvec_lab.vector import ChatVector
 
 SAMPLE_PER_TENSOR = 2048
 STATS_CHUNK = 1 << 20  # values per vector per block: a few MB, so blocks stay in cache between passes
@@ -96,7 +96,11 @@ def vector_stats(vectors, base=None, include: str | None = None, sample: int = S
         if base_src is not None and name in base_src:
             from chatvec_lab.apply import squared_norm
             base_norm = math.sqrt(squared_norm(base_src.get(name)))
-        for k, (s1, s2, top) in zip(keys, acc):
+        tops = top_values(acc[:, 2])
+        for k, top in zip(keys, tops):
+            if not math.isfinite(top):
+                raise NonFiniteError(f"tensor {name!r} in vector {k!r} holds NaN/Inf values")
+        for k, (s1, s2, _), top in zip(keys, acc, tops):
             values = np.concatenate(picked[k]) if picked[k] else np.zeros(0, dtype=np.float32)
             mean = s1 / n if n else math.nan
             var = max(s2 / n - mean * mean, 0.0) if n else math.nan
@@ -128,25 +132,19 @@ def vector_stats(vectors, base=None, include: str | None = None, sample: int = S
                     bar.update()
                 current, offset = name, 0
                 n = math.prod(first.shapes[name])
-                acc = np.zeros((len(keys), 3))  # per vector: Σx, Σx², max |x|
+                acc = np.zeros((len(keys), 3))  # per vector: Σx, Σx², max |x| (as float32 bits)
                 pacc = np.zeros((len(pairs_of), 3))  # per pair: dot, same-sign count, both-nonzero count
                 picked: dict[str, list] = {k: [] for k in keys}
                 # a sample of coordinates for the distribution summaries: all of them for small tensors
                 idx = np.arange(n) if n <= sample else np.sort(torch.randint(0, n, (sample,), generator=gen).numpy())
-            flat = [block.reshape(-1) for _, _, block in parts]
-            size = flat[0].numel()
-            per_vector, per_pair = block_stats(flat)
-            for k, x, top in zip(keys, flat, per_vector[:, 2]):
-                if not math.isfinite(top):
-                    check_finite(name, x, f"vector {k!r}")
-            acc[:, :2] += per_vector[:, :2]
-            acc[:, 2] = np.maximum(acc[:, 2], per_vector[:, 2])
-            pacc += per_pair
+            flat = [block.reshape(-1).numpy() for _, _, block in parts]
+            size = flat[0].size
+            accumulate(flat, acc, pacc)
             lo, hi = np.searchsorted(idx, (offset, offset + size))
             if hi > lo:
-                local = torch.from_numpy(idx[lo:hi] - offset)
+                local = idx[lo:hi] - offset
                 for k, x in zip(keys, flat):
-                    picked[k].append(x[local].numpy().copy())
+                    picked[k].append(x[local])  # fancy indexing copies: the block's buffer is reused
             offset += size
         if current is not None:
             finish(current, acc, pacc, picked)

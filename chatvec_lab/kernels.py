@@ -86,37 +86,39 @@ if numba is not None:
                     p += 1
 
 
-def _bits_to_abs(bits: float) -> float:
-    return math.inf if bits >= _INF_BITS else float(np.array(int(bits), dtype=np.uint32).view(np.float32))
+def top_values(bits: np.ndarray) -> np.ndarray:
+    """The largest |x| from its float32 bits, as ``accumulate`` keeps it: inf where NaN or ±inf was seen."""
+    bits = np.asarray(bits)
+    values = bits.astype(np.uint32).view(np.float32).astype(np.float64)
+    return np.where(bits >= _INF_BITS, math.inf, values)
 
 
-def _numba_stats(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    count = len(arrays)
-    per_vector = np.zeros((count, 3))
-    per_pair = np.zeros((count * (count - 1) // 2, 3))
-    _fused_pass(tuple(arrays), per_vector, per_pair)
-    per_vector[:, 2] = [_bits_to_abs(b) for b in per_vector[:, 2]]
-    return per_vector, per_pair
+def accumulate(arrays: list[np.ndarray], per_vector: np.ndarray, per_pair: np.ndarray) -> None:
+    """Add one block of N vectors (flat float32 arrays of one length) into the running totals:
+    ``per_vector`` N × [Σx, Σx², largest |x| as float32 bits], ``per_pair`` P × [dot, same sign, both nonzero]."""
+    if USE_NUMBA:
+        if not all(a.flags.writeable for a in arrays):  # one compiled kernel: all arrays of one kind
+            arrays = [np.array(a) for a in arrays]
+        _fused_pass(tuple(arrays), per_vector, per_pair)
+    else:
+        _torch_accumulate([torch.from_numpy(a) for a in arrays], per_vector, per_pair)
 
 
-def _torch_stats(blocks: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
-    per_vector = np.empty((len(blocks), 3))
+def _torch_accumulate(blocks: list[torch.Tensor], per_vector: np.ndarray, per_pair: np.ndarray) -> None:
     signs = []
     for k, x in enumerate(blocks):
         x64 = x.double()
-        top = float(x.abs().max()) if x.numel() else 0.0  # NaN if any value is: reported as inf, like the bits
-        if not math.isfinite(top):
-            top = math.inf
-        per_vector[k] = (float(x64.sum()), float(torch.dot(x64, x64)), top)
+        top = x.abs().max() if x.numel() else torch.zeros(())  # NaN if any value is: its bits say so
+        per_vector[k, 0] += float(x64.sum())
+        per_vector[k, 1] += float(torch.dot(x64, x64))
+        per_vector[k, 2] = max(per_vector[k, 2], float(np.array(float(top), dtype=np.float32).view(np.uint32)))
         positive, negative = x > 0, x < 0
         signs.append((positive, negative, positive | negative))
-    pairs = list(itertools.combinations(range(len(blocks)), 2))
-    per_pair = np.empty((len(pairs), 3))
-    for p, (a, b) in enumerate(pairs):
+    for p, (a, b) in enumerate(itertools.combinations(range(len(blocks)), 2)):
         (pa, na, nza), (pb, nb, nzb) = signs[a], signs[b]
-        per_pair[p] = (float(torch.dot(blocks[a].double(), blocks[b].double())),
-                       int(torch.count_nonzero((pa & pb) | (na & nb))), int(torch.count_nonzero(nza & nzb)))
-    return per_vector, per_pair
+        per_pair[p, 0] += float(torch.dot(blocks[a].double(), blocks[b].double()))
+        per_pair[p, 1] += int(torch.count_nonzero((pa & pb) | (na & nb)))
+        per_pair[p, 2] += int(torch.count_nonzero(nza & nzb))
 
 
 def block_stats(blocks: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
@@ -125,13 +127,11 @@ def block_stats(blocks: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
     A max |x| of inf means the block holds NaN or inf values."""
     if any(b.dtype != torch.float32 or b.dim() != 1 for b in blocks):
         raise TypeError("block_stats takes flat float32 blocks")
-    if not blocks:
-        return np.zeros((0, 3)), np.zeros((0, 3))
     if len({b.numel() for b in blocks}) > 1:
         raise ValueError(f"blocks differ in length: {[b.numel() for b in blocks]}")
-    if USE_NUMBA:
-        arrays = [b.contiguous().numpy() for b in blocks]
-        if not all(a.flags.writeable for a in arrays):  # one compiled kernel: all arrays of one kind
-            arrays = [np.array(a) for a in arrays]
-        return _numba_stats(arrays)
-    return _torch_stats(blocks)
+    per_vector = np.zeros((len(blocks), 3))
+    per_pair = np.zeros((len(blocks) * (len(blocks) - 1) // 2, 3))
+    if blocks:
+        accumulate([b.contiguous().numpy() for b in blocks], per_vector, per_pair)
+    per_vector[:, 2] = top_values(per_vector[:, 2])
+    return per_vector, per_pair
