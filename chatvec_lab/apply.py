@@ -22,7 +22,7 @@ import torch
 from chatvec_lab.errors import MismatchError, SourceError
 from chatvec_lab.io import DEFAULT_SHARD_BYTES, ShardedSafetensorsWriter, atomic_folder, check_output_path, write_json
 from chatvec_lab.naming import TensorInfo, parse
-from chatvec_lab.sources import Prefetcher, WeightSource, model_folder, module_state, open_weights
+from chatvec_lab.sources import Prefetcher, WeightSource, model_folder, module_state, open_weights, paged_rows
 from chatvec_lab.vector import CHUNK_ELEMENTS, ChatVector, _Diff, check_finite, check_same_architecture, row_blocks
 
 Alpha = Union[float, Mapping[str, float], Callable[[TensorInfo], float]]
@@ -185,7 +185,8 @@ def merge_tensor(target_tensor: torch.Tensor, plan: TensorPlan, pairs: list[tupl
     out = torch.empty_like(target_tensor)
     active = [(coef, vec) for coef, (vec, _) in zip(plan.coefficients, pairs) if coef != 0 and plan.name in vec]
     streams = [(coef, vec.blocks(plan.name, rows=plan.rows, chunk=chunk, check=False)) for coef, vec in active]
-    for index in row_blocks(tuple(target_tensor.shape), plan.rows, chunk):
+    # a large memory-mapped target is faulted in a block ahead, by a background thread
+    for index in paged_rows([target_tensor], row_blocks(tuple(target_tensor.shape), plan.rows, chunk)):
         acc = target_tensor[index].to(torch.float32, copy=True)
         deltas = []
         for coef, stream in streams:

@@ -364,7 +364,10 @@ def paged_rows(tensors, indices, release: bool = False) -> Iterator:
             current = following
     finally:
         if release:
-            pool.submit(drop_all)
+            try:
+                pool.submit(drop_all)
+            except RuntimeError:  # closed while the interpreter shuts down: the pages go with the process
+                pass
 
 
 def read_blocks(source: WeightSource, items) -> Iterator[tuple[str, object, torch.Tensor]]:
@@ -419,7 +422,7 @@ class Prefetcher:
         self.position = {n: i for i, n in enumerate(self.order)}
         self.depth = depth
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatvec-read")
-        self.pending: dict = {}  # filled from the first get on: a user that reads otherwise costs nothing
+        self.pending: dict = {}  # nothing is read before the first get: block readers cost nothing
 
     def _schedule(self, start: int) -> None:
         for name in self.order[start:start + self.depth]:
