@@ -1,7 +1,8 @@
 """The geometry of chat vectors: norms, cosines, sign agreement, spectra, distributions.
 
-Everything streams tensor by tensor: ``vector_stats`` reads each tensor name once for all vectors
-(N tensors in memory at a time) and keeps only numbers, so a 7B vector needs a few tensors of memory.
+Everything streams: ``vector_stats`` walks the tensors once, a block of rows of every vector at a time
+(saved vectors are read a block ahead), and keeps only numbers, so memory stays at a few blocks plus the
+sampled values (``sample`` per tensor), whatever the vectors' size. The per-block numbers come from ``kernels``.
 Results are tidy DataFrames with ``layer`` and ``module`` columns, to group as you like.
 
     stats = vector_stats({"chat": cv, "chat-alt": cv_alt, "cp": cp_vec}, base=toy.path("base"))
@@ -64,9 +65,10 @@ def vector_stats(vectors, base=None, include: str | None = None, sample: int = S
                  seed: int = 0, progress: bool = False) -> VectorStats:
     """Norms (and ‖Δ‖/‖θ_base‖ with ``base``), pairwise dot products and sign agreement, moments, samples.
 
-    One pass over the tensor names; each tensor is processed in blocks of values. Norms, means, dot
-    products and sign counts are exact; quantiles and excess kurtosis come from ``sample`` coordinates
-    per tensor (all of them for tensors that small)."""
+    One pass over the tensors, in blocks of values. Norms, means and dot products are accumulated in
+    float64 across blocks (float32 within runs of a few thousand values) and sign counts are exact;
+    quantiles and excess kurtosis come from ``sample`` coordinates per tensor (all of them for tensors
+    that small)."""
     import re
     from tqdm.auto import tqdm
 
