@@ -2,7 +2,8 @@
 
 Everything streams: ``vector_stats`` walks the tensors once, a block of rows of every vector at a time
 (saved vectors are read a block ahead), and keeps only numbers, so memory stays at a few blocks plus the
-sampled values (``sample`` per tensor), whatever the vectors' size. The per-block numbers come from ``kernels``.
+sampled values (``sample`` per tensor), whatever the vectors' size. The per-block numbers come from
+``kernels``.
 Results are tidy DataFrames with ``layer`` and ``module`` columns, to group as you like.
 
     stats = vector_stats({"chat": cv, "chat-alt": cv_alt, "cp": cp_vec}, base=toy.path("base"))
