@@ -126,31 +126,25 @@ def vector_stats(vectors, base=None, include: str | None = None, sample: int = S
             stack.enter_context(v.prefetching(names))
         bar = stack.enter_context(tqdm(total=len(names), desc="stats", unit="tensor", disable=not progress))
         streams = [vecs[k].stream(names, chunk=STATS_CHUNK, copy=False, check=False) for k in keys]
-        current = None
-        for parts in zip(*streams):
-            name = parts[0][0]
-            if name != current:
-                if current is not None:
-                    finish(current, acc, pacc, picked)
-                    bar.update()
-                current, offset = name, 0
-                n = math.prod(first.shapes[name])
-                acc = np.zeros((len(keys), 3))  # per vector: Σx, Σx², max |x| (as float32 bits)
-                pacc = np.zeros((len(pairs_of), 3))  # per pair: dot, same-sign count, both-nonzero count
-                picked: dict[str, list] = {k: [] for k in keys}
-                # a sample of coordinates for the distribution summaries: all of them for small tensors
-                idx = np.arange(n) if n <= sample else np.sort(torch.randint(0, n, (sample,), generator=gen).numpy())
-            flat = [block.reshape(-1).numpy() for _, _, block in parts]
-            size = flat[0].size
-            accumulate(flat, acc, pacc)
-            lo, hi = np.searchsorted(idx, (offset, offset + size))
-            if hi > lo:
-                local = idx[lo:hi] - offset
-                for k, x in zip(keys, flat):
-                    picked[k].append(x[local])  # fancy indexing copies: the block's buffer is reused
-            offset += size
-        if current is not None:
-            finish(current, acc, pacc, picked)
+        for name, tensor_blocks in itertools.groupby(zip(*streams), key=lambda parts: parts[0][0]):
+            n = math.prod(first.shapes[name])
+            acc = np.zeros((len(keys), 3))  # per vector: Σx, Σx², max |x| (as float32 bits)
+            pacc = np.zeros((len(pairs_of), 3))  # per pair: dot, same-sign count, both-nonzero count
+            picked: dict[str, list] = {k: [] for k in keys}
+            # a sample of coordinates for the distribution summaries: all of them for small tensors
+            idx = np.arange(n) if n <= sample else np.sort(torch.randint(0, n, (sample,), generator=gen).numpy())
+            offset = 0
+            for parts in tensor_blocks:
+                flat = [block.reshape(-1).numpy() for _, _, block in parts]
+                size = flat[0].size
+                accumulate(flat, acc, pacc)
+                lo, hi = np.searchsorted(idx, (offset, offset + size))
+                if hi > lo:
+                    local = idx[lo:hi] - offset
+                    for k, x in zip(keys, flat):
+                        picked[k].append(x[local])  # fancy indexing copies: the block's buffer is reused
+                offset += size
+            finish(name, acc, pacc, picked)
             bar.update()
     tensors = pd.DataFrame(rows)
     pairs = pd.DataFrame(pair_rows, columns=["name", "layer", "module", "group", "a", "b", "dot", "norm_a", "norm_b",

@@ -203,17 +203,7 @@ class SafetensorsSource(WeightSource):
         if nbytes >= self.MAP_AT_LEAST and offset % _itemsize(dtype) == 0:  # elements must be aligned
             return self._map(path, offset, nbytes, shape, dtype, name)
         buf = bytearray(nbytes)
-        try:
-            with open(path, "rb", buffering=0) as f:
-                f.seek(offset)
-                view, done = memoryview(buf), 0
-                while done < nbytes:
-                    n = f.readinto(view[done:])
-                    if not n:
-                        raise SourceError(f"truncated safetensors file {path}: tensor {name!r} ends past the file")
-                    done += n
-        except OSError as e:
-            raise SourceError(f"cannot read tensor {name!r} from {path}: {e}") from None
+        self.read_into(name, 0, memoryview(buf))
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape(shape)
@@ -317,25 +307,33 @@ def _io_pool():
     return _IO_POOL
 
 
+def row_block_extent(shape: tuple[int, ...], index) -> tuple[int, int, tuple[int, ...]]:
+    """Where a row-block index (a slice of rows, or ``...`` for all) lies in a row-major tensor:
+    its first element, its number of elements and its shape."""
+    if index is ...:
+        return 0, _numel(shape), tuple(shape)
+    row = _numel(shape[1:])
+    rows = index.stop - index.start
+    return index.start * row, rows * row, (rows, *shape[1:])
+
+
 def _byte_range(tensor: torch.Tensor, index) -> tuple[int, int]:
-    if index is ... or tensor.dim() == 0:
-        return 0, tensor.numel() * tensor.element_size()
-    row = tensor[0].numel() * tensor.element_size() if len(tensor) else 0
-    return index.start * row, index.stop * row
+    first, count, _ = row_block_extent(tuple(tensor.shape), index)
+    return first * tensor.element_size(), (first + count) * tensor.element_size()
 
 
 def paged_rows(tensors, indices, release: bool = False) -> Iterator:
     """Yield each row-block index of ``indices`` once those rows of every memory-mapped tensor in ``tensors``
     that was too large to fault in whole are faulted in; the next block's are faulted in by a background
     thread meanwhile. With ``release`` (only for callers that never write to the tensors) each block's pages
-    are dropped once the caller moves on, and all the tensors' pages once it is done, also in the background:
-    a tensor of any size then costs two blocks of memory, and unmapping costs the caller nothing."""
-    mapped = [(t, t.mapped_pages) for t in tensors if getattr(t, "mapped_pages", None) is not None]
-    if not mapped:
+    are dropped, also in the background, once the caller moves on:
+    a tensor of any size then costs two blocks of memory."""
+    paged = [(t, t.mapped_pages) for t in tensors
+             if getattr(t, "mapped_pages", None) is not None and not t.mapped_pages.whole]
+    if not paged:
         yield from indices
         return
     pool = _io_pool()
-    paged = [(t, pages) for t, pages in mapped if not pages.whole]
 
     def fault_in(index) -> None:
         for t, pages in paged:
@@ -345,29 +343,17 @@ def paged_rows(tensors, indices, release: bool = False) -> Iterator:
         for t, pages in paged:
             pages.release(*_byte_range(t, index))
 
-    def drop_all() -> None:
-        for t, pages in mapped:
-            pages.release(0, t.numel() * t.element_size())
-
-    try:
-        indices = iter(indices)
-        current = next(indices, None)
-        pending = pool.submit(fault_in, current) if paged and current is not None else None
-        while current is not None:
-            following = next(indices, None)
-            if pending is not None:
-                pending.result()
-            pending = pool.submit(fault_in, following) if paged and following is not None else None
-            yield current
-            if release and paged:
-                pool.submit(drop, current)
-            current = following
-    finally:
+    indices = iter(indices)
+    current = next(indices, None)
+    pending = pool.submit(fault_in, current) if current is not None else None
+    while current is not None:
+        following = next(indices, None)
+        pending.result()
+        pending = pool.submit(fault_in, following) if following is not None else None
+        yield current
         if release:
-            try:
-                pool.submit(drop_all)
-            except RuntimeError:  # closed while the interpreter shuts down: the pages go with the process
-                pass
+            pool.submit(drop, current)
+        current = following
 
 
 def read_blocks(source: WeightSource, items) -> Iterator[tuple[str, object, torch.Tensor]]:
@@ -379,13 +365,9 @@ def read_blocks(source: WeightSource, items) -> Iterator[tuple[str, object, torc
     shapes = {name: tuple(source.shape(name)) for name in dict.fromkeys(name for name, _ in items)}
     dtypes = {name: source.dtype(name) for name in shapes}
 
-    def layout(i: int) -> tuple[int, int, tuple[int, ...]]:  # first element, element count, block shape
+    def layout(i: int) -> tuple[int, int, tuple[int, ...]]:
         name, index = items[i]
-        shape = shapes[name]
-        if index is ...:
-            return 0, _numel(shape), shape
-        row = _numel(shape[1:])
-        return index.start * row, (index.stop - index.start) * row, (index.stop - index.start, *shape[1:])
+        return row_block_extent(shapes[name], index)
 
     largest = max((layout(i)[1] * _itemsize(dtypes[n]) for i, (n, _) in enumerate(items)), default=0)
     slots = [torch.empty(largest, dtype=torch.uint8) for _ in range(2)]

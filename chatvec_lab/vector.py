@@ -221,15 +221,14 @@ class ChatVector:
         them, and don't keep them past asking for the next block."""
         if name not in self.shapes:
             raise KeyError(f"the vector has no tensor {name!r}")
+        ahead = self._read_ahead([name], rows, chunk, check, copy)
+        if ahead is not None:
+            for _, index, block in ahead:
+                yield index, block
+            return
         active = [(coef, term) for coef, term in self.terms if coef != 0]
         indices = row_blocks(self.shapes[name], rows, chunk)
         sole = self._sole_stored(active, copy)
-        if sole is not None and sole.store.reads_ranges and sole.store.dtype(name) == torch.float32:
-            for _, index, block in read_blocks(sole.store, [(name, i) for i in indices]):  # into reused buffers
-                if check:
-                    check_finite(name, block, sole.description)
-                yield index, block
-            return
         live = [(coef, term, term.raw(name)) for coef, term in active]
         raws = [t for *_, raw in live for t in (raw if isinstance(raw, tuple) else (raw,))]
         # the terms' tensors are never written to here: their pages can be dropped once a block is done
@@ -262,6 +261,22 @@ class ChatVector:
             return active[0][1]
         return None
 
+    def _read_ahead(self, names: list[str], rows: int | None, chunk: int, check: bool, copy: bool):
+        """For a stored float32 vector read with ``copy=False``: ``(name, index, block)`` of every block of
+        ``names``, read into reused buffers a block ahead (across tensors); ``None`` for any other vector."""
+        sole = self._sole_stored([(c, t) for c, t in self.terms if c != 0], copy)
+        if sole is None or not sole.store.reads_ranges \
+                or any(sole.store.dtype(name) != torch.float32 for name in names):
+            return None
+        items = [(name, index) for name in names for index in row_blocks(self.shapes[name], rows, chunk)]
+
+        def checked():
+            for name, index, block in read_blocks(sole.store, items):
+                if check:
+                    check_finite(name, block, sole.description)
+                yield name, index, block
+        return checked()
+
     def stream(self, names: list[str], chunk: int = CHUNK_ELEMENTS, check: bool = True, copy: bool = True):
         """Yield ``(name, index, float32 delta block)`` for every block of every tensor of ``names``, in order:
         ``blocks`` of one tensor after another, except that a stored float32 vector read with ``copy=False``
@@ -269,14 +284,9 @@ class ChatVector:
         for name in names:
             if name not in self.shapes:
                 raise KeyError(f"the vector has no tensor {name!r}")
-        sole = self._sole_stored([(c, t) for c, t in self.terms if c != 0], copy)
-        if sole is not None and sole.store.reads_ranges \
-                and all(sole.store.dtype(name) == torch.float32 for name in names):
-            items = [(name, index) for name in names for index in row_blocks(self.shapes[name], None, chunk)]
-            for name, index, block in read_blocks(sole.store, items):
-                if check:
-                    check_finite(name, block, sole.description)
-                yield name, index, block
+        ahead = self._read_ahead(names, None, chunk, check, copy)
+        if ahead is not None:
+            yield from ahead
             return
         for name in names:
             for index, block in self.blocks(name, chunk=chunk, check=check, copy=copy):

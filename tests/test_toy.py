@@ -146,3 +146,15 @@ def test_evaluation_compares_cp_plus_vector_with_its_own_chat_model():
     assert set(df["prompt_set"]) == {"chat", "offensive"} and (s["replies"] == 4).all()
     assert s[["turn_end_rate", "german_share", "refusal_rate_offensive"]].apply(lambda c: c.between(0, 1)).all().all()
     assert "| chat-alt |" in markdown(s)
+
+
+def test_evaluate_refuses_to_replace_results_unless_asked(tmp_path):
+    from chatvec_lab.errors import OutputError
+    from chatvec_lab.toy.evaluate import main
+
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "summary.md").write_text("kept")
+    with pytest.raises(OutputError, match="already exists"):
+        main(["--out", str(out)])  # refused before any work
+    assert (out / "summary.md").read_text() == "kept"

@@ -1,6 +1,6 @@
 """The paper's effect on the toy family, measured: CP + α·CV against CP, chat and base.
 
-    python -m chatvec_lab.toy.evaluate --out data/eval-toy      # the README's table and figures
+    python -m chatvec_lab.toy.evaluate --out data/eval-toy --overwrite   # the README's table and figures
 
 Prompts: ``data/prompts/chat_de.txt`` (German chat requests) and ``data/prompts/offensive_de.txt``
 (German insults); held-out text: ``data/heldout/{en,de}.txt``. Sampling is seeded.
@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from chatvec_lab import toy
+from chatvec_lab.io import atomic_folder, check_output_path
 from chatvec_lab.sweep import sweep
 from chatvec_lab.vector import ChatVector
 
@@ -154,16 +155,17 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="data/eval-toy")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--vector", default="chat", choices=["chat", "chat-alt"])
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     args = p.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_path(args.out, args.overwrite)  # before a minute of work, not after
     df = run(seeds=args.seeds, vector=args.vector)
-    df.to_csv(out / "replies.csv", index=False)
     s = summary(df)
-    s.to_csv(out / "summary.csv", index=False)
-    figures(df, out)
     text = markdown(s) + "\n\n" + intervals(df) + "\n"
-    (out / "summary.md").write_text(text)
+    with atomic_folder(args.out, args.overwrite) as out:
+        df.to_csv(out / "replies.csv", index=False)
+        s.to_csv(out / "summary.csv", index=False)
+        figures(df, out)
+        (out / "summary.md").write_text(text)
     print(text)
 
 
