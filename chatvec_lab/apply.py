@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from chatvec_lab.errors import MismatchError, SourceError
-from chatvec_lab.io import DEFAULT_SHARD_BYTES, ShardedSafetensorsWriter, atomic_folder, check_output_path, write_json
+from chatvec_lab.output import DEFAULT_SHARD_BYTES, ShardedSafetensorsWriter, atomic_folder, check_output_path, write_json
 from chatvec_lab.naming import TensorInfo, parse
 from chatvec_lab.sources import Prefetcher, WeightSource, model_folder, module_state, open_weights, paged_rows
 from chatvec_lab.vector import CHUNK_ELEMENTS, ChatVector, _Diff, check_finite, check_same_architecture, row_blocks

@@ -80,7 +80,7 @@ def cmd_apply(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from chatvec_lab.inspect import describe
+    from chatvec_lab.info import describe
 
     meta, table = describe(args.path, norms=not args.no_norms)
     for key, value in meta.items():

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from chatvec_lab.io import atomic_folder
+from chatvec_lab.output import atomic_folder
 from chatvec_lab.toy.evaluate import markdown as evaluate_markdown
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"

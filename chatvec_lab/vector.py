@@ -22,7 +22,7 @@ from typing import Iterable, Iterator
 import torch
 
 from chatvec_lab.errors import MismatchError, NonFiniteError, SourceError
-from chatvec_lab.io import DEFAULT_SHARD_BYTES, ShardedSafetensorsWriter, atomic_folder, write_json
+from chatvec_lab.output import DEFAULT_SHARD_BYTES, ShardedSafetensorsWriter, atomic_folder, write_json
 from chatvec_lab.sources import WeightSource, open_weights, paged_rows, read_blocks
 
 METADATA_FILE = "chatvec.json"

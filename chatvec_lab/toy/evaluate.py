@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from chatvec_lab import toy
-from chatvec_lab.io import atomic_folder, check_output_path
+from chatvec_lab.output import atomic_folder, check_output_path
 from chatvec_lab.sweep import sweep
 from chatvec_lab.vector import ChatVector
 
