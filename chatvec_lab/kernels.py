@@ -6,8 +6,11 @@
 - per pair (a, b) in ``itertools.combinations`` order: dot product, coordinates where both are nonzero
   with the same sign, coordinates where both are nonzero.
 
-Sums are accumulated in float32 within runs of a few thousand values and in float64 across runs; counts
-are exact. With numba (a dependency), a few thousand values of every vector at a time are held in cache
+Sums are accumulated in float64: each float32 value, square and product is exact in float64, so the only
+error is float64 rounding of the sums, at most about n·2⁻⁵³·Σ|x| for n summed values (n ≤ a few thousand
+per run; runs are summed in float64 too). The loops are vectorised with reassociation, so the summation
+order, and with it the last bits of a sum, depend on the CPU's SIMD width (AVX2 vs AVX-512, say): results
+agree across CPUs to that bound, not bit for bit. Counts are exact. With numba (a dependency), a few thousand values of every vector at a time are held in cache
 while one compiled, vectorised loop per vector and per pair runs over them, so the block is read from
 memory once; without numba the same numbers come from several torch passes over the block (slower).
 Signs and |value| are read from the float's bits (sign bit, exponent and mantissa), which is exact and
@@ -36,15 +39,15 @@ if numba is not None:
     # reassociation lets the loops vectorise; no "fast" flags that assume finite values
     _FLAGS = {"reassoc", "contract"}
 
-    # float32 sums over one sub-block (a few hundred values per SIMD lane), float64 across sub-blocks
+    # float64 sums: float32 values, squares and products are exact in float64, so only the sums round
     @numba.njit(fastmath=_FLAGS, nogil=True, cache=True)
     def _vector_pass(x):
         bits = x.view(np.uint32)
-        s1 = np.float32(0)
-        s2 = np.float32(0)
+        s1 = 0.0
+        s2 = 0.0
         top = np.uint32(0)
         for i in range(x.size):
-            v = x[i]
+            v = np.float64(x[i])
             s1 += v
             s2 += v * v
             top = max(top, bits[i] & np.uint32(_ABS_BITS))
@@ -54,11 +57,11 @@ if numba is not None:
     def _pair_pass(x, y):
         xb = x.view(np.uint32)
         yb = y.view(np.uint32)
-        dot = np.float32(0)
+        dot = 0.0
         agree = np.int32(0)
         both = np.int32(0)
         for i in range(x.size):
-            dot += x[i] * y[i]
+            dot += np.float64(x[i]) * np.float64(y[i])
             a = xb[i]
             b = yb[i]
             nonzero = np.int32(((a & np.uint32(_ABS_BITS)) != 0) & ((b & np.uint32(_ABS_BITS)) != 0))

@@ -92,3 +92,17 @@ def family_factory(tmp_path_factory):
                           "cp": save(cp, root / "cp"), "root": root}
         return cache[key]
     return make
+
+
+def pytest_report_header(config):
+    """The versions this run resolved: a fresh install may get newer ones than a developer's machine."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in ("torch", "transformers", "numba", "numpy", "safetensors", "tokenizers"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} (not installed)")
+    import platform
+    return [f"chatvec_lab test run: Python {platform.python_version()}, " + ", ".join(found)]

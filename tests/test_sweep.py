@@ -146,7 +146,8 @@ def _tiny_detoxify(tmp_path):
     return tmp_path / "toxic_tiny.ckpt", folder
 
 
-def test_detoxify_backend_loads_local_checkpoint_offline(tmp_path):
+def test_detoxify_backend_loads_local_checkpoint_offline(tmp_path, monkeypatch):
+    pytest.importorskip("detoxify", reason="the optional Detoxify backend is not installed (pip install '.[toxicity]')")
     ckpt, folder = _tiny_detoxify(tmp_path)
     scorer = DetoxifyScorer(checkpoint=ckpt, config_dir=folder)
     df = scorer.score(["you are an idiot", "have a nice day", ""])
@@ -155,6 +156,7 @@ def test_detoxify_backend_loads_local_checkpoint_offline(tmp_path):
     assert "Detoxify" in scorer.columns["toxicity"]
     with pytest.raises(ScorerUnavailable, match="config_dir"):
         DetoxifyScorer(checkpoint=ckpt)  # offline, the hub cannot give bert-base-uncased
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty-hub"))  # as on a machine without them
     with pytest.raises(ScorerUnavailable, match="weights are not at"):
         DetoxifyScorer(model_type="original")
 
