@@ -19,10 +19,12 @@ from typing import Callable, Iterable, Mapping, Sequence, Union
 import pandas as pd
 import torch
 
-from chatvec_lab.errors import MismatchError, SourceError
-from chatvec_lab.output import DEFAULT_SHARD_BYTES, ShardedSafetensorsWriter, atomic_folder, check_output_path, write_json
+from chatvec_lab.errors import MismatchError, NonFiniteError, SourceError, UsageError
+from chatvec_lab.output import (DEFAULT_SHARD_BYTES, ShardedSafetensorsWriter, atomic_folder, check_output_path,
+                                source_paths, write_json)
 from chatvec_lab.naming import TensorInfo, parse
-from chatvec_lab.sources import Prefetcher, WeightSource, model_folder, module_state, open_weights, paged_rows
+from chatvec_lab.sources import (Prefetcher, WeightSource, model_folder, module_state, open_weights, paged_rows,
+                                 read_json_object)
 from chatvec_lab.vector import CHUNK_ELEMENTS, ChatVector, _Diff, check_finite, check_same_architecture, row_blocks
 
 Alpha = Union[float, Mapping[str, float], Callable[[TensorInfo], float]]
@@ -56,11 +58,37 @@ def coefficient_for(info: TensorInfo, alpha: Alpha) -> float:
     return value
 
 
+def _regex(pattern, what: str):
+    if pattern is None:
+        return None
+    if not isinstance(pattern, str):
+        raise UsageError(f"{what} must be a regular expression (str), not {type(pattern).__name__}")
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise UsageError(f"{what} {pattern!r} is not a valid regular expression: {e}") from None
+
+
+def _layer_set(layers) -> set[int] | None:
+    if layers is None:
+        return None
+    if isinstance(layers, (str, bytes, int)) or not isinstance(layers, Iterable):
+        raise UsageError(f"layers must be a collection of layer indices such as range(0, 16), not {layers!r}")
+    out = set()
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            raise UsageError(f"layers must be non-negative integers, not {layer!r}")
+        out.add(layer)
+    if not out:
+        raise UsageError("layers is empty: no layer would change")
+    return out
+
+
 def layer_filter(layers: Iterable[int] | None, include: str | None, exclude: str | None) -> Callable[[TensorInfo], bool]:
     """Which tensors may change: by layer index and by name regexes."""
-    layer_set = set(layers) if layers is not None else None
-    inc = re.compile(include) if include else None
-    exc = re.compile(exclude) if exclude else None
+    layer_set = _layer_set(layers)
+    inc = _regex(include, "include")
+    exc = _regex(exclude, "exclude")
 
     def keep(info: TensorInfo) -> bool:
         if layer_set is not None and info.layer not in layer_set:
@@ -68,6 +96,8 @@ def layer_filter(layers: Iterable[int] | None, include: str | None, exclude: str
         if inc and not inc.search(info.name):
             return False
         return not (exc and exc.search(info.name))
+    keep.layers = layer_set
+    keep.active = layer_set is not None or inc is not None or exc is not None
     return keep
 
 
@@ -176,34 +206,79 @@ def plan_apply(target: WeightSource, pairs: list[tuple[ChatVector, Alpha]], embe
             plans[name] = TensorPlan(name, coefs, rows, status)
         else:
             plans[name] = TensorPlan(name, [0.0] * len(pairs), None, status)
+    _check_filters(target, plans, keep)
     return plans, notes
+
+
+def _check_filters(target: WeightSource, plans: dict[str, TensorPlan], keep) -> None:
+    """Filters that name layers the model lacks, or leave nothing to change, are mistakes: refuse them."""
+    if keep is None or not getattr(keep, "active", False):
+        return
+    present = {parse(n).layer for n in target.keys()} - {None}
+    if keep.layers is not None:
+        absent = sorted(keep.layers - present)
+        if absent:
+            span = f"layers {min(present)}–{max(present)}" if present else "no numbered layers"
+            raise UsageError(f"layers {_ranges(absent)} are not in the target (it has {span})")
+    if not any(p.status.startswith("added") for p in plans.values()) and \
+            any(p.status == "excluded" for p in plans.values()):
+        raise UsageError("the layer/include/exclude filters leave no tensor of the vector to add: "
+                         "the output would be an unchanged copy of the target")
+
+
+def _ranges(values: list[int]) -> str:
+    return ", ".join(str(v) for v in values[:8]) + (" …" if len(values) > 8 else "")
 
 
 def merge_tensor(target_tensor: torch.Tensor, plan: TensorPlan, pairs: list[tuple[ChatVector, Alpha]],
                  chunk: int = CHUNK_ELEMENTS) -> torch.Tensor:
-    """``target + Σ αᵢ·vᵢ``, accumulated in float32 a block of rows at a time, in the target's dtype."""
+    """``target + Σ αᵢ·vᵢ``, accumulated in float32 a block of rows at a time, in the target's dtype.
+
+    What is written is checked: a block that is not finite in the target's dtype raises, naming the tensor and
+    the cause (the target, a vector, a coefficient too large for float32, or a result past the dtype's range)."""
     out = torch.empty_like(target_tensor)
     active = [(coef, vec) for coef, (vec, _) in zip(plan.coefficients, pairs) if coef != 0 and plan.name in vec]
     streams = [(coef, vec.blocks(plan.name, rows=plan.rows, chunk=chunk, check=False)) for coef, vec in active]
     # a large memory-mapped target is faulted in a block ahead, by a background thread
     for index in paged_rows([target_tensor], row_blocks(tuple(target_tensor.shape), plan.rows, chunk)):
         acc = target_tensor[index].to(torch.float32, copy=True)
-        deltas = []
         for coef, stream in streams:
             _, delta = next(stream)
-            deltas.append(delta)
             if coef != 1:
                 delta.mul_(coef)  # multiply, then add: the naive formula's rounding
             acc.add_(delta)
-        if not bool(torch.isfinite(acc.sum())):  # one cheap check; on failure, say where it came from
-            check_finite(plan.name, target_tensor[index].float(), "the target")
-            for (coef, vec), d in zip(active, deltas):
-                check_finite(plan.name, d, "a vector (its base or chat)")
-            check_finite(plan.name, acc, "the result")
         out[index] = acc
+        if not is_finite(out[index]):
+            _explain_nonfinite(plan, index, target_tensor, active, chunk, acc, out.dtype)
     if plan.rows is not None and plan.rows < target_tensor.shape[0]:
         out[plan.rows:] = target_tensor[plan.rows:]
+        check_finite(plan.name, out[plan.rows:], "the target")
     return out
+
+
+def is_finite(x: torch.Tensor) -> bool:
+    """True when every value is finite: one cheap sum, and an exact count only when the sum is not finite."""
+    if not x.is_floating_point() or bool(torch.isfinite(x.sum())):
+        return True
+    return bool(torch.isfinite(x).all())
+
+
+def _explain_nonfinite(plan: TensorPlan, index, target_tensor, active, chunk, acc, dtype) -> None:
+    """Raise the reason a merged block is not finite (only on that rare path are the inputs read again)."""
+    name = plan.name
+    check_finite(name, target_tensor[index].float(), "the target")
+    for coef, vec in active:
+        raw = next(block for i, block in vec.blocks(name, rows=plan.rows, chunk=chunk, check=False) if i == index)
+        check_finite(name, raw, "a vector (its base or chat)")
+        if not is_finite(raw * coef):
+            raise NonFiniteError(f"tensor {name!r}: coefficient {coef:g} × the vector overflows float32 "
+                                 f"(largest |delta| {float(raw.abs().max()):.3g}); use a smaller coefficient")
+    if not is_finite(acc):
+        raise NonFiniteError(f"tensor {name!r}: target + Σ coefficient·vector overflows float32; "
+                             "use smaller coefficients")
+    raise NonFiniteError(f"tensor {name!r}: the result (largest |value| {float(acc.abs().max()):.3g}) does not fit "
+                         f"the target's {str(dtype).replace('torch.', '')} (largest {torch.finfo(dtype).max:.3g}); "
+                         "use a smaller coefficient")
 
 
 class _TokenRows:
@@ -217,6 +292,9 @@ class _TokenRows:
         ttok = AutoTokenizer.from_pretrained(str(target_folder))
         ctok = AutoTokenizer.from_pretrained(str(chat_folder))
         pairs = token_map.items() if isinstance(token_map, Mapping) else [(t, t) for t in token_map]
+        for pair in pairs:
+            if not all(isinstance(t, str) and t for t in pair):
+                raise UsageError(f"token map entries must be token strings, not {pair[0]!r}")
         self.rows: list[tuple[int, int, str]] = []
         for target_token, chat_token in pairs:
             tid, cid = _token_id(ttok, target_token, "target"), _token_id(ctok, chat_token, "chat")
@@ -278,22 +356,29 @@ def _resolve_base(base, pairs) -> tuple[WeightSource | None, bool]:
     return None, False
 
 
-def _copy_model_files(target_folder: Path | None, out: Path, chat_template_from) -> None:
+def _copy_model_files(target_folder: Path | None, out: Path, template: str | None) -> None:
     if target_folder:
         for fname in MODEL_FILES:
             if (target_folder / fname).is_file():
                 shutil.copy2(target_folder / fname, out / fname)
-    if chat_template_from is not None:
-        folder = model_folder(chat_template_from)
-        template = _read_chat_template(folder) if folder else None
-        if template is None:
-            raise SourceError(f"no chat template found in {chat_template_from}")
+    if template is not None:
         (out / "chat_template.jinja").write_text(template)
         cfg_file = out / "tokenizer_config.json"
         if cfg_file.is_file():
-            cfg = json.loads(cfg_file.read_text())
+            cfg = read_json_object(cfg_file, "tokenizer config")
             cfg["chat_template"] = template
             write_json(cfg_file, cfg)
+
+
+def _chat_template_of(spec) -> str | None:
+    """The chat template of the model ``spec`` (None when no spec is given); refuses a model that has none."""
+    if spec is None:
+        return None
+    folder = model_folder(spec)
+    template = _read_chat_template(folder) if folder else None
+    if template is None:
+        raise SourceError(f"no chat template found in {spec}")
+    return template
 
 
 def _read_chat_template(folder: Path) -> str | None:
@@ -301,7 +386,7 @@ def _read_chat_template(folder: Path) -> str | None:
         return (folder / "chat_template.jinja").read_text()
     cfg = folder / "tokenizer_config.json"
     if cfg.is_file():
-        value = json.loads(cfg.read_text()).get("chat_template")
+        value = read_json_object(cfg, "tokenizer config").get("chat_template")
         if isinstance(value, str):
             return value
     return None
@@ -330,6 +415,8 @@ def _prepare(target, vectors, base, embeddings, include, exclude, layers, token_
     if base_src is not None:
         check_same_architecture(base_src, target_src, f"base {base_src.description}", f"target {target_src.description}")
     rows = None
+    if isinstance(token_map, str):
+        token_map = [token_map]  # one token, not its characters
     if token_map:
         chat_src = open_weights(chat) if chat is not None else next(
             (t.chat for v, _ in pairs for _, t in v.terms if isinstance(t, _Diff)), None)
@@ -370,10 +457,15 @@ def apply_vectors(target, vectors, out, *, base=None, embeddings: str = "error",
         allow_pickle)
     if not check_lineage:
         base_src = None
+    template = _chat_template_of(chat_template_from)  # before the merge: a missing template fails now
+    inputs = [*source_paths(target_src), *(p for vec, _ in pairs for p in vec.input_paths()),
+              *(source_paths(base_src) if base_src is not None else []),
+              *(source_paths(rows.chat) if rows is not None else []),
+              *([model_folder(chat_template_from)] if chat_template_from is not None else [])]
     lineage = [0.0, 0.0] if base_src is not None else None
     plan = [(n, target_src.shape(n), target_src.dtype(n)) for n in target_src.keys()]
     order = list(target_src.keys())
-    with atomic_folder(out, overwrite) as tmp, contextlib.ExitStack() as stack:
+    with atomic_folder(out, overwrite, inputs=inputs) as tmp, contextlib.ExitStack() as stack:
         for vec, _ in pairs:
             stack.enter_context(vec.prefetching(order))
         reader = Prefetcher(target_src, order)
@@ -384,7 +476,11 @@ def apply_vectors(target, vectors, out, *, base=None, embeddings: str = "error",
         for name in tqdm(order, desc="apply", unit="tensor", disable=not progress):
             t = reader.get(name)
             p = plans[name]
-            result = merge_tensor(t, p, pairs) if p.status.startswith("added") else t
+            if p.status.startswith("added"):
+                result = merge_tensor(t, p, pairs)
+            else:
+                result = t
+                check_finite(name, t, "the target")  # copied as it is, but still written: no NaN passes
             if lineage is not None:
                 _lineage(lineage, t, _base_for(name, base_src, shared_base, pairs, p))
             if rows is not None and parse(name).is_embedding_like:
@@ -393,7 +489,7 @@ def apply_vectors(target, vectors, out, *, base=None, embeddings: str = "error",
                     p.status += " + token rows"
             writer.write(name, result)
         writer.close()
-        _copy_model_files(model_folder(target), tmp, chat_template_from)
+        _copy_model_files(model_folder(target), tmp, template)
         report = _report(plans, notes, lineage, out=Path(out))
         write_json(tmp / "chatvec_apply.json", {
             "target": target_src.fingerprint(hash_files=False),

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -33,12 +36,36 @@ def _layers(text: str) -> list[int]:
     try:
         for part in text.split(","):
             if "-" in part:
-                a, b = part.split("-")
-                out.extend(range(int(a), int(b) + 1))
+                a, b = (int(x) for x in part.split("-"))
+                if a > b:
+                    raise argparse.ArgumentTypeError(f"layer range {part!r} runs backwards: write {b}-{a}")
+                out.extend(range(a, b + 1))
             elif part.strip():
                 out.append(int(part))
     except ValueError:
         raise argparse.ArgumentTypeError(f"layers look like 0-15 or 0,2,4, not {text!r}") from None
+    if not out:
+        raise argparse.ArgumentTypeError(f"no layer in {text!r}")
+    return out
+
+
+NUMBER_OPTIONS = ("--alpha", "--alphas")
+
+
+def _join_negative_numbers(argv: list[str]) -> list[str]:
+    """``--alpha -1e-3`` as ``--alpha=-1e-3``: argparse takes a value in exponent notation that starts with a
+    minus for an option."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in NUMBER_OPTIONS and arg.startswith("-"):
+            try:
+                _alphas(arg)
+            except argparse.ArgumentTypeError:
+                pass
+            else:
+                out[-1] = f"{out[-1]}={arg}"
+                continue
+        out.append(arg)
     return out
 
 
@@ -126,6 +153,21 @@ def cmd_demo(args) -> None:
     print(f"report: {out}")
 
 
+def cmd_notebooks(args) -> None:
+    import importlib.util
+    import shlex
+
+    from chatvec_lab.resources import copy_notebooks
+
+    copied = copy_notebooks(args.dir, overwrite=args.overwrite)
+    folder = copied[0].parent.resolve()
+    print(f"copied {len(copied)} notebooks to {folder}:")
+    print("".join(f"  {p.name}\n" for p in copied), end="")
+    print(f"open them with:  jupyter lab {shlex.quote(str(folder))}")
+    if importlib.util.find_spec("jupyterlab") is None:
+        print("(JupyterLab is not installed here: pip install 'chatvec_lab[notebooks]')")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from chatvec_lab import __version__
 
@@ -180,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--language", default="de", help="the new language's code, for the language share")
     s.add_argument("--csv", required=True)
     s.add_argument("--cache-dir", help="reuse results cached here")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --csv file")
     s.set_defaults(func=cmd_sweep)
 
     d = sub.add_parser("demo", help="run the whole lab on the toy family and write a report folder")
@@ -187,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-notebooks", action="store_true", help="skip executing the notebooks")
     d.add_argument("--quick", action="store_true", help="fewer prompts and seeds")
     d.set_defaults(func=cmd_demo)
+
+    n = sub.add_parser("notebooks", help="copy the teaching notebooks into a folder, to open in JupyterLab")
+    n.add_argument("dir", help="where to put them (a new or empty folder)")
+    n.add_argument("--overwrite", action="store_true", help="replace the notebooks in a non-empty folder (other files stay)")
+    n.set_defaults(func=cmd_notebooks)
 
     for sp in (e, a):
         sp.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -199,20 +247,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from chatvec_lab.output import Interrupted
+
+    argv = _join_negative_numbers(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:  # e.g. `chatvec info … | head -1`: the reader has what it wanted
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except ChatVecError as e:
-        print(f"chatvec {args.command}: error: {e}", file=sys.stderr)
+        print(f"chatvec {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, OSError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"chatvec {args.command}: error: {msg}", file=sys.stderr)
+        print(f"chatvec {args.command}: error: {_one_line(msg)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"chatvec {args.command}: interrupted; no partial output was left", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        print(f"chatvec {args.command}: interrupted by {signal.Signals(signum).name}; no partial output was left",
+              file=sys.stderr)
+        return 128 + signum
     return 0
+
+
+def _one_line(message) -> str:
+    return " ".join(str(message).split())
 
 
 if __name__ == "__main__":

@@ -17,9 +17,10 @@ from pathlib import Path
 import pandas as pd
 
 from chatvec_lab.output import atomic_folder
+from chatvec_lab.resources import notebook_dir
 from chatvec_lab.toy.evaluate import markdown as evaluate_markdown
 
-NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOK_DIR = notebook_dir()  # the checkout's notebooks/, or the installed package's copy
 
 
 def geometry_figures(folder: Path) -> list[Path]:

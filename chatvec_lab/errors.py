@@ -19,3 +19,7 @@ class NonFiniteError(ChatVecError):
 
 class OutputError(ChatVecError):
     """The output path exists, or cannot be written."""
+
+
+class UsageError(ChatVecError, ValueError):
+    """An argument of the wrong type or value (a bad regex, layers that are not a list of integers …)."""

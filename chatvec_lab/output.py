@@ -7,12 +7,21 @@ written straight to disk as soon as it is ready: no shard is ever buffered in me
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
+import hashlib
 import json
+import logging
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import signal
+import sys
+import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
@@ -20,42 +29,263 @@ from chatvec_lab.errors import OutputError
 from chatvec_lab.sources import ST_DTYPE_NAMES, _itemsize, _numel
 
 DEFAULT_SHARD_BYTES = 4 * 1024**3
+log = logging.getLogger("chatvec_lab")
 
 
-def check_output_path(out: str | Path, overwrite: bool) -> Path:
-    """Fail early, before any work, if ``out`` exists (and may not be replaced) or cannot be written."""
-    out = Path(out).expanduser()
-    if out.exists() and not overwrite:
-        raise OutputError(f"output {out} already exists (pass overwrite=True / --overwrite to replace it)")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output {out} exists and is not a folder")
-    parent = out.absolute().parent
-    probe = parent
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_output_path(out, overwrite: bool, inputs: Iterable = (), folder: bool = True) -> Path:
+    """Fail before any work if ``out`` may not be written: it exists (unless ``overwrite``), it is, contains or sits
+    inside one of ``inputs``, or its folder cannot be written. Returns the absolute output path.
+    ``folder``: the output is a folder (else a file)."""
+    if not isinstance(out, (str, os.PathLike)) or isinstance(out, bytes):
+        raise OutputError(f"the output must be a path (str or os.PathLike), not {type(out).__name__}")
+    given = Path(out).expanduser()
+    if given.name in ("", ".", ".."):
+        raise OutputError(f"output {out!s} does not name a new folder")
+    if len(os.fsencode(given.name)) > NAME_MAX:
+        raise OutputError(f"output name {given.name[:40]}… is longer than {NAME_MAX} bytes")
+    target = given.absolute().parent.resolve() / given.name
+    for inp in inputs:
+        if inp is None:
+            continue
+        real = Path(inp).expanduser().resolve()
+        for o in {target, target.resolve()}:
+            how = "is" if o == real else "is inside" if _inside(o, real) else "contains" if _inside(real, o) else None
+            if how:
+                raise OutputError(f"output {out!s} {how} the input {inp!s}: choose an output outside every input")
+    if os.path.lexists(target):
+        if not overwrite:
+            raise OutputError(f"output {out!s} already exists (pass overwrite=True / --overwrite to replace it)")
+        if target.is_symlink():
+            raise OutputError(f"output {out!s} is a symbolic link: remove it, or name the folder it points to")
+        if target.is_dir() != folder:
+            raise OutputError(f"output {out!s} exists and is not a {'folder' if folder else 'file'}: "
+                              "it is not replaced")
+        if os.path.ismount(target):
+            raise OutputError(f"output {out!s} is a mount point: it cannot be replaced")
+    probe = target.parent
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write to {out}: {probe} is not a writable folder")
-    return out
+        raise OutputError(f"cannot write to {out!s}: {probe} is not a writable folder")
+    return target
+
+
+# ------------------------------------------------------------------ publishing a finished folder
+
+NAME_MAX = 255
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """Linux's renameat2: True when done, False where this system or file system lacks it; OSError otherwise."""
+    fn = _libc_renameat2()
+    if fn is None:
+        return False
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(dst))
+
+
+@functools.lru_cache(maxsize=1)
+def _libc_renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc < 2.28, or another libc
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn
+
+
+def _appeared(out: Path) -> OutputError:
+    return OutputError(f"output {out} appeared while this run was writing: it was left untouched, "
+                       "and nothing was written (pass overwrite=True / --overwrite to replace it)")
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Rename the finished ``tmp`` to ``out``, which must not exist: never replaces anything, even in a race."""
+    try:
+        if _renameat2(tmp, out, _RENAME_NOREPLACE):
+            return
+    except FileExistsError:
+        raise _appeared(out) from None
+    if os.path.lexists(out):
+        raise _appeared(out)
+    try:
+        if tmp.is_dir():  # a plain rename never replaces a non-empty folder or a file with a folder
+            os.rename(tmp, out)
+        else:  # a hard link never replaces anything
+            os.link(tmp, out)
+            os.unlink(tmp)
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise _appeared(out) from None
+        raise
+
+
+def replace(tmp: Path, out: Path) -> None:
+    """Swap the finished ``tmp`` with the existing folder ``out`` (atomically where the system can), then delete
+    the old one. If ``out`` is gone meanwhile, ``tmp`` is simply published."""
+    if not os.path.lexists(out):
+        return publish(tmp, out)
+    if not out.is_dir() or out.is_symlink():
+        raise OutputError(f"output {out} was replaced by something that is not a folder while this run was writing: "
+                          "it was left untouched")
+    if _renameat2(tmp, out, _RENAME_EXCHANGE):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old output
+        return
+    aside = _temp_name(out, "old")
+    os.rename(out, aside)
+    try:
+        publish(tmp, out)
+    except BaseException:
+        os.rename(aside, out)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ temporary folders and their leftovers
+
+def _stem(name: str) -> str:
+    """The output's name as used in its temporary folders' names: shortened (with a hash) to fit NAME_MAX."""
+    if len(os.fsencode(name)) <= 180:
+        return name
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:12]
+    return name[:40] + "~" + digest
+
+
+def _temp_name(out: Path, kind: str) -> Path:
+    return out.parent / f".{_stem(out.name)}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_leftovers(out: Path) -> list[Path]:
+    """Delete the temporary folders that runs writing ``out`` left when they were killed (their process is gone)."""
+    pattern = re.compile(rf"^\.{re.escape(_stem(out.name))}\.(partial|old)-(\d+)-[0-9a-f]+$")
+    removed = []
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m and int(m.group(2)) != os.getpid() and not _alive(int(m.group(2))):
+            _remove(entry)
+            if not os.path.lexists(entry):
+                removed.append(entry)
+                log.warning("removed %s, left by an interrupted run (process %s)", entry, m.group(2))
+    return removed
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived while an output was being written (the folder was cleaned up)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
 
 
 @contextlib.contextmanager
-def atomic_folder(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder next to ``out``; rename it to ``out`` only if the block succeeds."""
-    out = check_output_path(out, overwrite)
-    out.absolute().parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.absolute().parent))
+def _signals_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP raise :class:`Interrupted` (as SIGINT raises KeyboardInterrupt), so
+    the temporary folder is cleaned up; handlers set by the application are left alone."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {}
+    for sig in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
+        if sig is not None and signal.getsignal(sig) == signal.SIG_DFL:
+            saved[sig] = signal.signal(sig, _raise_interrupted)
     try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_folder(out, overwrite: bool = False, inputs: Iterable = ()) -> Iterator[Path]:
+    """Yield a temporary folder next to ``out``; it becomes ``out`` only if the block succeeds.
+
+    Without ``overwrite`` nothing that exists at ``out`` at the end is replaced, even if it appeared during the
+    run (:class:`OutputError`); with it, the old output is replaced only once the new one is complete. The output
+    may not be, contain or sit inside any of ``inputs``. On any error, SIGINT, SIGTERM or SIGHUP the temporary
+    folder is removed; folders left by killed runs on the same output are removed at the start. OS errors
+    (disk full, read-only file system…) become one-line :class:`OutputError` errors."""
+    with _publishing(out, overwrite, inputs, folder=True) as tmp:
         yield tmp
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.absolute().parent))
-            out.rename(trash / out.name)
-            tmp.rename(out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:  # KeyboardInterrupt too: never leave a half-written folder behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+
+@contextlib.contextmanager
+def atomic_file(out, overwrite: bool = False, inputs: Iterable = ()) -> Iterator[Path]:
+    """Yield a temporary file name next to ``out``; the file written there becomes ``out`` if the block succeeds,
+    with the promises of :func:`atomic_folder`."""
+    with _publishing(out, overwrite, inputs, folder=False) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def _publishing(out, overwrite: bool, inputs: Iterable, folder: bool) -> Iterator[Path]:
+    target = check_output_path(out, overwrite, inputs, folder=folder)
+    tmp = None
+    try:
+        with _signals_interrupt():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            remove_leftovers(target)
+            tmp = _temp_name(target, "partial")
+            if folder:
+                tmp.mkdir(mode=0o700)
+            yield tmp
+            os.chmod(tmp, (0o777 if folder else 0o666) & ~_umask())
+            if not overwrite:
+                publish(tmp, target)
+            elif folder:
+                replace(tmp, target)
+            else:
+                os.replace(tmp, target)
+            tmp = None
+    except OSError as e:
+        raise OutputError(f"could not write {out!s}: {e.strerror or e}"
+                          + (f" ({e.filename})" if e.filename else "") + "; nothing was written") from None
+    finally:
+        if tmp is not None:
+            _remove(tmp)
 
 
 def write_json(path: Path, data) -> None:
@@ -175,3 +405,9 @@ class ShardedSafetensorsWriter:
             write_json(self.folder / f"{self.prefix}.safetensors.index.json",
                        {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
         return [fname for fname, _ in self.shards]
+
+
+def source_paths(source) -> list[Path]:
+    """The files and folder a weight source reads (none for tensors in memory): what an output must keep clear of."""
+    paths = [*(getattr(source, "files", None) or []), getattr(source, "folder", None)]
+    return [Path(p) for p in paths if p is not None]

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import mmap
 import os
 import re
+import stat
 import sys
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -84,8 +86,8 @@ class WeightSource(Mapping):
     def config(self) -> dict | None:
         if getattr(self, "_config", None) is not None:
             return self._config
-        if self.folder and (self.folder / "config.json").is_file():
-            return json.loads((self.folder / "config.json").read_text())
+        if self.folder and (self.folder / "config.json").exists():
+            return read_json_object(self.folder / "config.json", "model config")
         return None
 
     def fingerprint(self, hash_files: bool = True) -> dict:
@@ -109,6 +111,119 @@ def _itemsize(dtype: torch.dtype) -> int:
     return dtype.itemsize
 
 
+# ------------------------------------------------------------------ reading files and JSON safely
+
+_NOT_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _require_regular(path: Path, mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _NOT_REGULAR if test(mode)), "not a file")
+        raise SourceError(f"{path} is {kind}, not a regular file")
+
+
+def open_regular(path: Path, buffering: int = -1):
+    """Open ``path`` for binary reading if it is a regular file (or a symlink to one), else a one-line
+    SourceError. A FIFO or device named like a weights file is never read and never blocks the open:
+    it is refused on a stat before opening, and again on the open descriptor in case it was swapped in."""
+    try:
+        _require_regular(path, os.stat(path).st_mode)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except OSError as e:
+        raise SourceError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        _require_regular(path, os.fstat(fd).st_mode)
+        return os.fdopen(fd, "rb", buffering=buffering)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _json_type(value) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    names = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# The strict parser below reads JSON as the safetensors library (serde_json) does, where Python's json module
+# is more lenient: no NaN/Infinity, no number out of float range, -0 is a float, no lone UTF-16 surrogate,
+# nothing nested 128 deep. It also refuses duplicate keys, which the library resolves silently (the last wins).
+JSON_MAX_DEPTH = 128
+
+
+def _finite_number(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {_short(text, 24)} out of range")
+    return value
+
+
+def _json_integer(text: str):
+    if text == "-0":
+        return -0.0
+    value = int(text)
+    if not -2**63 <= value < 2**64:  # serde_json reads a float, which may be out of range
+        _finite_number(text)
+    return value
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _unique_keys(pairs: list) -> dict:
+    out = dict(pairs)
+    if len(out) < len(pairs):
+        seen: set = set()
+        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {_short(duplicate)}")
+    return out
+
+
+def _check_json_tree(value, depth: int = 1) -> None:
+    if isinstance(value, str):
+        value.encode("utf-8")  # a lone surrogate raises UnicodeEncodeError, a ValueError
+    elif isinstance(value, (dict, list)):
+        if depth >= JSON_MAX_DEPTH:
+            raise ValueError(f"JSON nested {JSON_MAX_DEPTH} or more levels deep")
+        for item in ([*value.keys(), *value.values()] if isinstance(value, dict) else value):
+            _check_json_tree(item, depth + 1)
+
+
+def parse_json(raw: bytes, strict: bool = False):
+    """Parse UTF-8 JSON; ValueError (with a one-line message) if it is not valid. ``strict``: as above."""
+    try:
+        text = raw.decode("utf-8")
+        if not strict:
+            return json.loads(text)
+        value = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_refuse_constant,
+                           parse_int=_json_integer, parse_float=_finite_number)
+        _check_json_tree(value)
+        return value
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def read_json_object(path: Path, what: str, strict: bool = False) -> dict:
+    """The JSON object in file ``path``, or a one-line SourceError naming ``what`` and the file."""
+    try:
+        with open_regular(path) as f:
+            raw = f.read()
+        value = parse_json(raw, strict)
+    except (OSError, ValueError) as e:
+        raise SourceError(f"bad {what} {path}: {e}") from None
+    if not isinstance(value, dict):
+        raise SourceError(f"bad {what} {path}: expected a JSON object, found {_json_type(value)}")
+    return value
+
+
 # ------------------------------------------------------------------ safetensors
 
 _ST_DTYPES = {
@@ -117,39 +232,99 @@ _ST_DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 ST_DTYPE_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+# in the format (safetensors 0.8), not read by chatvec: refused as unsupported, not as corrupt
+_ST_UNSUPPORTED = {"U16", "U32", "U64", "C64", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F6_E2M3", "F6_E3M2", "F4"}
+ST_MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit
 
 
-def read_safetensors_header(path: Path) -> dict:
-    """Parse and check a safetensors header: one-line error if the file is corrupt or truncated."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise ValueError("file shorter than the 8-byte header length")
-            n = int.from_bytes(raw, "little")
-            if n <= 0 or n > min(size - 8, 100_000_000):
-                raise ValueError(f"header length {n} does not fit a file of {size} bytes")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise SourceError(f"corrupt safetensors file {path}: {e}") from None
-    header.pop("__metadata__", None)
-    data_len = size - 8 - n
+class _UnsupportedDtype(ValueError):
+    pass
+
+
+class _Truncated(ValueError):
+    pass
+
+
+def _is_size(value) -> bool:
+    return type(value) is int and 0 <= value < 2**64  # not bool, not float
+
+
+def _tensor_entry(name: str, info) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    """``(dtype, shape, begin, end)`` of one header entry, checked on its own."""
+    if not isinstance(info, dict):
+        raise ValueError(f"the entry for tensor {_short(name)} is {_json_type(info)}, not an object")
+    missing = [key for key in ("dtype", "shape", "data_offsets") if key not in info]
+    if missing:
+        raise ValueError(f"tensor {_short(name)} has no {missing[0]}")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _ST_DTYPES.keys() | _ST_UNSUPPORTED:
+        raise ValueError(f"tensor {_short(name)} has unknown dtype {_short(dtype, 40)}")
+    if not (isinstance(shape, list) and all(_is_size(d) for d in shape)):
+        raise ValueError(f"tensor {_short(name)}: shape {_short(shape, 40)} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_size(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise ValueError(f"tensor {_short(name)}: data_offsets {_short(offsets, 40)} are not two non-negative "
+                         "integers [begin, end] with begin <= end")
+    if dtype in _ST_UNSUPPORTED:
+        raise _UnsupportedDtype(f"tensor {_short(name)} has unsupported dtype {dtype} "
+                                f"(chatvec reads {', '.join(_ST_DTYPES)})")
+    extent = 1  # torch sizes and strides are signed 64-bit; the library refuses a product that overflows
+    for d in shape:
+        extent *= max(d, 1)
+        if extent >= 2**63:
+            raise ValueError(f"tensor {_short(name)}: shape {_short(shape, 60)} is too large")
+    nbytes = math.prod(shape) * _ST_DTYPES[dtype].itemsize
+    if offsets[1] - offsets[0] != nbytes:
+        raise ValueError(f"tensor {_short(name)} spans {offsets[1] - offsets[0]} bytes, its shape and dtype need "
+                         f"{nbytes}")
+    return _ST_DTYPES[dtype], tuple(shape), offsets[0], offsets[1]
+
+
+def check_safetensors_header(header, data_bytes: int) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+    """The tensors of a parsed header, ``name -> (dtype, shape, begin, end)``, if they tile the
+    ``data_bytes`` of the data section exactly: sorted by offset, contiguous from 0, no overlap, no gap,
+    nothing after the last one. ValueError otherwise."""
+    if not isinstance(header, dict):
+        raise ValueError(f"the header is {_json_type(header)}, not a JSON object")
+    metadata = header.get("__metadata__")
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise ValueError("__metadata__ is not an object of strings")
+    tensors = {name: _tensor_entry(name, info) for name, info in header.items() if name != "__metadata__"}
     end = 0
-    for name, info in header.items():
+    for name, (_, _, begin, stop) in sorted(tensors.items(), key=lambda item: item[1][2:]):
+        if begin != end:
+            what = "overlaps the tensor before it" if begin < end else "leaves a gap before it"
+            raise ValueError(f"tensor {_short(name)} starts at data byte {begin}, not {end}: it {what}")
+        end = stop
+    if end < data_bytes:
+        raise ValueError(f"{data_bytes - end} trailing bytes after the last tensor's data")
+    if end > data_bytes:
+        raise _Truncated(f"the tensors need {end} data bytes, the file holds {data_bytes}")
+    return tensors
+
+
+def read_safetensors_header(path: Path) -> tuple[int, dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]]:
+    """``(data_start, tensors)`` of a safetensors file, checked as strictly as the format: see
+    check_safetensors_header; offsets are relative to ``data_start``. One-line SourceError otherwise."""
+    with open_regular(path) as f:
         try:
-            start, stop = info["data_offsets"]
-            dtype = _ST_DTYPES[info["dtype"]]
-            expected = _numel(info["shape"]) * _itemsize(dtype)
-        except (KeyError, TypeError, ValueError):
-            raise SourceError(f"corrupt safetensors file {path}: bad header entry for tensor {name!r}") from None
-        if stop - start != expected:
-            raise SourceError(f"corrupt safetensors file {path}: tensor {name!r} spans {stop - start} bytes, "
-                              f"its shape and dtype need {expected}")
-        end = max(end, stop)
-    if end > data_len:
-        raise SourceError(f"truncated safetensors file {path}: header needs {end} data bytes, file has {data_len}")
-    return header
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise ValueError("file shorter than the 8-byte header length")
+            n = int.from_bytes(prefix, "little")
+            if not 0 < n <= min(size - 8, ST_MAX_HEADER_BYTES):
+                raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+            raw = f.read(n)
+            if len(raw) < n:
+                raise ValueError("file shrank while its header was read")
+            return 8 + n, check_safetensors_header(parse_json(raw, strict=True), data_bytes=size - 8 - n)
+        except _UnsupportedDtype as e:
+            raise SourceError(f"{path}: {e}") from None
+        except _Truncated as e:
+            raise SourceError(f"truncated safetensors file {path}: {e}") from None
+        except (OSError, ValueError) as e:
+            raise SourceError(f"corrupt safetensors file {path}: {e}") from None
 
 
 class SafetensorsSource(WeightSource):
@@ -172,15 +347,12 @@ class SafetensorsSource(WeightSource):
         self._where: dict[str, tuple[Path, int, int]] = {}
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         for f in self.files:
-            header = read_safetensors_header(f)
-            with open(f, "rb") as fh:
-                data_start = 8 + int.from_bytes(fh.read(8), "little")
-            for name, info in header.items():
+            data_start, tensors = read_safetensors_header(f)
+            for name, (dtype, shape, begin, end) in tensors.items():
                 if name in self._where:
                     raise SourceError(f"tensor {name!r} appears in both {self._where[name][0].name} and {f.name}")
-                start, stop = info["data_offsets"]
-                self._where[name] = (f, data_start + start, stop - start)
-                self._meta[name] = (tuple(info["shape"]), _ST_DTYPES[info["dtype"]])
+                self._where[name] = (f, data_start + begin, end - begin)
+                self._meta[name] = (shape, dtype)
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -218,7 +390,7 @@ class SafetensorsSource(WeightSource):
         if start < 0 or start + len(out) > nbytes:
             raise ValueError(f"bytes {start}..{start + len(out)} are outside tensor {name!r} ({nbytes} bytes)")
         try:
-            with open(path, "rb", buffering=0) as f:
+            with open_regular(path, buffering=0) as f:
                 f.seek(offset + start)
                 done = 0
                 while done < len(out):
@@ -235,7 +407,7 @@ class SafetensorsSource(WeightSource):
 
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
         try:
-            with open(path, "rb") as f:
+            with open_regular(path) as f:
                 if os.fstat(f.fileno()).st_size < offset + nbytes:
                     raise SourceError(f"truncated safetensors file {path}: tensor {name!r} ends past the file")
                 mapped = mmap.mmap(f.fileno(), offset + nbytes - start, access=mmap.ACCESS_COPY, offset=start)
@@ -426,7 +598,7 @@ class Prefetcher:
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -472,6 +644,7 @@ def module_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _load_pickles(files: list[Path]) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
+        open_regular(f).close()  # torch.load opens it by name: refuse a FIFO or device first
         try:
             data = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
@@ -486,29 +659,72 @@ def _load_pickles(files: list[Path]) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------ resolving a spec
 
-def _folder_files(folder: Path, allow_pickle: bool) -> tuple[str, list[Path]]:
-    for index_name in ("model.safetensors.index.json", "vector.safetensors.index.json"):
+INDEX_FILES = ("model.safetensors.index.json", "vector.safetensors.index.json")
+
+
+def _plain_file_name(name: str) -> bool:
+    return name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+
+
+def read_shard_index(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a shard index: tensor name -> name of a shard file in the index's folder."""
+    index_json = read_json_object(index, "shard index", strict=True)
+    weight_map = index_json.get("weight_map")
+    if not isinstance(weight_map, dict):
+        found = _json_type(weight_map) if "weight_map" in index_json else "missing"
+        raise SourceError(f"bad shard index {index}: weight_map is {found}, not an object of tensor name to shard file")
+    for name, shard in weight_map.items():
+        if not (isinstance(shard, str) and _plain_file_name(shard)):
+            raise SourceError(f"bad shard index {index}: tensor {_short(name)} is mapped to {_short(shard)}, "
+                              "not the name of a file in the index's folder")
+    return weight_map
+
+
+def check_shard_index(source: SafetensorsSource, index: Path, weight_map: dict[str, str]) -> None:
+    """Every tensor the index names is in the shard it names, and the shards hold no other: else which
+    weights the checkpoint means is ambiguous."""
+    for name, shard in weight_map.items():
+        if name not in source:
+            raise SourceError(f"{index} puts tensor {_short(name)} in {shard}, which does not hold it")
+        if source.file_of(name).name != shard:
+            raise SourceError(f"{index} puts tensor {_short(name)} in {shard}, but it is in "
+                              f"{source.file_of(name).name}")
+    for name in source.keys():
+        if name not in weight_map:
+            raise SourceError(f"{source.file_of(name).name} holds tensor {_short(name)}, which {index} does not name")
+
+
+def _folder_files(folder: Path, allow_pickle: bool) -> tuple[str, list[Path], tuple[Path, dict] | None]:
+    """``(kind, files, (index, weight_map) or None)`` of the weights in a folder."""
+    for index_name in INDEX_FILES:
         index = folder / index_name
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as e:
-                raise SourceError(f"bad index {index}: {e}") from None
-            files = sorted({folder / f for f in weight_map.values()})
-            missing = [f.name for f in files if not f.is_file()]
+        if index.exists():
+            weight_map = read_shard_index(index)
+            files = sorted({folder / shard for shard in weight_map.values()})
+            missing = [f.name for f in files if not f.exists()]
             if missing:
                 raise SourceError(f"{index} names shard {missing[0]}, which is missing")
-            return "safetensors", files
+            return "safetensors", files, (index, weight_map)
     files = sorted(folder.glob("*.safetensors"))
     if files:
-        return "safetensors", files
+        return "safetensors", files, None
     pickles = sorted(f for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES and f.is_file())
     if pickles:
         if not allow_pickle:
             raise SourceError(f"{folder} holds only pickled weights ({pickles[0].name}); pickles can run code: "
                               "pass allow_pickle=True (--allow-pickle) to load them with weights_only=True")
-        return "pickle", pickles
+        return "pickle", pickles, None
     raise SourceError(f"no weights in {folder} (expected *.safetensors, optionally with an index json)")
+
+
+def _open_folder(folder: Path, allow_pickle: bool, description: str, revision: str | None = None) -> WeightSource:
+    kind, files, index = _folder_files(folder, allow_pickle)
+    if kind == "pickle":
+        return TensorDictSource(_load_pickles(files), description=description, folder=folder)
+    source = SafetensorsSource(files, folder=folder, description=description, revision=revision)
+    if index:
+        check_shard_index(source, *index)
+    return source
 
 
 def _resolve_hub(repo_id: str, revision: str | None) -> Path:
@@ -543,7 +759,9 @@ def open_weights(spec, allow_pickle: bool = False, revision: str | None = None) 
     if not isinstance(spec, (str, os.PathLike)):
         raise SourceError(f"cannot open weights from a {type(spec).__name__}")
     path = Path(spec).expanduser()
-    if path.is_file():
+    if path.is_dir():
+        return _open_folder(path, allow_pickle, description=str(path))
+    if path.exists():  # a file, or a FIFO or device: open_regular refuses those without blocking
         if path.suffix == ".safetensors":
             return SafetensorsSource([path], folder=path.parent if (path.parent / "config.json").is_file() else None,
                                      description=str(path))
@@ -553,17 +771,11 @@ def open_weights(spec, allow_pickle: bool = False, revision: str | None = None) 
                                   "(--allow-pickle) to load it with weights_only=True")
             return TensorDictSource(_load_pickles([path]), description=str(path))
         raise SourceError(f"{path}: not a weights file (expected .safetensors)")
-    if path.is_dir():
-        kind, files = _folder_files(path, allow_pickle)
-        if kind == "pickle":
-            return TensorDictSource(_load_pickles(files), description=str(path), folder=path)
-        return SafetensorsSource(files, folder=path, description=str(path))
     text = str(spec)
     if text.startswith((".", "/", "~")) or os.sep in text.strip("/").replace("/", "", 1) or not _HUB_ID.match(text):
         raise SourceError(f"no such file or folder: {text}")
     folder = _resolve_hub(text, revision)
-    kind, files = _folder_files(folder, allow_pickle=False)
-    return SafetensorsSource(files, folder=folder, description=text, revision=folder.name)
+    return _open_folder(folder, allow_pickle=False, description=text, revision=folder.name)
 
 
 def _module_folder(module: torch.nn.Module) -> Path | None:

@@ -20,6 +20,7 @@ import torch
 
 from chatvec_lab.generation import generate
 from chatvec_lab.live import LiveModel
+from chatvec_lab.output import atomic_file, check_output_path
 from chatvec_lab.scoring import make_scorer, perplexity, score_all
 from chatvec_lab.vector import ChatVector
 
@@ -218,6 +219,7 @@ def plot_scores(df: pd.DataFrame, metrics: Sequence[str] | None = None, ax=None,
 def run_sweep_cli(args) -> None:
     from chatvec_lab.errors import ChatVecError
 
+    check_output_path(args.csv, args.overwrite, folder=False)  # before the sweep's work, not after
     prompts = read_prompts(args.prompts)
     names = [Path(v).name or v for v in args.vector]
     if len(set(names)) < len(names):
@@ -231,9 +233,8 @@ def run_sweep_cli(args) -> None:
     except RuntimeError as e:
         raise ChatVecError(str(e)) from None
     out = Path(args.csv)
-    tmp = out.with_name(f".{out.name}.tmp")
-    df.to_csv(tmp, index=False)
-    tmp.replace(out)
+    with atomic_file(out, args.overwrite) as tmp:
+        df.to_csv(tmp, index=False)
     with pd.option_context("display.width", 160):
         print(summarize(df)[["alpha", "n"] + [m for m in METRIC_LABELS if m in df.columns]].to_string(index=False))
     print(f"wrote {out} ({len(df)} rows)")

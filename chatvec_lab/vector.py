@@ -15,6 +15,7 @@ import contextlib
 import datetime as _dt
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -22,7 +23,7 @@ from typing import Iterable, Iterator
 import torch
 
 from chatvec_lab.errors import MismatchError, NonFiniteError, SourceError
-from chatvec_lab.output import DEFAULT_SHARD_BYTES, ShardedSafetensorsWriter, atomic_folder, write_json
+from chatvec_lab.output import DEFAULT_SHARD_BYTES, ShardedSafetensorsWriter, atomic_folder, source_paths, write_json
 from chatvec_lab.sources import WeightSource, open_weights, paged_rows, read_blocks
 
 METADATA_FILE = "chatvec.json"
@@ -127,6 +128,17 @@ class _Stored:
         return raw[index].to(torch.float32, copy=True)  # always a new tensor: callers scale it in place
 
 
+def _recorded(metadata: dict) -> Iterator[dict]:
+    """The base and chat fingerprints recorded in a vector's metadata, through combinations of vectors."""
+    if not isinstance(metadata, dict):
+        return
+    for key in ("base", "chat"):
+        if isinstance(metadata.get(key), dict):
+            yield metadata[key]
+    for part in metadata.get("combination_of") or []:
+        yield from _recorded(part)
+
+
 class ChatVector:
     """``Σ cᵢ · termᵢ``: a lazy map from tensor name to float32 delta."""
 
@@ -173,19 +185,17 @@ class ChatVector:
     @classmethod
     def load(cls, path) -> "ChatVector":
         """Open a vector saved with :meth:`save` (lazily)."""
+        from chatvec_lab.sources import read_json_object
+
         path = Path(path)
         meta_file = path / METADATA_FILE
-        if not meta_file.is_file():
+        if not meta_file.exists():
             raise SourceError(f"{path} is not a saved chat vector (no {METADATA_FILE}); "
                               "to build one from two models use ChatVector.from_models / `chatvec extract`")
-        try:
-            metadata = json.loads(meta_file.read_text())
-        except ValueError as e:
-            raise SourceError(f"bad {meta_file}: {e}") from None
+        metadata = read_json_object(meta_file, "chat vector metadata")
         source = open_weights(path)
-        base_config = None
-        if (path / BASE_CONFIG_FILE).is_file():
-            base_config = json.loads((path / BASE_CONFIG_FILE).read_text())
+        base_file = path / BASE_CONFIG_FILE
+        base_config = read_json_object(base_file, "base model config") if base_file.exists() else None
         shapes = {n: source.shape(n) for n in source.keys()}
         return cls([(1.0, _Stored(source))], shapes, metadata, base_config=base_config)
 
@@ -334,6 +344,16 @@ class ChatVector:
                 return term.base
         return None
 
+    def input_paths(self) -> list[Path]:
+        """The files and folders this vector reads or was made from (the base and chat it records, where they are
+        local paths): an output may not be, contain or sit inside any of them."""
+        paths = [p for _, term in self.terms for src in term.sources().values() for p in source_paths(src)]
+        for meta in _recorded(self.metadata):
+            source = meta.get("source") if isinstance(meta, dict) else None
+            if isinstance(source, str) and os.path.exists(source):
+                paths.append(Path(source))
+        return paths
+
     @property
     def parameters(self) -> int:
         return sum(math.prod(s) for s in self.shapes.values())
@@ -404,7 +424,7 @@ class ChatVector:
         from tqdm.auto import tqdm
 
         plan = [(n, s, torch.float32) for n, s in self.shapes.items()]
-        with atomic_folder(path, overwrite) as tmp:
+        with atomic_folder(path, overwrite, inputs=self.input_paths()) as tmp:
             writer = ShardedSafetensorsWriter(tmp, plan, prefix="vector", max_shard_bytes=max_shard_bytes)
             for name in tqdm(self.names, desc="vector", unit="tensor", disable=not progress):
                 t = self[name]

@@ -1,5 +1,7 @@
 """The embedded toy family in ``data/toy/<name>/``: ``base``, ``chat``, ``chat-alt``, ``cp``, ``cp-xvocab``.
 
+The wheel ships it inside the package; ``chatvec_lab.resources`` finds it (installed or checkout).
+
     from chatvec_lab import toy
     toy.path("cp")            # the folder, for any function that takes a model
     model, tok = toy.load("chat")
@@ -13,9 +15,11 @@ MEMBERS = ("base", "chat", "chat-alt", "cp", "cp-xvocab")
 
 
 def data_dir() -> Path:
-    """``$CHATVEC_TOY_DIR``, else ``data/toy`` of the source checkout."""
+    """``$CHATVEC_TOY_DIR``, else the ``toy`` folder of the package's data (``chatvec_lab.resources``)."""
+    from chatvec_lab.resources import data_dir as package_data
+
     env = os.environ.get("CHATVEC_TOY_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "data" / "toy"
+    return Path(env) if env else package_data() / "toy"
 
 
 def path(name: str) -> Path:

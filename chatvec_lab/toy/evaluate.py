@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from chatvec_lab import toy
+from chatvec_lab import resources, toy
 from chatvec_lab.output import atomic_folder, check_output_path
 from chatvec_lab.sweep import sweep
 from chatvec_lab.vector import ChatVector
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
-DATA = Path(__file__).resolve().parents[2] / "data"
+DATA = resources.data_dir()  # the checkout's data/, or the installed package's copy
 
 
 def prompt_sets(data_dir: Path = DATA) -> dict[str, list[str]]:

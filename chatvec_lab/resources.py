@@ -1,0 +1,92 @@
+"""Where the package's data and notebooks are: the one place that knows.
+
+In the source tree they live at the repository root, ``data/{toy,prompts,heldout}`` and
+``notebooks/``. A built wheel (``pip install .``) carries them inside the package, as
+``chatvec_lab/data`` and ``chatvec_lab/notebooks`` (``[tool.setuptools.package-dir]`` in
+pyproject.toml maps the two folders into the package). So the lookup is: the copy inside the
+installed package if there is one, else the source checkout's (an editable install, or running
+from the repository). ``$CHATVEC_TOY_DIR`` still overrides the toy family's folder (``toy.data_dir``).
+
+    chatvec notebooks DIR      # copy the notebooks out of the installed package, then `jupyter lab DIR`
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _checkout_root() -> Path | None:
+    """The repository root when the package is imported from a source checkout, else None."""
+    root = PACKAGE_DIR.parent
+    return root if (root / "pyproject.toml").is_file() and (root / "chatvec_lab").is_dir() else None
+
+
+def _find(name: str) -> Path:
+    bundled = PACKAGE_DIR / name
+    if bundled.is_dir():
+        return bundled
+    root = _checkout_root()
+    if root is not None and (root / name).is_dir():
+        return root / name
+    return bundled  # missing: callers say what is missing where
+
+
+def data_dir() -> Path:
+    """The folder holding ``toy/``, ``prompts/`` and ``heldout/``."""
+    return _find("data")
+
+
+def notebook_dir() -> Path:
+    """The folder holding the teaching notebooks (``*.ipynb``)."""
+    return _find("notebooks")
+
+
+def notebooks() -> list[Path]:
+    """The shipped notebooks, sorted; raises if the package has none (a broken install)."""
+    found = sorted(notebook_dir().glob("*.ipynb"))
+    if not found:
+        raise FileNotFoundError(f"no notebooks found at {notebook_dir()}; reinstall chatvec_lab")
+    return found
+
+
+def copy_notebooks(dest: str | Path, overwrite: bool = False) -> list[Path]:
+    """Copy the notebooks into ``dest``; returns the copies.
+
+    ``dest`` must not exist or be empty: then the folder appears at once, complete, or not at all.
+    A non-empty ``dest`` is refused unless ``overwrite``; then only the notebooks are replaced
+    (each atomically) and every other file in ``dest`` (your own notebooks, caches) is left alone.
+    """
+    from chatvec_lab.errors import OutputError
+    from chatvec_lab.output import atomic_folder
+
+    sources = notebooks()
+    dest = Path(dest).expanduser()
+    if dest.exists() and not dest.is_dir():
+        raise OutputError(f"output {dest} exists and is not a folder")
+    if not dest.exists() or not any(dest.iterdir()):
+        with atomic_folder(dest, overwrite=dest.exists()) as tmp:
+            umask = os.umask(0)
+            os.umask(umask)
+            tmp.chmod(0o777 & ~umask)  # mkdtemp made it private; a plain folder, like mkdir's
+            for src in sources:
+                shutil.copy(src, tmp / src.name)
+        return [dest / src.name for src in sources]
+    if not overwrite:
+        raise OutputError(f"output {dest} exists and is not empty (pass --overwrite to replace the "
+                          "notebooks in it; other files are kept)")
+    out = []
+    for src in sources:
+        fd, tmp = tempfile.mkstemp(prefix=f".{src.name}.partial-", dir=dest)
+        os.close(fd)
+        try:
+            shutil.copy(src, tmp)  # the content and the source's permissions
+            os.replace(tmp, dest / src.name)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        out.append(dest / src.name)
+    return out

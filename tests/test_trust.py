@@ -1,0 +1,370 @@
+"""The core's promises under attack: no clobbering, inputs untouched, no debris, one-line errors.
+
+Each test would fail if its promise broke: outputs are compared byte for byte, inputs by checksum, and the
+folder around the output is listed for leftovers.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from chatvec_lab import ChatVector, apply_vectors
+from chatvec_lab.cli import main
+from chatvec_lab.errors import ChatVecError, NonFiniteError, OutputError, UsageError
+from chatvec_lab.output import atomic_file, atomic_folder
+from conftest import checksums
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def fam(family_factory, tmp_path):
+    """A small family plus a saved vector, in a scratch folder of their own."""
+    f = family_factory("llama")
+    ChatVector.from_models(f["base"], f["chat"]).save(tmp_path / "vec")
+    return {**f, "vec": tmp_path / "vec"}
+
+
+def _apply_args(fam, out, *extra):
+    return ["apply", "--target", str(fam["cp"]), "--vector", str(fam["vec"]), "-o", str(out), "-q",
+            "--no-lineage-check", *extra]
+
+
+def _cli(args, capsys):
+    rc = main(args)
+    return rc, capsys.readouterr().err
+
+
+def _debris(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".partial-" in p.name or ".old-" in p.name)
+
+
+# ------------------------------------------------------------------ no clobbering, even in a race
+
+def test_output_that_appears_during_the_run_is_not_replaced(fam, tmp_path, monkeypatch, capsys):
+    from chatvec_lab import apply as apply_module
+
+    out = tmp_path / "out"
+    original = apply_module._copy_model_files
+
+    def someone_creates_the_output(*args):
+        out.mkdir()
+        (out / "mine.txt").write_text("precious")
+        return original(*args)
+
+    monkeypatch.setattr(apply_module, "_copy_model_files", someone_creates_the_output)
+    rc, err = _cli(_apply_args(fam, out), capsys)
+    assert rc == 2 and "appeared while this run was writing" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"] and (out / "mine.txt").read_text() == "precious"
+    assert _debris(tmp_path) == []
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["renameat2", "without-renameat2"])
+def test_publish_never_replaces(tmp_path, monkeypatch, fallback):
+    from chatvec_lab import output
+
+    if fallback:
+        monkeypatch.setattr(output, "_libc_renameat2", lambda: None)
+    for existing in ("folder", "empty file", "dangling link"):
+        out = tmp_path / f"out-{existing.replace(' ', '-')}"
+        with pytest.raises(OutputError, match="appeared"):
+            with atomic_folder(out) as tmp:
+                (tmp / "new.txt").write_text("new")
+                if existing == "folder":
+                    out.mkdir()
+                    (out / "old.txt").write_text("old")
+                elif existing == "empty file":
+                    out.write_text("")
+                else:
+                    out.symlink_to(tmp_path / "nowhere")
+        assert os.path.lexists(out) and not (out.is_dir() and (out / "new.txt").exists())
+        csv = tmp_path / f"{existing.replace(' ', '-')}.csv"
+        with pytest.raises(OutputError, match="appeared"):
+            with atomic_file(csv) as tmp:
+                tmp.write_text("new")
+                csv.write_text("old")
+        assert csv.read_text() == "old"
+    assert _debris(tmp_path) == []
+
+
+def test_two_concurrent_writers_exactly_one_wins(fam, tmp_path):
+    out = tmp_path / "out"
+    script = textwrap.dedent(f"""
+        import sys, time
+        from chatvec_lab import apply as a
+        from chatvec_lab.cli import main
+        original = a._copy_model_files
+        def slow(*args):
+            time.sleep(1.5)  # both runs are inside the write when the first one publishes
+            return original(*args)
+        a._copy_model_files = slow
+        sys.exit(main({_apply_args(fam, out)!r}))
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+             for _ in range(2)]
+    results = sorted((p.wait(timeout=120), p.stderr.read()) for p in procs)
+    assert [rc for rc, _ in results] == [0, 2], results
+    assert "already exists" in results[1][1] or "appeared while this run was writing" in results[1][1]
+    merged = load_file(next(out.glob("*.safetensors")) if not (out / "model.safetensors.index.json").exists()
+                       else sorted(out.glob("*.safetensors"))[0])
+    assert merged  # the winner's output is complete and readable
+    assert _debris(tmp_path) == []
+
+
+def test_overwrite_replaces_only_when_complete(fam, tmp_path, monkeypatch, capsys):
+    from chatvec_lab.output import ShardedSafetensorsWriter
+
+    out = tmp_path / "out"
+    assert _cli(_apply_args(fam, out), capsys)[0] == 0
+    before = checksums(out)
+
+    def broken(self, name, tensor):
+        raise OSError(28, "No space left on device", str(self.folder / "model.safetensors"))
+
+    monkeypatch.setattr(ShardedSafetensorsWriter, "write", broken)
+    rc, err = _cli(_apply_args(fam, out, "--overwrite"), capsys)
+    assert rc == 2 and "No space left on device" in err and len(err.strip().splitlines()) == 1
+    assert checksums(out) == before  # the old output is intact
+    assert _debris(tmp_path) == []
+
+
+# ------------------------------------------------------------------ inputs are never outputs
+
+@pytest.mark.parametrize("where", ["target", "vector", "base", "chat", "parent of target", "inside target",
+                                   "symlink to target"])
+def test_output_may_not_be_contain_or_sit_inside_an_input(fam, tmp_path, capsys, where):
+    root = fam["root"]
+    link = tmp_path / "link"
+    link.symlink_to(fam["cp"])
+    out = {"target": fam["cp"], "vector": fam["vec"], "base": fam["base"], "chat": fam["chat"],
+           "parent of target": root, "inside target": fam["cp"] / "merged", "symlink to target": link}[where]
+    before = checksums(root, fam["vec"])
+    args = ["apply", "--target", str(fam["cp"]), "--vector", str(fam["vec"]), "--base", str(fam["base"]),
+            "--token-map", "", "-o", str(out), "--overwrite", "-q"]
+    rc, err = _cli(args, capsys)
+    assert rc == 2 and ("input" in err or "symbolic link" in err), err
+    if where in ("base", "chat"):  # an extract whose output is one of its models
+        rc, err = _cli(["extract", "--base", str(fam["base"]), "--chat", str(fam["chat"]), "-o", str(out),
+                        "--overwrite", "-q"], capsys)
+        assert rc == 2 and "input" in err, err
+    assert checksums(root, fam["vec"]) == before
+    assert not (fam["cp"] / "merged").exists()
+
+
+def test_saving_a_vector_over_its_own_folder_is_refused(fam):
+    vec = ChatVector.load(fam["vec"])
+    before = checksums(fam["vec"])
+    with pytest.raises(OutputError, match="input"):
+        (2 * vec).save(fam["vec"], overwrite=True)
+    assert checksums(fam["vec"]) == before
+
+
+# ------------------------------------------------------------------ signals and killed runs
+
+_SLOW_APPLY = """
+import sys, time
+from chatvec_lab import apply as a
+from chatvec_lab.cli import main
+original = a.merge_tensor
+def slow(*args, **kwargs):
+    time.sleep(0.5)
+    return original(*args, **kwargs)
+a.merge_tensor = slow
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _start_slow_apply(fam, out):
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_APPLY, *_apply_args(fam, out)], stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 60
+    while not list(out.parent.glob(f".{out.name}.partial-*")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "timeout"
+        time.sleep(0.05)
+    time.sleep(0.3)
+    return proc
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP", "SIGINT"])
+def test_signals_leave_no_temporary_folder(fam, tmp_path, sig):
+    out = tmp_path / "out"
+    proc = _start_slow_apply(fam, out)
+    proc.send_signal(getattr(signal, sig))
+    rc = proc.wait(timeout=60)
+    err = proc.stderr.read()
+    assert rc == 128 + getattr(signal, sig), err
+    assert f"interrupted by {sig}" in err and "Traceback" not in err
+    assert not out.exists() and _debris(tmp_path) == []
+
+
+def test_leftovers_of_a_killed_run_are_removed_by_the_next(fam, tmp_path, capsys):
+    out = tmp_path / "out"
+    proc = _start_slow_apply(fam, out)
+    proc.kill()
+    proc.wait(timeout=60)
+    left = _debris(tmp_path)
+    assert len(left) == 1 and f".partial-{proc.pid}-" in left[0]  # named for its output and its process
+    other = tmp_path / ".other.partial-1-abc"  # another output's leftover is not ours to touch
+    other.mkdir()
+    assert _cli(_apply_args(fam, out), capsys)[0] == 0
+    assert _debris(tmp_path) == [other.name]
+
+
+# ------------------------------------------------------------------ OS errors are one line
+
+_FSIZE = """
+import resource, signal, sys
+from chatvec_lab.cli import main
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_file_too_large_is_one_line_and_leaves_nothing(fam, tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", _FSIZE, *_apply_args(fam, out)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "File too large" in done.stderr
+    assert not out.exists() and _debris(tmp_path) == []
+
+
+def test_unwritable_places_and_bad_names(fam, tmp_path, capsys):
+    cases = {
+        "a name too long": tmp_path / ("x" * 300),
+        "a special file system": Path("/proc/chatvec-test-out"),
+        "a dangling symlink": tmp_path / "dangling",
+        "a file's child": tmp_path / "afile" / "out",
+    }
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "afile").write_text("x")
+    for what, out in cases.items():
+        rc, err = _cli(_apply_args(fam, out), capsys)
+        assert rc == 2 and len(err.strip().splitlines()) == 1, (what, err)
+    assert (tmp_path / "dangling").is_symlink() and (tmp_path / "afile").read_text() == "x"
+    assert _debris(tmp_path) == []
+
+
+def test_broken_pipe_is_quiet(fam):
+    done = subprocess.run(f"{sys.executable} -m chatvec_lab.cli info {fam['vec']} | head -1", shell=True,
+                          capture_output=True, text=True, timeout=120, executable="/bin/bash")
+    assert done.stdout.count("\n") == 1 and "Traceback" not in done.stderr and "Error" not in done.stderr
+
+
+def test_output_permissions_follow_the_umask(fam, tmp_path, capsys):
+    old = os.umask(0o022)
+    try:
+        assert _cli(_apply_args(fam, tmp_path / "out"), capsys)[0] == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+
+
+# ------------------------------------------------------------------ numbers
+
+def test_float16_overflow_is_checked_in_the_output_dtype(tmp_path):
+    target = {"w": torch.full((4, 4), 60000.0, dtype=torch.float16)}
+    vec = ChatVector.from_tensors({"w": torch.full((4, 4), 10000.0)})
+    with pytest.raises(NonFiniteError, match=r"tensor 'w': the result .* does not fit the target's float16"):
+        apply_vectors(target, [(vec, 1.0)], tmp_path / "o", check_lineage=False)
+    with pytest.raises(NonFiniteError, match=r"tensor 'w': coefficient 1e\+35 × the vector overflows float32"):
+        apply_vectors({"w": torch.ones(4, 4)}, [(vec, 1e35)], tmp_path / "o", check_lineage=False)
+    assert not (tmp_path / "o").exists() and _debris(tmp_path) == []
+
+
+def test_nan_in_an_unchanged_target_tensor_is_refused(tmp_path):
+    target = {"w": torch.ones(2, 2), "model.norm.weight": torch.tensor([1.0, float("nan")])}
+    vec = ChatVector.from_tensors({"w": torch.ones(2, 2)})
+    with pytest.raises(NonFiniteError, match="model.norm.weight.*the target"):
+        apply_vectors(target, [(vec, 1.0)], tmp_path / "o", check_lineage=False)
+
+
+# ------------------------------------------------------------------ smaller items
+
+@pytest.mark.parametrize("extra, message", [
+    (["--include", "("], "not a valid regular expression"),
+    (["--include", "nomatch"], "leave no tensor"),
+    (["--layers", "99"], "layers 99 are not in the target"),
+])
+def test_filters_that_select_nothing_are_refused(fam, tmp_path, capsys, extra, message):
+    rc, err = _cli(_apply_args(fam, tmp_path / "out", *extra), capsys)
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_backwards_layer_range_is_refused(fam, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(_apply_args(fam, tmp_path / "out", "--layers", "3-0"))
+    assert e.value.code == 2 and "runs backwards" in capsys.readouterr().err
+
+
+def test_negative_alpha_in_exponent_notation(fam, tmp_path, capsys):
+    assert _cli(_apply_args(fam, tmp_path / "out", "--alpha", "-1e-3"), capsys)[0] == 0
+    got = load_file(tmp_path / "out" / "model.safetensors") if (tmp_path / "out" / "model.safetensors").exists() \
+        else None
+    report = (tmp_path / "out" / "chatvec_apply.json").read_text()
+    assert '"alpha": -0.001' in report and (got is None or got)
+
+
+def test_api_type_errors_are_the_projects_errors(fam, tmp_path):
+    with pytest.raises(OutputError, match="must be a path"):
+        apply_vectors(fam["cp"], fam["vec"], None)
+    with pytest.raises(UsageError, match="layers must be"):
+        apply_vectors(fam["cp"], fam["vec"], tmp_path / "o", layers=5)
+    with pytest.raises(ChatVecError):
+        ChatVector.load(None)
+    with pytest.raises(ChatVecError):
+        apply_vectors(fam["cp"], [(fam["vec"], "one")], tmp_path / "o")
+
+
+def test_missing_chat_template_fails_before_the_merge(fam, tmp_path, monkeypatch):
+    from chatvec_lab import apply as apply_module
+    from chatvec_lab.errors import SourceError
+
+    def never(*args, **kwargs):
+        raise AssertionError("merged before checking the template")
+
+    monkeypatch.setattr(apply_module, "merge_tensor", never)
+    with pytest.raises(SourceError, match="no chat template"):
+        apply_vectors(fam["cp"], fam["vec"], tmp_path / "o", chat_template_from=fam["base"], check_lineage=False)
+
+
+def test_token_map_as_one_string_is_one_token(tmp_path):
+    from chatvec_lab import toy
+
+    cv = ChatVector.from_models(toy.path("base"), toy.path("chat"), hash_files=False)
+    one = apply_vectors(toy.path("cp"), [(cv, 1.0)], tmp_path / "one", token_map="<|end|>", chat=toy.path("chat"))
+    listed = apply_vectors(toy.path("cp"), [(cv, 1.0)], tmp_path / "list", token_map=["<|end|>"],
+                           chat=toy.path("chat"))
+    assert one.tensors.equals(listed.tensors)
+    assert checksums(tmp_path / "one")[str(tmp_path / "one" / "model.safetensors")] == \
+        checksums(tmp_path / "list")[str(tmp_path / "list" / "model.safetensors")]
+
+
+def test_legacy_pickle_loads_with_allow_pickle(tmp_path):
+    from chatvec_lab import open_weights
+
+    tensors = {"w": torch.arange(6.0).reshape(2, 3)}
+    torch.save(tensors, tmp_path / "legacy.bin", _use_new_zipfile_serialization=False)
+    src = open_weights(tmp_path / "legacy.bin", allow_pickle=True)
+    assert torch.equal(src.get("w"), tensors["w"])
+
+
+def test_sweep_csv_is_not_overwritten(fam, tmp_path, capsys):
+    csv = tmp_path / "sweep.csv"
+    csv.write_text("mine")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hallo\n")
+    rc, err = _cli(["sweep", "--target", str(fam["cp"]), "--vector", str(fam["vec"]), "--prompts", str(prompts),
+                    "--csv", str(csv), "-q"], capsys)
+    assert rc == 2 and "already exists" in err and csv.read_text() == "mine"
