@@ -4,9 +4,10 @@ Each case is a small valid file, written by ``safetensors.torch.save``, with up 
 header object, header bytes or file bytes (offsets, shapes, dtypes, lengths, JSON types and literals,
 duplicate keys, nesting, padding, truncation, trailing bytes, byte flips). chatvec must either read exactly
 what the library reads (names, dtypes, shapes, bytes) or refuse the file with a one-line SourceError. It may
-refuse a file the library reads only for a reason it means to (a dtype it does not read, a duplicate key,
-a tensor entry written as a list, a shape whose dimensions multiply past 2**63 even if one is 0). Anything else is a failure: another exception, other tensors, accepting
-a file the library refuses, a hang.
+refuse a file the library reads only for a reason it means to (STRICTER_ON_PURPOSE: a dtype it does not read,
+a duplicate key, a tensor entry written as a list, a shape whose dimensions multiply past 2**63 even if one
+is 0). Anything else is a failure: another exception, other tensors, accepting a file the library refuses,
+a hang.
 
     python benchmarks/fuzz_headers.py --cases 20000 --seed 0
 

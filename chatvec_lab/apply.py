@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import re
 import shutil
 import warnings
@@ -49,12 +50,14 @@ def coefficient_for(info: TensorInfo, alpha: Alpha) -> float:
             if re.search(pattern, info.name):
                 return float(value)
         return 0.0
+    if isinstance(alpha, (str, bytes, bool)):
+        raise UsageError(f"coefficient {alpha!r} is not a number")
     try:
         value = float(alpha)
     except (TypeError, ValueError):
-        raise ValueError(f"coefficient {alpha!r} is not a number") from None
+        raise UsageError(f"coefficient {alpha!r} is not a number") from None
     if not math.isfinite(value):
-        raise ValueError(f"coefficient {alpha!r} is not finite")
+        raise UsageError(f"coefficient {alpha!r} is not finite")
     return value
 
 
@@ -128,14 +131,23 @@ class ApplyReport:
 
 
 def _as_pairs(vectors) -> list[tuple[ChatVector, Alpha]]:
-    if isinstance(vectors, (ChatVector, str, Path)):
+    if isinstance(vectors, (ChatVector, str, os.PathLike)):
         vectors = [(vectors, 1.0)]
+    if not isinstance(vectors, Iterable):
+        raise UsageError(f"vectors must be a vector, a vector's folder or a list of (vector, alpha), "
+                         f"not {type(vectors).__name__}")
     pairs = []
     for item in vectors:
+        if isinstance(item, tuple) and len(item) != 2:
+            raise UsageError(f"each vector is given as (vector, alpha), not a tuple of {len(item)}")
         vec, alpha = item if isinstance(item, tuple) else (item, 1.0)
+        if not isinstance(vec, (ChatVector, str, os.PathLike)):
+            raise UsageError(f"a vector must be a ChatVector or its folder, not {type(vec).__name__}")
+        if not (callable(alpha) or isinstance(alpha, Mapping)):
+            coefficient_for(parse("x"), alpha)  # a plain coefficient must be a finite number
         pairs.append((ChatVector.open(vec), alpha))
     if not pairs:
-        raise ValueError("no vector to apply")
+        raise UsageError("no vector to apply")
     return pairs
 
 

@@ -1,14 +1,13 @@
 """``chatvec info``: what a vector or a checkpoint holds."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pandas as pd
 
 from chatvec_lab.naming import parse
-from chatvec_lab.sources import open_weights
+from chatvec_lab.sources import open_weights, read_json_object
 from chatvec_lab.vector import METADATA_FILE
 
 
@@ -19,7 +18,7 @@ def describe(path, norms: bool = True) -> tuple[dict, pd.DataFrame]:
     meta: dict = {"path": str(path)}
     if folder and (folder / METADATA_FILE).is_file():
         meta["kind"] = "chat vector"
-        meta.update(json.loads((folder / METADATA_FILE).read_text()))
+        meta.update(read_json_object(folder / METADATA_FILE, "chat vector metadata"))
     else:
         meta["kind"] = "checkpoint"
         cfg = source.config or {}

@@ -16,6 +16,7 @@ import os
 import re
 import stat
 import sys
+import zipfile
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -179,12 +180,12 @@ def _refuse_constant(name: str):
 
 
 def _unique_keys(pairs: list) -> dict:
-    out = dict(pairs)
-    if len(out) < len(pairs):
-        seen: set = set()
-        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise ValueError(f"duplicate key {_short(duplicate)}")
-    return out
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"duplicate key {_short(key)}")
+        seen.add(key)
+    return dict(pairs)
 
 
 def _check_json_tree(value, depth: int = 1) -> None:
@@ -644,9 +645,15 @@ def module_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _load_pickles(files: list[Path]) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
-        open_regular(f).close()  # torch.load opens it by name: refuse a FIFO or device first
         try:
-            data = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            with open_regular(f) as handle:  # a FIFO or device is refused, not opened by torch.load
+                if zipfile.is_zipfile(handle):  # the current format: memory-mapped, not read whole
+                    data = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                else:  # the legacy format cannot be mapped: read from the file already opened
+                    handle.seek(0)
+                    data = torch.load(handle, map_location="cpu", weights_only=True)
+        except SourceError:
+            raise
         except Exception as e:
             raise SourceError(f"cannot load {f} with weights_only=True: {str(e).splitlines()[0]}") from None
         if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import json
 import math
 import os
 import re
@@ -24,7 +23,7 @@ import torch
 
 from chatvec_lab.errors import MismatchError, NonFiniteError, SourceError
 from chatvec_lab.output import DEFAULT_SHARD_BYTES, ShardedSafetensorsWriter, atomic_folder, source_paths, write_json
-from chatvec_lab.sources import WeightSource, open_weights, paged_rows, read_blocks
+from chatvec_lab.sources import WeightSource, open_weights, paged_rows, read_blocks, read_json_object
 
 METADATA_FILE = "chatvec.json"
 BASE_CONFIG_FILE = "base_config.json"
@@ -185,8 +184,9 @@ class ChatVector:
     @classmethod
     def load(cls, path) -> "ChatVector":
         """Open a vector saved with :meth:`save` (lazily)."""
-        from chatvec_lab.sources import read_json_object
-
+        if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
+            raise SourceError(f"a saved vector is opened from its folder (str or os.PathLike), "
+                              f"not {type(path).__name__}")
         path = Path(path)
         meta_file = path / METADATA_FILE
         if not meta_file.exists():

@@ -368,3 +368,9 @@ def test_sweep_csv_is_not_overwritten(fam, tmp_path, capsys):
     rc, err = _cli(["sweep", "--target", str(fam["cp"]), "--vector", str(fam["vec"]), "--prompts", str(prompts),
                     "--csv", str(csv), "-q"], capsys)
     assert rc == 2 and "already exists" in err and csv.read_text() == "mine"
+
+
+def test_info_on_a_vector_with_malformed_metadata_is_one_line(fam, capsys):
+    (fam["vec"] / "chatvec.json").write_text("[1, 2]")
+    rc, err = _cli(["info", str(fam["vec"]), "-q"], capsys)
+    assert rc == 2 and "chat vector metadata" in err and len(err.strip().splitlines()) == 1
