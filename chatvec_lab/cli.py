@@ -1,4 +1,4 @@
-"""The ``chatvec`` command line: extract | apply | info | compare | sweep | demo."""
+"""The ``chatvec`` command line: extract | apply | info | compare | sweep | demo | notebooks."""
 from __future__ import annotations
 
 import argparse

@@ -25,6 +25,11 @@ from typing import Iterable, Iterator
 
 import torch
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on Windows
+    fcntl = None
+
 from chatvec_lab.errors import OutputError
 from chatvec_lab.sources import ST_DTYPE_NAMES, _itemsize, _numel
 
@@ -42,7 +47,16 @@ def check_output_path(out, overwrite: bool, inputs: Iterable = (), folder: bool 
     ``folder``: the output is a folder (else a file)."""
     if not isinstance(out, (str, os.PathLike)) or isinstance(out, bytes):
         raise OutputError(f"the output must be a path (str or os.PathLike), not {type(out).__name__}")
+    try:
+        return _check_output_path(out, overwrite, inputs, folder)
+    except (OSError, ValueError) as e:  # a component too long, a NUL byte, a loop of links …
+        raise OutputError(f"cannot write to {out!s}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _check_output_path(out, overwrite: bool, inputs: Iterable, folder: bool) -> Path:
     given = Path(out).expanduser()
+    if "\0" in str(given):
+        raise OutputError(f"output {out!r} holds a NUL character")
     if given.name in ("", ".", ".."):
         raise OutputError(f"output {out!s} does not name a new folder")
     if len(os.fsencode(given.name)) > NAME_MAX:
@@ -66,9 +80,11 @@ def check_output_path(out, overwrite: bool, inputs: Iterable = (), folder: bool 
                               "it is not replaced")
         if os.path.ismount(target):
             raise OutputError(f"output {out!s} is a mount point: it cannot be replaced")
-    probe = target.parent
-    while not probe.exists():
+    probe = given.absolute().parent
+    while not os.path.lexists(probe):
         probe = probe.parent
+    if probe.is_symlink() and not probe.exists():
+        raise OutputError(f"cannot write to {out!s}: {probe} is a dangling symbolic link")
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write to {out!s}: {probe} is not a writable folder")
     return target
@@ -133,16 +149,21 @@ def publish(tmp: Path, out: Path) -> None:
 
 
 def replace(tmp: Path, out: Path) -> None:
-    """Swap the finished ``tmp`` with the existing folder ``out`` (atomically where the system can), then delete
-    the old one. If ``out`` is gone meanwhile, ``tmp`` is simply published."""
+    """Swap the finished ``tmp`` (a folder or a file) with the existing ``out`` of the same kind, atomically where
+    the system can, then delete the old one. What is swapped out is checked after the swap: if it turns out to be
+    something else (a link, say, that appeared meanwhile), it is swapped back and left untouched.
+    If ``out`` is gone meanwhile, ``tmp`` is simply published."""
     if not os.path.lexists(out):
         return publish(tmp, out)
-    if not out.is_dir() or out.is_symlink():
-        raise OutputError(f"output {out} was replaced by something that is not a folder while this run was writing: "
-                          "it was left untouched")
+    folder = tmp.is_dir()
     if _renameat2(tmp, out, _RENAME_EXCHANGE):
-        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old output
+        if not _same_kind(tmp, folder):  # tmp now holds what was at ``out``
+            _renameat2(tmp, out, _RENAME_EXCHANGE)
+            raise _not_replaced(out, folder)
+        _remove(tmp)
         return
+    if not _same_kind(out, folder):
+        raise _not_replaced(out, folder)
     aside = _temp_name(out, "old")
     os.rename(out, aside)
     try:
@@ -150,7 +171,16 @@ def replace(tmp: Path, out: Path) -> None:
     except BaseException:
         os.rename(aside, out)
         raise
-    shutil.rmtree(aside, ignore_errors=True)
+    _remove(aside)
+
+
+def _same_kind(path: Path, folder: bool) -> bool:
+    return not path.is_symlink() and (path.is_dir() if folder else path.is_file()) and not os.path.ismount(path)
+
+
+def _not_replaced(out: Path, folder: bool) -> OutputError:
+    return OutputError(f"output {out} became something other than a {'folder' if folder else 'file'} while this run "
+                       "was writing: it was left untouched, and nothing was written")
 
 
 # ------------------------------------------------------------------ temporary folders and their leftovers
@@ -167,19 +197,24 @@ def _temp_name(out: Path, kind: str) -> Path:
     return out.parent / f".{_stem(out.name)}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def _alive(pid: int) -> bool:
+def _lock(path: Path) -> int | None:
+    """Hold an exclusive lock on ``path`` (a temporary folder or file) for as long as the descriptor is open:
+    the mark of a run still writing. None where locks are not to be had (then nothing is ever removed)."""
+    if fcntl is None:
+        return None
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0) | os.O_NOFOLLOW)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def remove_leftovers(out: Path) -> list[Path]:
-    """Delete the temporary folders that runs writing ``out`` left when they were killed (their process is gone)."""
-    pattern = re.compile(rf"^\.{re.escape(_stem(out.name))}\.(partial|old)-(\d+)-[0-9a-f]+$")
+    """Delete the temporary folders and files that runs writing ``out`` left when they were killed: those whose lock
+    no process holds (a run still writing holds its lock, whatever its process id or namespace)."""
+    pattern = re.compile(rf"^\.{re.escape(_stem(out.name))}\.partial-(\d+)-[0-9a-f]+$")
     removed = []
     try:
         entries = list(out.parent.iterdir())
@@ -187,11 +222,21 @@ def remove_leftovers(out: Path) -> list[Path]:
         return removed
     for entry in entries:
         m = pattern.match(entry.name)
-        if m and int(m.group(2)) != os.getpid() and not _alive(int(m.group(2))):
+        if not m or entry.is_symlink():
+            continue
+        try:
+            fd = _lock(entry)
+        except OSError:
+            continue  # held: a run is writing it
+        if fd is None:
+            continue
+        try:
             _remove(entry)
-            if not os.path.lexists(entry):
-                removed.append(entry)
-                log.warning("removed %s, left by an interrupted run (process %s)", entry, m.group(2))
+        finally:
+            os.close(fd)
+        if not os.path.lexists(entry):
+            removed.append(entry)
+            log.warning("removed %s, left by an interrupted run (process %s)", entry, m.group(1))
     return removed
 
 
@@ -263,7 +308,7 @@ def atomic_file(out, overwrite: bool = False, inputs: Iterable = ()) -> Iterator
 @contextlib.contextmanager
 def _publishing(out, overwrite: bool, inputs: Iterable, folder: bool) -> Iterator[Path]:
     target = check_output_path(out, overwrite, inputs, folder=folder)
-    tmp = None
+    tmp = lock = None
     try:
         with _signals_interrupt():
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -271,14 +316,12 @@ def _publishing(out, overwrite: bool, inputs: Iterable, folder: bool) -> Iterato
             tmp = _temp_name(target, "partial")
             if folder:
                 tmp.mkdir(mode=0o700)
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            lock = _lock(tmp)
             yield tmp
             os.chmod(tmp, (0o777 if folder else 0o666) & ~_umask())
-            if not overwrite:
-                publish(tmp, target)
-            elif folder:
-                replace(tmp, target)
-            else:
-                os.replace(tmp, target)
+            (replace if overwrite else publish)(tmp, target)
             tmp = None
     except OSError as e:
         raise OutputError(f"could not write {out!s}: {e.strerror or e}"
@@ -286,6 +329,8 @@ def _publishing(out, overwrite: bool, inputs: Iterable, folder: bool) -> Iterato
     finally:
         if tmp is not None:
             _remove(tmp)
+        if lock is not None:
+            os.close(lock)
 
 
 def write_json(path: Path, data) -> None:

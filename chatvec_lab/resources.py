@@ -11,9 +11,7 @@ from the repository). ``$CHATVEC_TOY_DIR`` still overrides the toy family's fold
 """
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -61,32 +59,22 @@ def copy_notebooks(dest: str | Path, overwrite: bool = False) -> list[Path]:
     (each atomically) and every other file in ``dest`` (your own notebooks, caches) is left alone.
     """
     from chatvec_lab.errors import OutputError
-    from chatvec_lab.output import atomic_folder
+    from chatvec_lab.output import atomic_file, atomic_folder
 
     sources = notebooks()
+    inputs = [notebook_dir()]  # never onto the package's own copies
     dest = Path(dest).expanduser()
     if dest.exists() and not dest.is_dir():
         raise OutputError(f"output {dest} exists and is not a folder")
     if not dest.exists() or not any(dest.iterdir()):
-        with atomic_folder(dest, overwrite=dest.exists()) as tmp:
-            umask = os.umask(0)
-            os.umask(umask)
-            tmp.chmod(0o777 & ~umask)  # mkdtemp made it private; a plain folder, like mkdir's
+        with atomic_folder(dest, overwrite=dest.exists(), inputs=inputs) as tmp:
             for src in sources:
-                shutil.copy(src, tmp / src.name)
+                shutil.copyfile(src, tmp / src.name)
         return [dest / src.name for src in sources]
     if not overwrite:
         raise OutputError(f"output {dest} exists and is not empty (pass --overwrite to replace the "
                           "notebooks in it; other files are kept)")
-    out = []
     for src in sources:
-        fd, tmp = tempfile.mkstemp(prefix=f".{src.name}.partial-", dir=dest)
-        os.close(fd)
-        try:
-            shutil.copy(src, tmp)  # the content and the source's permissions
-            os.replace(tmp, dest / src.name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        out.append(dest / src.name)
-    return out
+        with atomic_file(dest / src.name, overwrite=True, inputs=inputs) as tmp:
+            shutil.copyfile(src, tmp)
+    return [dest / src.name for src in sources]

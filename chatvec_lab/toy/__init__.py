@@ -27,7 +27,8 @@ def path(name: str) -> Path:
         raise KeyError(f"unknown toy model {name!r}; the family is {', '.join(MEMBERS)}")
     folder = data_dir() / name
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"toy model {name!r} is missing at {folder}; rebuild the family with "
+        raise FileNotFoundError(f"toy model {name!r} is missing at {folder}: reinstall chatvec_lab (the wheel "
+                                "carries the family), or rebuild the family from a checkout with "
                                 "`python -m chatvec_lab.toy.train --out data/toy`")
     return folder
 

@@ -161,7 +161,7 @@ def main(argv=None) -> None:
     df = run(seeds=args.seeds, vector=args.vector)
     s = summary(df)
     text = markdown(s) + "\n\n" + intervals(df) + "\n"
-    with atomic_folder(args.out, args.overwrite) as out:
+    with atomic_folder(args.out, args.overwrite, inputs=[toy.data_dir()]) as out:
         df.to_csv(out / "replies.csv", index=False)
         s.to_csv(out / "summary.csv", index=False)
         figures(df, out)
