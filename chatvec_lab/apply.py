@@ -26,7 +26,8 @@ from chatvec_lab.output import (DEFAULT_SHARD_BYTES, ShardedSafetensorsWriter, a
 from chatvec_lab.naming import TensorInfo, parse
 from chatvec_lab.sources import (Prefetcher, WeightSource, model_folder, module_state, open_weights, paged_rows,
                                  read_json_object)
-from chatvec_lab.vector import CHUNK_ELEMENTS, ChatVector, _Diff, check_finite, check_same_architecture, row_blocks
+from chatvec_lab.vector import (CHUNK_ELEMENTS, ChatVector, _Diff, check_finite, check_same_architecture, compile_pattern,
+                                row_blocks)
 
 Alpha = Union[float, Mapping[str, float], Callable[[TensorInfo], float]]
 EMBEDDING_POLICIES = ("error", "skip", "shared")
@@ -61,17 +62,6 @@ def coefficient_for(info: TensorInfo, alpha: Alpha) -> float:
     return value
 
 
-def _regex(pattern, what: str):
-    if pattern is None:
-        return None
-    if not isinstance(pattern, str):
-        raise UsageError(f"{what} must be a regular expression (str), not {type(pattern).__name__}")
-    try:
-        return re.compile(pattern)
-    except re.error as e:
-        raise UsageError(f"{what} {pattern!r} is not a valid regular expression: {e}") from None
-
-
 def _layer_set(layers) -> set[int] | None:
     if layers is None:
         return None
@@ -90,8 +80,8 @@ def _layer_set(layers) -> set[int] | None:
 def layer_filter(layers: Iterable[int] | None, include: str | None, exclude: str | None) -> Callable[[TensorInfo], bool]:
     """Which tensors may change: by layer index and by name regexes."""
     layer_set = _layer_set(layers)
-    inc = _regex(include, "include")
-    exc = _regex(exclude, "exclude")
+    inc = compile_pattern(include, "include")
+    exc = compile_pattern(exclude, "exclude")
 
     def keep(info: TensorInfo) -> bool:
         if layer_set is not None and info.layer not in layer_set:
@@ -133,6 +123,8 @@ class ApplyReport:
 def _as_pairs(vectors) -> list[tuple[ChatVector, Alpha]]:
     if isinstance(vectors, (ChatVector, str, os.PathLike)):
         vectors = [(vectors, 1.0)]
+    elif isinstance(vectors, Mapping):  # {vector: alpha}
+        vectors = list(vectors.items())
     if not isinstance(vectors, Iterable):
         raise UsageError(f"vectors must be a vector, a vector's folder or a list of (vector, alpha), "
                          f"not {type(vectors).__name__}")
@@ -143,7 +135,11 @@ def _as_pairs(vectors) -> list[tuple[ChatVector, Alpha]]:
         vec, alpha = item if isinstance(item, tuple) else (item, 1.0)
         if not isinstance(vec, (ChatVector, str, os.PathLike)):
             raise UsageError(f"a vector must be a ChatVector or its folder, not {type(vec).__name__}")
-        if not (callable(alpha) or isinstance(alpha, Mapping)):
+        if isinstance(alpha, Mapping):
+            for pattern, value in alpha.items():
+                compile_pattern(pattern, "a coefficient rule's pattern")
+                coefficient_for(parse("x"), value)
+        elif not callable(alpha):
             coefficient_for(parse("x"), alpha)  # a plain coefficient must be a finite number
         pairs.append((ChatVector.open(vec), alpha))
     if not pairs:
@@ -163,7 +159,7 @@ def plan_apply(target: WeightSource, pairs: list[tuple[ChatVector, Alpha]], embe
                keep: Callable[[TensorInfo], bool] | None = None) -> tuple[dict[str, TensorPlan], list[str]]:
     """Check that the vectors fit the target and decide, per tensor, what to add. Raises before any write."""
     if embeddings not in EMBEDDING_POLICIES:
-        raise ValueError(f"embeddings policy must be one of {EMBEDDING_POLICIES}, not {embeddings!r}")
+        raise UsageError(f"embeddings policy must be one of {EMBEDDING_POLICIES}, not {embeddings!r}")
     notes: list[str] = []
     target_names = set(target.keys())
     tied = _tied(target)
@@ -429,6 +425,9 @@ def _prepare(target, vectors, base, embeddings, include, exclude, layers, token_
     rows = None
     if isinstance(token_map, str):
         token_map = [token_map]  # one token, not its characters
+    if token_map is not None and not isinstance(token_map, (Mapping, list, tuple, set)):
+        raise UsageError(f"token_map must be a token, a list of tokens or {{target token: chat token}}, "
+                         f"not {type(token_map).__name__}")
     if token_map:
         chat_src = open_weights(chat) if chat is not None else next(
             (t.chat for v, _ in pairs for _, t in v.terms if isinstance(t, _Diff)), None)
@@ -473,7 +472,8 @@ def apply_vectors(target, vectors, out, *, base=None, embeddings: str = "error",
     inputs = [*source_paths(target_src), *(p for vec, _ in pairs for p in vec.input_paths()),
               *(source_paths(base_src) if base_src is not None else []),
               *(source_paths(rows.chat) if rows is not None else []),
-              *([model_folder(chat_template_from)] if chat_template_from is not None else [])]
+              *([model_folder(chat_template_from)] if chat_template_from is not None else []),
+              *(Path(p) for p in (base, chat) if isinstance(p, (str, os.PathLike)) and os.path.exists(p))]
     lineage = [0.0, 0.0] if base_src is not None else None
     plan = [(n, target_src.shape(n), target_src.dtype(n)) for n in target_src.keys()]
     order = list(target_src.keys())

@@ -89,11 +89,10 @@ def cmd_apply(args) -> None:
     pairs = [(ChatVector.load(v), a) for v, a in zip(args.vector, alphas)]
     base = args.base
     if base is None and not args.no_lineage_check:
-        recorded = pairs[0][0].metadata.get("base", {}).get("source")
-        if recorded and Path(recorded).exists():
+        recorded = pairs[0][0].metadata.get("base", {})
+        recorded = recorded.get("path") or recorded.get("source") if isinstance(recorded, dict) else None
+        if isinstance(recorded, str) and Path(recorded).exists():
             base = recorded
-    if base is None and not args.no_lineage_check:
-        print("note: lineage not checked (the vector's base is not available here; pass --base)", file=sys.stderr)
     token_map = [t for t in (args.token_map or "").split(",") if t]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the report prints them
@@ -104,6 +103,8 @@ def cmd_apply(args) -> None:
             check_lineage=not args.no_lineage_check, progress=not args.quiet,
             max_shard_bytes=int(args.max_shard_gb * 1024**3))
     print(report.summary())
+    if base is None and not args.no_lineage_check:
+        print("note: lineage not checked (the vector's base is not available here; pass --base)", file=sys.stderr)
 
 
 def cmd_info(args) -> None:
@@ -121,9 +122,15 @@ def cmd_compare(args) -> None:
     from chatvec_lab import geometry
     from chatvec_lab.vector import ChatVector
 
+    from chatvec_lab.output import atomic_file, atomic_folder, check_output_path
+
     vectors = {Path(v).name: ChatVector.load(v) for v in args.vectors}
     if len(vectors) < len(args.vectors):
         vectors = {v: ChatVector.load(v) for v in args.vectors}
+    inputs = [p for v in vectors.values() for p in v.input_paths()]
+    for out, folder in ((args.csv, False), (args.plots, True)):  # before the pass, not after
+        if out:
+            check_output_path(out, args.overwrite, inputs, folder=folder)
     stats = geometry.vector_stats(vectors)
     cos = geometry.cosine_matrix(stats)
     import pandas as pd
@@ -133,10 +140,12 @@ def cmd_compare(args) -> None:
         print("\nnorm of each vector by layer:")
         print(geometry.layer_norms(stats).to_string())
     if args.csv:
-        cos.to_csv(args.csv)
+        with atomic_file(args.csv, args.overwrite, inputs) as tmp:
+            cos.to_csv(tmp)
         print(f"\nwrote {args.csv}")
     if args.plots:
-        paths = geometry.save_compare_plots(stats, args.plots)
+        with atomic_folder(args.plots, args.overwrite, inputs) as tmp:
+            paths = geometry.save_compare_plots(stats, tmp)
         print(f"wrote {len(paths)} figures to {args.plots}")
 
 
@@ -168,10 +177,17 @@ def cmd_notebooks(args) -> None:
         print("(JupyterLab is not installed here: pip install 'chatvec_lab[notebooks]')")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, like every other refusal (``--help`` still shows the usage)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from chatvec_lab import __version__
 
-    p = argparse.ArgumentParser(prog="chatvec", description="Chat-vector arithmetic on language models.")
+    p = _Parser(prog="chatvec", description="Chat-vector arithmetic on language models.")
     p.add_argument("--version", action="version", version=f"chatvec_lab {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -207,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="cosine similarity and per-layer norms of vectors")
     c.add_argument("vectors", nargs="+")
     c.add_argument("--csv", help="write the cosine matrix here")
-    c.add_argument("--plots", help="write PNG figures to this folder")
+    c.add_argument("--plots", help="write PNG figures to this (new) folder")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --csv file or --plots folder")
     c.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("sweep", help="generate and score replies over coefficients")

@@ -30,7 +30,7 @@ try:
 except ImportError:  # pragma: no cover - not on Windows
     fcntl = None
 
-from chatvec_lab.errors import OutputError
+from chatvec_lab.errors import OutputError, UsageError
 from chatvec_lab.sources import ST_DTYPE_NAMES, _itemsize, _numel
 
 DEFAULT_SHARD_BYTES = 4 * 1024**3
@@ -348,6 +348,8 @@ class ShardedSafetensorsWriter:
     def __init__(self, folder: Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]], prefix: str = "model",
                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, metadata: dict[str, str] | None = None,
                  background: bool = False):
+        if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
+            raise UsageError(f"max_shard_bytes must be a positive integer, not {max_shard_bytes!r}")
         self.folder = Path(folder)
         self.pool = None
         self.inflight = None

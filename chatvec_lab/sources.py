@@ -308,24 +308,29 @@ def read_safetensors_header(path: Path) -> tuple[int, dict[str, tuple[torch.dtyp
     """``(data_start, tensors)`` of a safetensors file, checked as strictly as the format: see
     check_safetensors_header; offsets are relative to ``data_start``. One-line SourceError otherwise."""
     with open_regular(path) as f:
-        try:
-            size = os.fstat(f.fileno()).st_size
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise ValueError("file shorter than the 8-byte header length")
-            n = int.from_bytes(prefix, "little")
-            if not 0 < n <= min(size - 8, ST_MAX_HEADER_BYTES):
-                raise ValueError(f"header length {n} does not fit a file of {size} bytes")
-            raw = f.read(n)
-            if len(raw) < n:
-                raise ValueError("file shrank while its header was read")
-            return 8 + n, check_safetensors_header(parse_json(raw, strict=True), data_bytes=size - 8 - n)
-        except _UnsupportedDtype as e:
-            raise SourceError(f"{path}: {e}") from None
-        except _Truncated as e:
-            raise SourceError(f"truncated safetensors file {path}: {e}") from None
-        except (OSError, ValueError) as e:
-            raise SourceError(f"corrupt safetensors file {path}: {e}") from None
+        return _read_header(f, path)
+
+
+def _read_header(f, path: Path):
+    try:
+        f.seek(0)
+        size = os.fstat(f.fileno()).st_size
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ValueError("file shorter than the 8-byte header length")
+        n = int.from_bytes(prefix, "little")
+        if not 0 < n <= min(size - 8, ST_MAX_HEADER_BYTES):
+            raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+        raw = f.read(n)
+        if len(raw) < n:
+            raise ValueError("file shrank while its header was read")
+        return 8 + n, check_safetensors_header(parse_json(raw, strict=True), data_bytes=size - 8 - n)
+    except _UnsupportedDtype as e:
+        raise SourceError(f"{path}: {e}") from None
+    except _Truncated as e:
+        raise SourceError(f"truncated safetensors file {path}: {e}") from None
+    except (OSError, ValueError) as e:
+        raise SourceError(f"corrupt safetensors file {path}: {e}") from None
 
 
 class SafetensorsSource(WeightSource):
@@ -347,8 +352,12 @@ class SafetensorsSource(WeightSource):
         self.revision = revision
         self._where: dict[str, tuple[Path, int, int]] = {}
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        # each file is opened once and read through that descriptor from then on: a file replaced or deleted
+        # meanwhile (another run's --overwrite, say) is not mixed into this one
+        self._handles = {}
         for f in self.files:
-            data_start, tensors = read_safetensors_header(f)
+            handle = self._handles[f] = open_regular(f, buffering=0)
+            data_start, tensors = _read_header(handle, f)
             for name, (dtype, shape, begin, end) in tensors.items():
                 if name in self._where:
                     raise SourceError(f"tensor {name!r} appears in both {self._where[name][0].name} and {f.name}")
@@ -374,7 +383,7 @@ class SafetensorsSource(WeightSource):
         path, offset, nbytes = where
         shape, dtype = self._meta[name]
         if nbytes >= self.MAP_AT_LEAST and offset % _itemsize(dtype) == 0:  # elements must be aligned
-            return self._map(path, offset, nbytes, shape, dtype, name)
+            return self._map(self._handles[path], path, offset, nbytes, shape, dtype, name)
         buf = bytearray(nbytes)
         self.read_into(name, 0, memoryview(buf))
         if nbytes == 0:
@@ -391,27 +400,25 @@ class SafetensorsSource(WeightSource):
         if start < 0 or start + len(out) > nbytes:
             raise ValueError(f"bytes {start}..{start + len(out)} are outside tensor {name!r} ({nbytes} bytes)")
         try:
-            with open_regular(path, buffering=0) as f:
-                f.seek(offset + start)
-                done = 0
-                while done < len(out):
-                    n = f.readinto(out[done:])
-                    if not n:
-                        raise SourceError(f"truncated safetensors file {path}: tensor {name!r} ends past the file")
-                    done += n
+            fd = self._handles[path].fileno()
+            done = 0
+            while done < len(out):
+                n = os.preadv(fd, [out[done:]], offset + start + done)
+                if not n:
+                    raise SourceError(f"truncated safetensors file {path}: tensor {name!r} ends past the file")
+                done += n
         except OSError as e:
             raise SourceError(f"cannot read tensor {name!r} from {path}: {e}") from None
 
     @classmethod
-    def _map(cls, path: Path, offset: int, nbytes: int, shape, dtype, name: str) -> torch.Tensor:
+    def _map(cls, handle, path: Path, offset: int, nbytes: int, shape, dtype, name: str) -> torch.Tensor:
         import warnings
 
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
         try:
-            with open_regular(path) as f:
-                if os.fstat(f.fileno()).st_size < offset + nbytes:
-                    raise SourceError(f"truncated safetensors file {path}: tensor {name!r} ends past the file")
-                mapped = mmap.mmap(f.fileno(), offset + nbytes - start, access=mmap.ACCESS_COPY, offset=start)
+            if os.fstat(handle.fileno()).st_size < offset + nbytes:
+                raise SourceError(f"truncated safetensors file {path}: tensor {name!r} ends past the file")
+            mapped = mmap.mmap(handle.fileno(), offset + nbytes - start, access=mmap.ACCESS_COPY, offset=start)
         except OSError as e:
             raise SourceError(f"cannot read tensor {name!r} from {path}: {e}") from None
         pages = MappedPages(mapped, offset - start, whole=nbytes <= cls.POPULATE_AT_MOST)
@@ -428,9 +435,15 @@ class SafetensorsSource(WeightSource):
         out: dict = {"source": self.description}
         if self.revision:
             out["revision"] = self.revision
+        if self.folder is not None:
+            out["path"] = str(Path(self.folder).resolve())
         if hash_files:
-            out["sha256"] = {f.name: sha256_file(f) for f in self.files}
+            out["sha256"] = {f.name: _sha256(self._handles[f]) for f in self.files}
         return out
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
 
 
 class MappedPages:
@@ -597,11 +610,17 @@ class Prefetcher:
         self.pool.shutdown(wait=True)
 
 
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
+def sha256_file(path: Path) -> str:
     with open_regular(path) as f:
-        while block := f.read(chunk):
-            h.update(block)
+        return _sha256(f)
+
+
+def _sha256(handle, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    offset = 0
+    while block := os.pread(handle.fileno(), chunk, offset):
+        h.update(block)
+        offset += len(block)
     return h.hexdigest()
 
 
@@ -707,10 +726,16 @@ def _folder_files(folder: Path, allow_pickle: bool) -> tuple[str, list[Path], tu
         index = folder / index_name
         if index.exists():
             weight_map = read_shard_index(index)
+            if not weight_map:
+                raise SourceError(f"bad shard index {index}: its weight_map names no tensor")
             files = sorted({folder / shard for shard in weight_map.values()})
             missing = [f.name for f in files if not f.exists()]
             if missing:
                 raise SourceError(f"{index} names shard {missing[0]}, which is missing")
+            prefix = index_name.split(".")[0]
+            unlisted = sorted(f.name for f in folder.glob(f"{prefix}-*-of-*.safetensors") if f not in set(files))
+            if unlisted:  # a shard of this checkpoint that its index forgot: the model would silently lack it
+                raise SourceError(f"{index} does not list shard {unlisted[0]}, which lies beside it")
             return "safetensors", files, (index, weight_map)
     files = sorted(folder.glob("*.safetensors"))
     if files:

@@ -219,7 +219,12 @@ def plot_scores(df: pd.DataFrame, metrics: Sequence[str] | None = None, ax=None,
 def run_sweep_cli(args) -> None:
     from chatvec_lab.errors import ChatVecError
 
-    check_output_path(args.csv, args.overwrite, folder=False)  # before the sweep's work, not after
+    from chatvec_lab.output import source_paths
+    from chatvec_lab.sources import open_weights
+
+    inputs = [*source_paths(open_weights(args.target)), Path(args.prompts),
+              *(p for v in args.vector for p in ChatVector.load(v).input_paths())]
+    check_output_path(args.csv, args.overwrite, inputs, folder=False)  # before the sweep's work, not after
     prompts = read_prompts(args.prompts)
     names = [Path(v).name or v for v in args.vector]
     if len(set(names)) < len(names):
@@ -233,7 +238,7 @@ def run_sweep_cli(args) -> None:
     except RuntimeError as e:
         raise ChatVecError(str(e)) from None
     out = Path(args.csv)
-    with atomic_file(out, args.overwrite) as tmp:
+    with atomic_file(out, args.overwrite, inputs) as tmp:
         df.to_csv(tmp, index=False)
     with pd.option_context("display.width", 160):
         print(summarize(df)[["alpha", "n"] + [m for m in METRIC_LABELS if m in df.columns]].to_string(index=False))

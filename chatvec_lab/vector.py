@@ -21,7 +21,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from chatvec_lab.errors import MismatchError, NonFiniteError, SourceError
+from chatvec_lab.errors import MismatchError, NonFiniteError, SourceError, UsageError
 from chatvec_lab.output import DEFAULT_SHARD_BYTES, ShardedSafetensorsWriter, atomic_folder, source_paths, write_json
 from chatvec_lab.sources import WeightSource, open_weights, paged_rows, read_blocks, read_json_object
 
@@ -47,16 +47,28 @@ def check_finite(name: str, tensor: torch.Tensor, where: str) -> None:
         raise NonFiniteError(f"tensor {name!r} in {where} holds {bad} NaN/Inf values")
 
 
+def compile_pattern(pattern, what: str):
+    """A regular expression from the user, or None; a one-line UsageError if it is not one."""
+    if pattern is None or pattern == "":
+        return None
+    if not isinstance(pattern, str):
+        raise UsageError(f"{what} must be a regular expression (str), not {type(pattern).__name__}")
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise UsageError(f"{what} {pattern!r} is not a valid regular expression: {e}") from None
+
+
 def row_blocks(shape: tuple[int, ...], rows: int | None = None, chunk: int = CHUNK_ELEMENTS):
     """Index blocks of whole rows covering the first ``rows`` rows (all by default)."""
     if len(shape) == 0:
         yield ...
         return
     n = shape[0] if rows is None else rows
-    if n == 0:
-        yield slice(0, 0)
+    if n == 0 or math.prod(shape[1:]) == 0:  # no values: one block, however many (empty) rows
+        yield slice(0, n)
         return
-    per_row = max(1, math.prod(shape[1:]))
+    per_row = math.prod(shape[1:])
     step = max(1, chunk // per_row)
     for start in range(0, n, step):
         yield slice(start, min(n, start + step))
@@ -349,7 +361,7 @@ class ChatVector:
         local paths): an output may not be, contain or sit inside any of them."""
         paths = [p for _, term in self.terms for src in term.sources().values() for p in source_paths(src)]
         for meta in _recorded(self.metadata):
-            source = meta.get("source") if isinstance(meta, dict) else None
+            source = meta.get("path") or meta.get("source")  # absolute since 0.1; relative to the cwd before
             if isinstance(source, str) and os.path.exists(source):
                 paths.append(Path(source))
         return paths
@@ -408,8 +420,8 @@ class ChatVector:
 
     def select(self, include: str | None = None, exclude: str | None = None) -> "ChatVector":
         """Keep only tensors whose name matches ``include`` and not ``exclude`` (regexes, ``re.search``)."""
-        inc = re.compile(include) if include else None
-        exc = re.compile(exclude) if exclude else None
+        inc = compile_pattern(include, "include")
+        exc = compile_pattern(exclude, "exclude")
         shapes = {n: s for n, s in self.shapes.items()
                   if (inc is None or inc.search(n)) and not (exc and exc.search(n))}
         if not shapes:

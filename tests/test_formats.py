@@ -255,17 +255,19 @@ def test_fifos_devices_and_directories_are_refused_without_blocking(tmp_path, ca
     assert torch.equal(read_all(link)["a"], torch.arange(4, dtype=torch.float32))
 
 
-def test_a_fifo_swapped_in_is_refused_when_read_even_between_stat_and_open(tmp_path, monkeypatch):
+def test_a_file_swapped_after_opening_is_never_read_and_a_fifo_never_opened(tmp_path, monkeypatch):
+    from chatvec_lab.sources import open_regular
+
     path = tiny_file(tmp_path / "m.safetensors")
     source = SafetensorsSource([path])
     path.unlink()
-    os.mkfifo(path)
-    with time_limit(10), pytest.raises(SourceError, match="m.safetensors is a FIFO, not a regular file"):
-        source.get("a")
+    os.mkfifo(path)  # replaced after opening: the source reads the file it opened, never the FIFO
+    with time_limit(10):
+        assert torch.equal(source.get("a"), torch.arange(4, dtype=torch.float32))
     regular, real_stat = tiny_file(tmp_path / "regular.safetensors"), os.stat
     monkeypatch.setattr(os, "stat", lambda p, *a, **k: real_stat(regular if Path(p) == path else p, *a, **k))
     with time_limit(10), pytest.raises(SourceError, match="m.safetensors is a FIFO, not a regular file"):
-        source.get("a")  # the stat saw a file; the open descriptor is a FIFO
+        open_regular(path)  # the stat saw a file; the open descriptor is a FIFO
 
 
 # ------------------------------------------------------------------ 2. the shard index

@@ -374,3 +374,178 @@ def test_info_on_a_vector_with_malformed_metadata_is_one_line(fam, capsys):
     (fam["vec"] / "chatvec.json").write_text("[1, 2]")
     rc, err = _cli(["info", str(fam["vec"]), "-q"], capsys)
     assert rc == 2 and "chat vector metadata" in err and len(err.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------ found by a hostile review
+
+def test_compare_outputs_are_no_clobber_and_never_inputs(fam, tmp_path, capsys):
+    ChatVector.from_models(fam["base"], fam["cp"]).save(tmp_path / "vec2")
+    mine = tmp_path / "mine.csv"
+    mine.write_text("precious")
+    before = checksums(fam["vec"])
+    vectors = [str(fam["vec"]), str(tmp_path / "vec2")]
+    for extra in (["--csv", str(mine)], ["--csv", str(fam["vec"] / "vector.safetensors"), "--overwrite"],
+                  ["--plots", str(fam["vec"]), "--overwrite"], ["--plots", str(fam["vec"] / "plots")]):
+        rc, err = _cli(["compare", *vectors, "-q", *extra], capsys)
+        assert rc == 2 and len(err.strip().splitlines()) == 1, (extra, err)
+    assert mine.read_text() == "precious" and checksums(fam["vec"]) == before
+    assert _cli(["compare", *vectors, "-q", "--csv", str(mine), "--overwrite", "--plots", str(tmp_path / "p")],
+                capsys)[0] == 0
+    assert mine.read_text().startswith(",") and (tmp_path / "p" / "cosine_matrix.png").is_file()
+
+
+def test_sweep_csv_may_not_be_an_input(fam, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hallo\n")
+    before = checksums(fam["cp"], fam["vec"], prompts)
+    for csv in (fam["cp"] / "model.safetensors", fam["vec"] / "chatvec.json", prompts):
+        rc, err = _cli(["sweep", "--target", str(fam["cp"]), "--vector", str(fam["vec"]), "--prompts", str(prompts),
+                        "--csv", str(csv), "--overwrite", "-q"], capsys)
+        assert rc == 2 and "input" in err, err
+    assert checksums(fam["cp"], fam["vec"], prompts) == before
+
+
+def test_recorded_base_is_protected_from_another_folder(fam, tmp_path, capsys, monkeypatch):
+    root = fam["root"]
+    monkeypatch.chdir(root)
+    ChatVector.from_models("base", "chat").save(tmp_path / "relvec")  # recorded as relative paths
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    before = checksums(root / "base")
+    rc, err = _cli(["apply", "--target", str(root / "cp"), "--vector", str(tmp_path / "relvec"), "-o",
+                    str(root / "base"), "--overwrite", "-q"], capsys)
+    assert rc == 2 and "input" in err and checksums(root / "base") == before
+
+
+@pytest.mark.parametrize("option", ["--base", "--chat"])
+def test_named_models_are_inputs_even_when_not_read(fam, tmp_path, capsys, option):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(fam["chat"], other)
+    before = checksums(other)
+    rc, err = _cli(_apply_args(fam, other, option, str(other), "--overwrite"), capsys)
+    assert rc == 2 and "input" in err and checksums(other) == before
+
+
+def test_overwriting_a_file_never_replaces_a_link_that_appears(tmp_path):
+    keep = tmp_path / "keep.txt"
+    keep.write_text("keep")
+    csv = tmp_path / "s.csv"
+    csv.write_text("old")
+    with pytest.raises(OutputError, match="became something other than a file"):
+        with atomic_file(csv, overwrite=True) as tmp:
+            tmp.write_text("new")
+            csv.unlink()
+            csv.symlink_to(keep)
+    assert csv.is_symlink() and keep.read_text() == "keep" and _debris(tmp_path) == []
+
+
+def test_usage_errors_are_one_line(fam, tmp_path, capsys):
+    for extra in (["--layers", "3-0"], ["--layers", ""], ["--alpha", "nan"], ["--alpha", "inf"],
+                  ["--embeddings", "foo"], ["--max-shard-gb", "-1"]):
+        with pytest.raises(SystemExit) as e:
+            rc = main(_apply_args(fam, tmp_path / "out", *extra))
+            raise SystemExit(rc)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1, (extra, err)
+
+
+def test_a_refusal_is_the_only_line(fam, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the vector's recorded base cannot be found by a relative path
+    rc, err = _cli(["apply", "--target", str(fam["cp"]), "--vector", str(fam["vec"]), "-o", "x", "--layers", "99",
+                    "-q"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_more_api_arguments_raise_the_projects_errors(fam, tmp_path):
+    from chatvec_lab import apply_to_model
+
+    bad_calls = [
+        lambda: apply_vectors(fam["cp"], fam["vec"], tmp_path / "o", embeddings="bogus"),
+        lambda: apply_to_model(fam["cp"], fam["vec"], embeddings="bogus"),
+        lambda: apply_vectors(fam["cp"], [(fam["vec"], {".": "x"})], tmp_path / "o"),
+        lambda: apply_vectors(fam["cp"], [(fam["vec"], {"(": 1.0})], tmp_path / "o"),
+        lambda: apply_vectors(fam["cp"], fam["vec"], tmp_path / "o", token_map=5, chat=fam["chat"]),
+        lambda: apply_vectors(fam["cp"], fam["vec"], tmp_path / "o", max_shard_bytes="1"),
+        lambda: ChatVector.load(fam["vec"]).save(tmp_path / "v", max_shard_bytes="x"),
+        lambda: apply_vectors(fam["cp"], fam["vec"], str(tmp_path / ("a" * 300) / "x")),
+        lambda: ChatVector.load(fam["vec"]).save(str(tmp_path / ("a" * 300) / "x")),
+        lambda: apply_vectors(fam["cp"], fam["vec"], str(tmp_path / "cp\0x")),
+        lambda: ChatVector.load(fam["vec"]).select(include="("),
+        lambda: ChatVector.load(fam["vec"]).select(include=5),
+    ]
+    for i, call in enumerate(bad_calls):
+        with pytest.raises(ChatVecError):
+            call()
+    assert _debris(tmp_path) == [] and not (tmp_path / "o").exists()
+
+
+def test_vectors_as_a_mapping_keep_their_coefficients(fam, tmp_path):
+    apply_vectors(fam["cp"], {str(fam["vec"]): 0.0}, tmp_path / "o", check_lineage=False)
+    from chatvec_lab import open_weights
+
+    out, cp = open_weights(tmp_path / "o"), open_weights(fam["cp"])
+    assert sorted(out.keys()) == sorted(cp.keys()) and all(torch.equal(out.get(n), cp.get(n)) for n in cp.keys())
+
+
+def test_an_input_replaced_while_open_is_read_as_it_was(fam, tmp_path):
+    old = ChatVector.load(fam["vec"])
+    name = old.names[0]
+    before = old[name].clone()
+    (3 * ChatVector.from_models(fam["base"], fam["chat"])).save(tmp_path / "new")
+    import shutil
+
+    shutil.rmtree(fam["vec"])  # another run replaces the folder under the open vector
+    shutil.copytree(tmp_path / "new", fam["vec"])
+    assert torch.equal(old[name], before)
+
+
+def test_empty_rows_of_a_huge_shape_cost_nothing():
+    from chatvec_lab.vector import row_blocks
+
+    assert list(row_blocks((2**62, 0))) == [slice(0, 2**62)]
+
+
+def test_output_under_a_dangling_link_is_refused(fam, tmp_path, capsys):
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere" / "deeper")
+    rc, err = _cli(_apply_args(fam, tmp_path / "link" / "sub"), capsys)
+    assert rc == 2 and "dangling" in err and not (tmp_path / "nowhere").exists()
+
+
+def test_a_leftover_whose_lock_is_held_is_kept(fam, tmp_path, capsys):
+    import fcntl
+
+    busy = tmp_path / ".out.partial-1-abcd"  # another writer's, whatever its process id says
+    busy.mkdir()
+    fd = os.open(busy, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        assert _cli(_apply_args(fam, tmp_path / "out"), capsys)[0] == 0
+        assert busy.is_dir()
+    finally:
+        os.close(fd)
+    assert _cli(_apply_args(fam, tmp_path / "out", "--overwrite"), capsys)[0] == 0
+    assert not busy.exists()
+
+
+def test_index_that_names_nothing_or_forgets_a_shard_is_refused(fam, tmp_path):
+    import json
+    import shutil
+
+    from chatvec_lab import open_weights
+    from chatvec_lab.errors import SourceError
+
+    model = tmp_path / "m"
+    shutil.copytree(fam["cp"], model)
+    index = model / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    forgotten = sorted(set(data["weight_map"].values()))[-1]
+    data["weight_map"] = {k: v for k, v in data["weight_map"].items() if v != forgotten}
+    index.write_text(json.dumps(data))
+    with pytest.raises(SourceError, match=f"does not list shard {forgotten}"):
+        open_weights(model)
+    index.write_text(json.dumps({"weight_map": {}}))
+    with pytest.raises(SourceError, match="names no tensor"):
+        open_weights(model)
