@@ -100,6 +100,7 @@ class TensorPlan:
     coefficients: list[float]  # one per vector
     rows: int | None = None  # add to the first `rows` rows only (vocabularies differ)
     status: str = "added"
+    sources: list[str | None] = field(default_factory=list)  # per vector: the vector tensor added here, if any
 
 
 @dataclass
@@ -148,10 +149,7 @@ def _as_pairs(vectors) -> list[tuple[ChatVector, Alpha]]:
 
 
 def _tied(target: WeightSource) -> bool:
-    cfg = target.config or {}
-    tied = cfg.get("tie_word_embeddings")
-    if tied is None and isinstance(cfg.get("text_config"), dict):
-        tied = cfg["text_config"].get("tie_word_embeddings")
+    tied = _ties_embeddings(target.config)
     return bool(tied) if tied is not None else not any(parse(n).module == "lm_head" for n in target.keys())
 
 
@@ -175,18 +173,22 @@ def plan_apply(target: WeightSource, pairs: list[tuple[ChatVector, Alpha]], embe
                              "(the embedding delta already reaches the output layer)")
             else:
                 raise MismatchError(f"vector {i + 1} has tensor {name!r}, which the target {target.description} lacks")
+    sources = _vector_sources(target, pairs, tied, notes)
     plans: dict[str, TensorPlan] = {}
     for name in target.keys():
         info = parse(name)
         coefs, rows, status = [], None, "added"
         in_any = False
         for i, (vec, alpha) in enumerate(pairs):
-            if name not in vec:
+            src = sources[name][i]
+            if src is None:
                 coefs.append(0.0)
                 continue
             in_any = True
             coefs.append(coefficient_for(info, alpha))
-            vshape, tshape = tuple(vec.shapes[name]), tuple(target.shape(name))
+            if src != name:
+                status = f"added ({src} delta: tied)"
+            vshape, tshape = tuple(vec.shapes[src]), tuple(target.shape(name))
             if vshape == tshape:
                 continue
             vocab_like = info.is_embedding_like and len(vshape) == len(tshape) and vshape[1:] == tshape[1:]
@@ -201,7 +203,7 @@ def plan_apply(target: WeightSource, pairs: list[tuple[ChatVector, Alpha]], embe
                 status = "skipped (vocab differs)"
             else:
                 rows = min(vshape[0], tshape[0]) if rows is None else min(rows, vshape[0])
-                status = "added (shared rows)"
+                status = "added (shared rows)" if status == "added" else status
         if not in_any:
             status = "not in vector"
         elif keep is not None and not keep(info):
@@ -211,11 +213,49 @@ def plan_apply(target: WeightSource, pairs: list[tuple[ChatVector, Alpha]], embe
         elif all(c == 0 for c in coefs):
             status = "coefficient 0"
         if status.startswith("added"):
-            plans[name] = TensorPlan(name, coefs, rows, status)
+            plans[name] = TensorPlan(name, coefs, rows, status, sources[name])
         else:
-            plans[name] = TensorPlan(name, [0.0] * len(pairs), None, status)
+            plans[name] = TensorPlan(name, [0.0] * len(pairs), None, status, [None] * len(pairs))
     _check_filters(target, plans, keep)
     return plans, notes
+
+
+def _ties_embeddings(config: dict | None) -> bool | None:
+    cfg = config or {}
+    tied = cfg.get("tie_word_embeddings")
+    if tied is None and isinstance(cfg.get("text_config"), dict):
+        tied = cfg["text_config"].get("tie_word_embeddings")
+    return tied
+
+
+def _vector_sources(target: WeightSource, pairs, tied: bool, notes: list[str]) -> dict[str, list[str | None]]:
+    """For each target tensor and each vector, the vector tensor whose delta it gets (None: none).
+
+    The name itself, except for a stored output layer whose models tie it to the embeddings:
+    - a tied target that also stores ``lm_head.weight`` (a copy transformers must find equal to the embedding):
+      the copy gets the embedding's delta, so the two stay equal;
+    - an untied target, and a vector from models that tie them (so it has no lm_head of its own): the target's
+      lm_head gets the embedding's delta, as the chat model's output layer changed by it."""
+    embeds = [n for n in target.keys() if parse(n).module == "embed" and n.endswith("weight")]
+    heads = [n for n in target.keys() if parse(n).module == "lm_head" and n.endswith("weight")]
+    embed = embeds[0] if len(embeds) == 1 else None
+    out = {name: [name if name in vec else None for vec, _ in pairs] for name in target.keys()}
+    if embed is None:
+        return out
+    for head in heads:
+        for i, (vec, _) in enumerate(pairs):
+            if embed not in vec:
+                continue
+            if tied:
+                if head in vec:
+                    notes.append(f"the target ties its output layer to its embeddings and stores a copy: {head!r} "
+                                 f"gets the embedding's delta, not vector {i + 1}'s own {head!r}")
+                out[head][i] = embed
+            elif head not in vec and _ties_embeddings(vec.base_config):
+                notes.append(f"vector {i + 1} comes from models that tie their embeddings: the target's separate "
+                             f"{head!r} gets the embedding's delta")
+                out[head][i] = embed
+    return out
 
 
 def _check_filters(target: WeightSource, plans: dict[str, TensorPlan], keep) -> None:
@@ -245,8 +285,10 @@ def merge_tensor(target_tensor: torch.Tensor, plan: TensorPlan, pairs: list[tupl
     What is written is checked: a block that is not finite in the target's dtype raises, naming the tensor and
     the cause (the target, a vector, a coefficient too large for float32, or a result past the dtype's range)."""
     out = torch.empty_like(target_tensor)
-    active = [(coef, vec) for coef, (vec, _) in zip(plan.coefficients, pairs) if coef != 0 and plan.name in vec]
-    streams = [(coef, vec.blocks(plan.name, rows=plan.rows, chunk=chunk, check=False)) for coef, vec in active]
+    sources = plan.sources or [plan.name if plan.name in vec else None for vec, _ in pairs]
+    active = [(coef, vec, src) for coef, (vec, _), src in zip(plan.coefficients, pairs, sources)
+              if coef != 0 and src is not None]
+    streams = [(coef, vec.blocks(src, rows=plan.rows, chunk=chunk, check=False)) for coef, vec, src in active]
     # a large memory-mapped target is faulted in a block ahead, by a background thread
     for index in paged_rows([target_tensor], row_blocks(tuple(target_tensor.shape), plan.rows, chunk)):
         acc = target_tensor[index].to(torch.float32, copy=True)
@@ -275,8 +317,8 @@ def _explain_nonfinite(plan: TensorPlan, index, target_tensor, active, chunk, ac
     """Raise the reason a merged block is not finite (only on that rare path are the inputs read again)."""
     name = plan.name
     check_finite(name, target_tensor[index].float(), "the target")
-    for coef, vec in active:
-        raw = next(block for i, block in vec.blocks(name, rows=plan.rows, chunk=chunk, check=False) if i == index)
+    for coef, vec, src in active:
+        raw = next(block for i, block in vec.blocks(src, rows=plan.rows, chunk=chunk, check=False) if i == index)
         check_finite(name, raw, "a vector (its base or chat)")
         if not is_finite(raw * coef):
             raise NonFiniteError(f"tensor {name!r}: coefficient {coef:g} × the vector overflows float32 "
@@ -364,29 +406,104 @@ def _resolve_base(base, pairs) -> tuple[WeightSource | None, bool]:
     return None, False
 
 
-def _copy_model_files(target_folder: Path | None, out: Path, template: str | None) -> None:
-    if target_folder:
-        for fname in MODEL_FILES:
-            if (target_folder / fname).is_file():
-                shutil.copy2(target_folder / fname, out / fname)
-    if template is not None:
-        (out / "chat_template.jinja").write_text(template)
-        cfg_file = out / "tokenizer_config.json"
-        if cfg_file.is_file():
-            cfg = read_json_object(cfg_file, "tokenizer config")
-            cfg["chat_template"] = template
-            write_json(cfg_file, cfg)
+@dataclass
+class ChatTurn:
+    """What a merged model needs from the chat model to chat like it: its template and where its turns end."""
+
+    template: str
+    eos_token: str | None  # the chat tokenizer's end-of-turn token (e.g. Llama-3's <|eot_id|>)
+    eos_ids: list[int]  # in the target's vocabulary: where generation stops (the chat model's ids, then the target's)
+    source: str = ""
+
+    def describe(self) -> str:
+        return (f"chat template and end of turn from {self.source}: eos_token {self.eos_token!r}, "
+                f"generation stops at token ids {self.eos_ids}")
 
 
-def _chat_template_of(spec) -> str | None:
-    """The chat template of the model ``spec`` (None when no spec is given); refuses a model that has none."""
+def _chat_turn_of(spec, target_folder: Path | None) -> ChatTurn | None:
+    """The chat template and end-of-turn tokens of the model ``spec``, mapped into the target's vocabulary by token
+    string; None when no spec is given. Refuses a model without a template, and end-of-turn tokens the target's
+    tokenizer lacks."""
     if spec is None:
         return None
     folder = model_folder(spec)
     template = _read_chat_template(folder) if folder else None
     if template is None:
         raise SourceError(f"no chat template found in {spec}")
-    return template
+    chat_tokens = _eos_tokens(folder)
+    eos_token = chat_tokens[0] if chat_tokens else None
+    if target_folder is None or not chat_tokens:
+        return ChatTurn(template, eos_token, [], str(spec))
+    target_tok = _tokenizer(target_folder)
+    if target_tok is None:
+        return ChatTurn(template, eos_token, [], str(spec))
+    ids = []
+    for token in chat_tokens + _eos_tokens(target_folder):
+        tid = target_tok.convert_tokens_to_ids(token)
+        if not isinstance(tid, int) or (tid == target_tok.unk_token_id and token != target_tok.unk_token):
+            if token in chat_tokens:
+                raise MismatchError(f"the chat model {spec} ends its turns with {token!r}, which the target's "
+                                    "tokenizer lacks: the merged model could never stop where the chat model does")
+            continue
+        if tid not in ids:
+            ids.append(tid)
+    return ChatTurn(template, eos_token, ids, str(spec))
+
+
+def _tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise SourceError(f"cannot load the tokenizer in {folder}: {str(e).splitlines()[0]}") from None
+
+
+def _eos_tokens(folder: Path) -> list[str]:
+    """A model's end tokens as strings: its tokenizer's eos_token, then its generation_config's eos_token_id(s)."""
+    tokens: list[str] = []
+    cfg = folder / "tokenizer_config.json"
+    if cfg.is_file():
+        eos = read_json_object(cfg, "tokenizer config").get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        if isinstance(eos, str):
+            tokens.append(eos)
+    gen = folder / "generation_config.json"
+    if gen.is_file():
+        ids = read_json_object(gen, "generation config").get("eos_token_id")
+        ids = [ids] if isinstance(ids, int) else ids if isinstance(ids, list) else []
+        tok = _tokenizer(folder) if ids else None
+        if tok is not None:
+            for i in ids:
+                if isinstance(i, int) and not isinstance(i, bool):
+                    token = tok.convert_ids_to_tokens(i)
+                    if isinstance(token, str) and token not in tokens:
+                        tokens.append(token)
+    return tokens
+
+
+def _copy_model_files(target_folder: Path | None, out: Path, turn: ChatTurn | None) -> None:
+    if target_folder:
+        for fname in MODEL_FILES:
+            if (target_folder / fname).is_file():
+                shutil.copy2(target_folder / fname, out / fname)
+    if turn is None:
+        return
+    (out / "chat_template.jinja").write_text(turn.template)
+    cfg_file = out / "tokenizer_config.json"
+    if cfg_file.is_file():
+        cfg = read_json_object(cfg_file, "tokenizer config")
+        cfg["chat_template"] = turn.template
+        if turn.eos_token is not None and turn.eos_ids:
+            cfg["eos_token"] = turn.eos_token
+        write_json(cfg_file, cfg)
+    if turn.eos_ids:
+        gen_file = out / "generation_config.json"
+        gen = read_json_object(gen_file, "generation config") if gen_file.is_file() else {}
+        gen["eos_token_id"] = turn.eos_ids if len(turn.eos_ids) > 1 else turn.eos_ids[0]
+        write_json(gen_file, gen)
 
 
 def _read_chat_template(folder: Path) -> str | None:
@@ -468,7 +585,9 @@ def apply_vectors(target, vectors, out, *, base=None, embeddings: str = "error",
         allow_pickle)
     if not check_lineage:
         base_src = None
-    template = _chat_template_of(chat_template_from)  # before the merge: a missing template fails now
+    turn = _chat_turn_of(chat_template_from, model_folder(target))  # before the merge: a bad template fails now
+    if turn is not None:
+        notes.append(turn.describe())
     inputs = [*source_paths(target_src), *(p for vec, _ in pairs for p in vec.input_paths()),
               *(source_paths(base_src) if base_src is not None else []),
               *(source_paths(rows.chat) if rows is not None else []),
@@ -501,7 +620,7 @@ def apply_vectors(target, vectors, out, *, base=None, embeddings: str = "error",
                     p.status += " + token rows"
             writer.write(name, result)
         writer.close()
-        _copy_model_files(model_folder(target), tmp, template)
+        _copy_model_files(model_folder(target), tmp, turn)
         report = _report(plans, notes, lineage, out=Path(out))
         write_json(tmp / "chatvec_apply.json", {
             "target": target_src.fingerprint(hash_files=False),

@@ -93,7 +93,7 @@ def cmd_apply(args) -> None:
         recorded = recorded.get("path") or recorded.get("source") if isinstance(recorded, dict) else None
         if isinstance(recorded, str) and Path(recorded).exists():
             base = recorded
-    token_map = [t for t in (args.token_map or "").split(",") if t]
+    token_map = _token_map(args.token_map)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the report prints them
         report = apply_vectors(
@@ -105,6 +105,19 @@ def cmd_apply(args) -> None:
     print(report.summary())
     if base is None and not args.no_lineage_check:
         print("note: lineage not checked (the vector's base is not available here; pass --base)", file=sys.stderr)
+
+
+def _token_map(text: str | None) -> dict[str, str]:
+    """``"<|end|>,<|a|>=<|b|>"`` → ``{"<|end|>": "<|end|>", "<|a|>": "<|b|>"}`` (target token = chat token)."""
+    pairs = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        target, _, chat = item.partition("=")
+        if not target or (_ and not chat):
+            raise ChatVecError(f"--token-map entries are TOKEN or TARGET_TOKEN=CHAT_TOKEN, not {item!r}")
+        pairs[target] = chat or target
+    return pairs
 
 
 def cmd_info(args) -> None:
@@ -209,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--include", help="regex: only tensors whose name matches")
     a.add_argument("--exclude", help="regex: leave tensors whose name matches")
     a.add_argument("--layers", type=_layers, help="only these layers, e.g. 0-15 or 0,2,4")
-    a.add_argument("--token-map", help="comma-separated tokens whose embedding rows come from --chat")
+    a.add_argument("--token-map", help="comma-separated tokens whose embedding/lm_head rows come from --chat; "
+                                       "TARGET=CHAT takes the chat model's row of another token")
     a.add_argument("--chat", help="the chat model (for --token-map)")
     a.add_argument("--chat-template-from", help="copy the chat template from this model")
     a.set_defaults(func=cmd_apply)

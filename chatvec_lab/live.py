@@ -41,11 +41,12 @@ class LiveModel:
         self.params = {n: state[n] for n in self.plans}
         self.original = {n: t.detach().clone() for n, t in self.params.items()}
         self.deltas: dict[str, dict[str, torch.Tensor]] = {}
-        for key, (vec, _) in zip(self.names, pairs):
+        for i, (key, (vec, _)) in enumerate(zip(self.names, pairs)):
             d = {}
             for name, plan in self.plans.items():
-                if name in vec:
-                    delta = vec[name]
+                src = plan.sources[i]
+                if src is not None:
+                    delta = vec[src]
                     if plan.rows is not None:
                         delta = delta[: plan.rows].contiguous()
                     d[name] = delta.to(self.params[name].device)

@@ -432,17 +432,29 @@ class ChatVector:
     # ------------------------------------------------------------ saving
     def save(self, path, overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
              progress: bool = False) -> Path:
-        """Write float32 safetensors shards + ``chatvec.json`` atomically; returns the folder."""
+        """Write float32 safetensors shards + ``chatvec.json`` atomically; returns the folder.
+
+        Each tensor is streamed in blocks of rows, checked and written block by block: memory stays at a few
+        blocks whatever the tensors' sizes (no tensor is ever whole in memory)."""
         from tqdm.auto import tqdm
 
         plan = [(n, s, torch.float32) for n, s in self.shapes.items()]
+
+        def checked(name: str) -> Iterator[torch.Tensor]:
+            # copy=False: each block is written before the next is asked for, so views and reused buffers do
+            for _, block in self.blocks(name, copy=False):
+                check_finite(name, block, "the vector")
+                yield block
+
         with atomic_folder(path, overwrite, inputs=self.input_paths()) as tmp:
             writer = ShardedSafetensorsWriter(tmp, plan, prefix="vector", max_shard_bytes=max_shard_bytes)
-            for name in tqdm(self.names, desc="vector", unit="tensor", disable=not progress):
-                t = self[name]
-                check_finite(name, t, "the vector")
-                writer.write(name, t)
-            shards = writer.close()
+            try:
+                for name in tqdm(self.names, desc="vector", unit="tensor", disable=not progress):
+                    writer.write_blocks(name, checked(name))
+                shards = writer.close()
+            except BaseException:
+                writer.abort()  # close the shard before the folder goes
+                raise
             write_json(tmp / METADATA_FILE, {**self.metadata, "shards": shards})
             if self.base_config:
                 write_json(tmp / BASE_CONFIG_FILE, self.base_config)
