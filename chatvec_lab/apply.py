@@ -24,13 +24,15 @@ from chatvec_lab.errors import MismatchError, NonFiniteError, SourceError, Usage
 from chatvec_lab.output import (DEFAULT_SHARD_BYTES, ShardedSafetensorsWriter, atomic_folder, check_output_path,
                                 source_paths, write_json)
 from chatvec_lab.naming import TensorInfo, parse
+from chatvec_lab.vocab import TokenRows, Vocabulary, added_tokens, disagreements, match_rows
 from chatvec_lab.sources import (Prefetcher, WeightSource, model_folder, module_state, open_weights, paged_rows,
                                  read_json_object)
-from chatvec_lab.vector import (CHUNK_ELEMENTS, ChatVector, _Diff, check_finite, check_same_architecture, compile_pattern,
-                                row_blocks)
+from chatvec_lab.vector import (CHUNK_ELEMENTS, ChatVector, _Diff, _without_vocabulary, check_finite,
+                                check_same_architecture, compile_pattern, row_blocks)
 
 Alpha = Union[float, Mapping[str, float], Callable[[TensorInfo], float]]
-EMBEDDING_POLICIES = ("error", "skip", "shared")
+EMBEDDING_POLICIES = ("error", "skip", "shared", "tokens", "union")
+TARGET_ONLY_POLICIES = ("keep", "mean")
 LINEAGE_WARN = 0.5
 LINEAGE_STRIDE = 4
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -101,6 +103,8 @@ class TensorPlan:
     rows: int | None = None  # add to the first `rows` rows only (vocabularies differ)
     status: str = "added"
     sources: list[str | None] = field(default_factory=list)  # per vector: the vector tensor added here, if any
+    token_rows: list[TokenRows | None] = field(default_factory=list)  # per vector, when rows are matched by token
+    out_rows: int | None = None  # rows of the output tensor when a union vocabulary grows it
 
 
 @dataclass
@@ -154,11 +158,31 @@ def _tied(target: WeightSource) -> bool:
 
 
 def plan_apply(target: WeightSource, pairs: list[tuple[ChatVector, Alpha]], embeddings: str = "error",
-               keep: Callable[[TensorInfo], bool] | None = None) -> tuple[dict[str, TensorPlan], list[str]]:
-    """Check that the vectors fit the target and decide, per tensor, what to add. Raises before any write."""
+               keep: Callable[[TensorInfo], bool] | None = None, target_vocab: Vocabulary | None = None,
+               new_tokens: dict[str, int] | None = None) -> tuple[dict[str, TensorPlan], list[str]]:
+    """Check that the vectors fit the target and decide, per tensor, what to add. Raises before any write.
+
+    ``target_vocab``: the target's tokenizer vocabulary; with the vectors' own, token-indexed rows are matched
+    by token (``embeddings='tokens'`` or ``'union'``), or checked to agree by id (the other policies).
+    ``new_tokens`` (union): ``{token: output id}`` of the chat-added tokens the output vocabulary gains."""
     if embeddings not in EMBEDDING_POLICIES:
         raise UsageError(f"embeddings policy must be one of {EMBEDDING_POLICIES}, not {embeddings!r}")
     notes: list[str] = []
+    by_token = embeddings in ("tokens", "union")
+    for i, (vec, _) in enumerate(pairs):
+        if by_token and (vec.vocabulary is None or target_vocab is None):
+            which = "the target" if target_vocab is None else f"vector {i + 1}"
+            raise MismatchError(f"embeddings={embeddings!r} matches rows by token, but {which} has no tokenizer "
+                                "(a vector records its chat model's vocabulary when extracted from folders with one)")
+        if not by_token and vec.vocabulary is not None and target_vocab is not None:
+            differ = disagreements(target_vocab, vec.vocabulary)
+            if differ and embeddings == "error":
+                raise MismatchError(f"the target's tokenizer and vector {i + 1}'s disagree on shared ids "
+                                    f"({'; '.join(differ)}): rows would be added to the wrong tokens; choose "
+                                    "embeddings='tokens' (match rows by token) [--embeddings tokens]")
+            if differ:
+                notes.append(f"rows are added by index although the target's tokenizer and vector {i + 1}'s disagree "
+                             f"on shared ids ({'; '.join(differ)})")
     target_names = set(target.keys())
     tied = _tied(target)
     for i, (vec, _) in enumerate(pairs):
@@ -175,9 +199,11 @@ def plan_apply(target: WeightSource, pairs: list[tuple[ChatVector, Alpha]], embe
                 raise MismatchError(f"vector {i + 1} has tensor {name!r}, which the target {target.description} lacks")
     sources = _vector_sources(target, pairs, tied, notes)
     plans: dict[str, TensorPlan] = {}
+    grown = len(target_vocab) + len(new_tokens) if new_tokens else None
     for name in target.keys():
         info = parse(name)
         coefs, rows, status = [], None, "added"
+        token_rows: list[TokenRows | None] = [None] * len(pairs)
         in_any = False
         for i, (vec, alpha) in enumerate(pairs):
             src = sources[name][i]
@@ -189,9 +215,17 @@ def plan_apply(target: WeightSource, pairs: list[tuple[ChatVector, Alpha]], embe
             if src != name:
                 status = f"added ({src} delta: tied)"
             vshape, tshape = tuple(vec.shapes[src]), tuple(target.shape(name))
+            vocab_like = info.is_embedding_like and len(vshape) == len(tshape) and vshape[1:] == tshape[1:]
+            if vocab_like and by_token:
+                token_rows[i] = match_rows(tshape[0], target_vocab, vec.vocabulary, vshape[0], vec.chat_rows,
+                                           new_tokens)
+                status = "added (rows matched by token)" if status == "added" else status
+                continue
+            if vocab_like and vec.chat_rows and min(vec.chat_rows) < tshape[0]:
+                rows = min(vec.chat_rows) if rows is None else min(rows, min(vec.chat_rows))  # never a chat row as a delta
+                status = "added (shared rows)" if status == "added" else status
             if vshape == tshape:
                 continue
-            vocab_like = info.is_embedding_like and len(vshape) == len(tshape) and vshape[1:] == tshape[1:]
             if not vocab_like:
                 raise MismatchError(f"shape mismatch for {name!r}: vector {i + 1} has {vshape}, target has {tshape}")
             if embeddings == "error":
@@ -213,9 +247,12 @@ def plan_apply(target: WeightSource, pairs: list[tuple[ChatVector, Alpha]], embe
         elif all(c == 0 for c in coefs):
             status = "coefficient 0"
         if status.startswith("added"):
-            plans[name] = TensorPlan(name, coefs, rows, status, sources[name])
+            out_rows = max(target.shape(name)[0], grown) if grown and any(token_rows) else None
+            plans[name] = TensorPlan(name, coefs, rows, status, sources[name], token_rows, out_rows)
         else:
-            plans[name] = TensorPlan(name, [0.0] * len(pairs), None, status, [None] * len(pairs))
+            plans[name] = TensorPlan(name, [0.0] * len(pairs), None, status, [None] * len(pairs), [None] * len(pairs))
+    if grown and any(p.status == "excluded" and parse(n).is_embedding_like for n, p in plans.items()):
+        raise UsageError("a union vocabulary grows every token-indexed tensor: the filters may not exclude one")
     _check_filters(target, plans, keep)
     return plans, notes
 
@@ -304,6 +341,54 @@ def merge_tensor(target_tensor: torch.Tensor, plan: TensorPlan, pairs: list[tupl
         out[plan.rows:] = target_tensor[plan.rows:]
         check_finite(plan.name, out[plan.rows:], "the target")
     return out
+
+
+def merge_token_rows(target_tensor: torch.Tensor, plan: TensorPlan, pairs: list[tuple[ChatVector, Alpha]],
+                     target_only: str = "keep", chunk: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """A token-indexed tensor whose rows are matched to the vectors' by token: each target row gets α times the
+    delta of its token's row; a row of a token the chat model added is replaced by the chat model's row; rows of
+    tokens a vector lacks keep the target's (``target_only='keep'``) or get α times the vector's mean delta
+    (``'mean'``); a union vocabulary appends the chat model's rows of the tokens it adds."""
+    rows_in = target_tensor.shape[0]
+    out = torch.zeros((plan.out_rows or rows_in, *target_tensor.shape[1:]), dtype=target_tensor.dtype)
+    active = [(coef, vec.row_reader(src), tr, vec)
+              for coef, (vec, _), src, tr in zip(plan.coefficients, pairs, plan.sources, plan.token_rows)
+              if coef != 0 and src is not None and tr is not None]
+    means = [_mean_delta(vec, src, tr) if target_only == "mean" else None
+             for coef, (vec, _), src, tr in zip(plan.coefficients, pairs, plan.sources, plan.token_rows)
+             if coef != 0 and src is not None and tr is not None]
+    for index in row_blocks(tuple(target_tensor.shape), None, chunk):
+        acc = target_tensor[index].to(torch.float32, copy=True)
+        for (coef, read, tr, _), mean in zip(active, means):
+            rows, absolute = tr.rows[index], tr.absolute[index]
+            delta = (rows >= 0) & ~absolute
+            if delta.any():
+                acc[delta] += read(rows[delta]).mul_(coef)
+            if absolute.any():
+                acc[absolute] = read(rows[absolute])
+            if mean is not None and (rows < 0).any():
+                acc[rows < 0] += mean * coef
+        out[index] = acc
+        if not is_finite(out[index]):
+            raise NonFiniteError(f"tensor {plan.name!r}: a block of rows matched by token is not finite in "
+                                 f"{str(out.dtype).replace('torch.', '')} (check the vectors and coefficients)")
+    for coef, read, tr, _ in active:
+        for vector_row, out_row in tr.appended:
+            out[out_row] = read(torch.tensor([vector_row]))[0].to(out.dtype)
+    return out
+
+
+def _mean_delta(vec: ChatVector, name: str, tr: TokenRows) -> torch.Tensor:
+    """The mean delta over the vector's rows that are differences (not chat-added rows)."""
+    total, count = None, 0
+    chat_rows = set(vec.chat_rows)
+    for index, block in vec.blocks(name):
+        keep = [i for i in range(index.start, index.stop) if i not in chat_rows] if chat_rows else None
+        part = block if keep is None else block[torch.tensor(keep, dtype=torch.long) - index.start]
+        s = part.sum(0)
+        total = s if total is None else total + s
+        count += part.shape[0]
+    return total / max(count, 1)
 
 
 def is_finite(x: torch.Tensor) -> bool:
@@ -532,10 +617,36 @@ def _report(plans, notes, lineage, out=None) -> ApplyReport:
     return ApplyReport(tensors=df, lineage_distance=distance, warnings=warn, out=out)
 
 
-def _prepare(target, vectors, base, embeddings, include, exclude, layers, token_map, chat, allow_pickle):
+@dataclass
+class _Prepared:
+    """Everything checked and planned before a weight is read."""
+
+    target: WeightSource
+    pairs: list[tuple[ChatVector, Alpha]]
+    plans: dict[str, TensorPlan]
+    notes: list[str]
+    base: WeightSource | None  # for the lineage check
+    shared_base: bool  # the base is the vector's own (its tensors are read anyway)
+    token_map: _TokenRows | None
+    new_tokens: dict[str, int]  # union vocabulary: token → output id
+
+
+def _prepare(target, vectors, base, embeddings, include, exclude, layers, token_map, chat, allow_pickle) -> _Prepared:
     target_src = open_weights(target, allow_pickle=allow_pickle)
     pairs = _as_pairs(vectors)
-    plans, notes = plan_apply(target_src, pairs, embeddings, layer_filter(layers, include, exclude))
+    target_vocab = Vocabulary.of_folder(model_folder(target)) if any(v.vocabulary for v, _ in pairs) else None
+    new_tokens = None
+    if embeddings == "union" and target_vocab is not None:
+        new_tokens = {}
+        for vec, _ in pairs:
+            for token in added_tokens(target_vocab, vec.vocabulary, vec.chat_rows) if vec.vocabulary else []:
+                new_tokens.setdefault(token, len(target_vocab) + len(new_tokens))
+    plans, notes = plan_apply(target_src, pairs, embeddings, layer_filter(layers, include, exclude), target_vocab,
+                              new_tokens)
+    if new_tokens:
+        notes.append(f"union vocabulary: {len(new_tokens)} token(s) the chat model added join the target's "
+                     f"({', '.join(list(new_tokens)[:5])}{' …' if len(new_tokens) > 5 else ''})")
+
     base_src, shared_base = _resolve_base(base, pairs)
     if base_src is not None:
         check_same_architecture(base_src, target_src, f"base {base_src.description}", f"target {target_src.description}")
@@ -551,7 +662,7 @@ def _prepare(target, vectors, base, embeddings, include, exclude, layers, token_
         if chat_src is None:
             raise SourceError("a token map needs the chat model: pass chat= (--chat)")
         rows = _TokenRows(token_map, chat_src, model_folder(target), chat_src.folder)
-    return target_src, pairs, plans, notes, base_src, shared_base, rows
+    return _Prepared(target_src, pairs, plans, notes, base_src, shared_base, rows, new_tokens or {})
 
 
 def _base_for(name, base_src, shared_base, pairs, plan) -> torch.Tensor | None:
@@ -568,34 +679,41 @@ def _base_for(name, base_src, shared_base, pairs, plan) -> torch.Tensor | None:
 def apply_vectors(target, vectors, out, *, base=None, embeddings: str = "error", include: str | None = None,
                   exclude: str | None = None, layers: Iterable[int] | None = None, token_map=None, chat=None,
                   chat_template_from=None, overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                  allow_pickle: bool = False, check_lineage: bool = True, progress: bool = False) -> ApplyReport:
+                  allow_pickle: bool = False, check_lineage: bool = True, progress: bool = False,
+                  target_only: str = "keep") -> ApplyReport:
     """Write ``target + Σ αᵢ·vectorᵢ`` as a Hugging Face model folder at ``out``.
 
-    ``vectors``: a vector (or its folder), or a list of ``(vector, alpha)``; ``alpha`` is a number,
-    ``{regex: α}`` rules, or a function of :class:`~chatvec_lab.naming.TensorInfo`.
-    ``embeddings``: what to do when vocabularies differ (``error``, ``skip``, ``shared``).
+    ``vectors``: a vector (or its folder), a list of ``(vector, alpha)`` or ``{vector: alpha}``; ``alpha`` is a
+    number, ``{regex: α}`` rules, or a function of :class:`~chatvec_lab.naming.TensorInfo`.
+    ``embeddings``: how token-indexed rows (embeddings, lm_head) meet: ``error`` (refuse when the vocabularies
+    differ in size or, where tokenizers say so, in their tokens), ``skip`` (leave those tensors), ``shared`` (add
+    to the rows both have, by index), ``tokens`` (match rows by token; a token the chat model added takes the chat
+    model's row), ``union`` (``tokens``, and the output vocabulary gains the chat-added tokens the target lacks).
+    ``target_only`` (``tokens``/``union``): rows of tokens the vector lacks ``keep`` the target's or get the
+    ``mean`` delta.
     ``token_map``: tokens whose embedding/lm_head rows are copied from the chat model.
     ``base``: the vector's base, for the lineage check (default: the vector's own, if it has one).
     """
     from tqdm.auto import tqdm
 
+    if target_only not in TARGET_ONLY_POLICIES:
+        raise UsageError(f"target_only must be one of {TARGET_ONLY_POLICIES}, not {target_only!r}")
     check_output_path(out, overwrite)
-    target_src, pairs, plans, notes, base_src, shared_base, rows = _prepare(
-        target, vectors, base if check_lineage else None, embeddings, include, exclude, layers, token_map, chat,
-        allow_pickle)
-    if not check_lineage:
-        base_src = None
+    prep = _prepare(target, vectors, base if check_lineage else None, embeddings, include, exclude, layers,
+                    token_map, chat, allow_pickle)
+    target_src, pairs, plans, notes = prep.target, prep.pairs, prep.plans, prep.notes
+    base_src = prep.base if check_lineage else None
     turn = _chat_turn_of(chat_template_from, model_folder(target))  # before the merge: a bad template fails now
     if turn is not None:
         notes.append(turn.describe())
     inputs = [*source_paths(target_src), *(p for vec, _ in pairs for p in vec.input_paths()),
               *(source_paths(base_src) if base_src is not None else []),
-              *(source_paths(rows.chat) if rows is not None else []),
+              *(source_paths(prep.token_map.chat) if prep.token_map is not None else []),
               *([model_folder(chat_template_from)] if chat_template_from is not None else []),
               *(Path(p) for p in (base, chat) if isinstance(p, (str, os.PathLike)) and os.path.exists(p))]
     lineage = [0.0, 0.0] if base_src is not None else None
-    plan = [(n, target_src.shape(n), target_src.dtype(n)) for n in target_src.keys()]
     order = list(target_src.keys())
+    plan = [(n, _out_shape(target_src.shape(n), plans[n]), target_src.dtype(n)) for n in order]
     with atomic_folder(out, overwrite, inputs=inputs) as tmp, contextlib.ExitStack() as stack:
         for vec, _ in pairs:
             stack.enter_context(vec.prefetching(order))
@@ -607,28 +725,61 @@ def apply_vectors(target, vectors, out, *, base=None, embeddings: str = "error",
         for name in tqdm(order, desc="apply", unit="tensor", disable=not progress):
             t = reader.get(name)
             p = plans[name]
-            if p.status.startswith("added"):
+            if p.status.startswith("added") and any(p.token_rows):
+                result = merge_token_rows(t, p, pairs, target_only)
+            elif p.status.startswith("added"):
                 result = merge_tensor(t, p, pairs)
             else:
                 result = t
                 check_finite(name, t, "the target")  # copied as it is, but still written: no NaN passes
             if lineage is not None:
-                _lineage(lineage, t, _base_for(name, base_src, shared_base, pairs, p))
-            if rows is not None and parse(name).is_embedding_like:
+                _lineage(lineage, t, _base_for(name, base_src, prep.shared_base, pairs, p))
+            if prep.token_map is not None and parse(name).is_embedding_like:
                 result = result.clone() if result is t else result
-                if rows.apply(name, result):
+                if prep.token_map.apply(name, result):
                     p.status += " + token rows"
             writer.write(name, result)
         writer.close()
         _copy_model_files(model_folder(target), tmp, turn)
+        if prep.new_tokens:
+            _grow_vocabulary(model_folder(target), tmp, prep.new_tokens, pairs, plans)
         report = _report(plans, notes, lineage, out=Path(out))
         write_json(tmp / "chatvec_apply.json", {
             "target": target_src.fingerprint(hash_files=False),
-            "vectors": [{"metadata": v.metadata, "alpha": a if isinstance(a, (int, float)) else repr(a)} for v, a in pairs],
-            "embeddings": embeddings, "include": include, "exclude": exclude,
+            "vectors": [{"metadata": _without_vocabulary(v.metadata), "alpha": a if isinstance(a, (int, float))
+                         else repr(a)} for v, a in pairs],
+            "embeddings": embeddings, "target_only": target_only, "include": include, "exclude": exclude,
             "layers": sorted(layers) if layers is not None else None, "token_map": list(token_map or []),
-            "lineage_distance": report.lineage_distance, "warnings": report.warnings})
+            "new_tokens": prep.new_tokens, "lineage_distance": report.lineage_distance, "warnings": report.warnings})
     return report
+
+
+def _out_shape(shape: tuple[int, ...], plan: TensorPlan) -> tuple[int, ...]:
+    return (plan.out_rows, *shape[1:]) if plan.out_rows else tuple(shape)
+
+
+def _grow_vocabulary(target_folder: Path | None, out: Path, new_tokens: dict[str, int], pairs, plans) -> None:
+    """A union vocabulary: the output's tokenizer gains the chat-added tokens, at the ids their rows were written
+    to, and its config the new vocabulary size."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(target_folder), trust_remote_code=False)
+    special = set()
+    for vec, _ in pairs:
+        special |= set(vec.metadata.get("special_tokens") or [])
+    tok.add_tokens([AddedToken(t, special=t in special, normalized=False) for t in new_tokens])
+    got = {t: tok.convert_tokens_to_ids(t) for t in new_tokens}
+    if got != new_tokens:
+        raise MismatchError(f"the target's tokenizer gave the added tokens other ids than planned: {got}")
+    tok.save_pretrained(str(out))
+    rows = max((p.out_rows for p in plans.values() if p.out_rows), default=None)
+    cfg_file = out / "config.json"
+    if rows and cfg_file.is_file():
+        cfg = read_json_object(cfg_file, "config")
+        holder = cfg["text_config"] if "vocab_size" not in cfg and isinstance(cfg.get("text_config"), dict) else cfg
+        holder["vocab_size"] = rows
+        write_json(cfg_file, cfg)
 
 
 def apply_to_model(target, vectors, *, base=None, embeddings: str = "error", include: str | None = None,
@@ -656,10 +807,12 @@ def apply_to_model(target, vectors, *, base=None, embeddings: str = "error", inc
     src.folder = model_folder(target) if not isinstance(target, torch.nn.Module) else src.folder
     if getattr(model, "config", None) is not None:
         src._config = model.config.to_dict()
-    target_src, pairs, plans, notes, base_src, shared_base, rows = _prepare(
-        src, vectors, base if check_lineage else None, embeddings, include, exclude, layers, token_map, chat, False)
-    if not check_lineage:
-        base_src = None
+    if embeddings in ("tokens", "union"):
+        raise UsageError(f"embeddings={embeddings!r} is for apply_vectors (a model folder out), not a model in memory")
+    prep = _prepare(src, vectors, base if check_lineage else None, embeddings, include, exclude, layers, token_map,
+                    chat, False)
+    pairs, plans, notes, rows, shared_base = prep.pairs, prep.plans, prep.notes, prep.token_map, prep.shared_base
+    base_src = prep.base if check_lineage else None
     lineage = [0.0, 0.0] if base_src is not None else None
     with torch.no_grad():
         for name, tensor in state.items():

@@ -100,6 +100,7 @@ def cmd_apply(args) -> None:
             args.target, pairs, args.out, base=base, embeddings=args.embeddings, include=args.include,
             exclude=args.exclude, layers=args.layers, token_map=token_map, chat=args.chat,
             chat_template_from=args.chat_template_from, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
+            target_only=args.target_only,
             check_lineage=not args.no_lineage_check, progress=not args.quiet,
             max_shard_bytes=int(args.max_shard_gb * 1024**3))
     print(report.summary())
@@ -141,9 +142,15 @@ def cmd_compare(args) -> None:
     if len(vectors) < len(args.vectors):
         vectors = {v: ChatVector.load(v) for v in args.vectors}
     inputs = [p for v in vectors.values() for p in v.input_paths()]
-    for out, folder in ((args.csv, False), (args.plots, True)):  # before the pass, not after
-        if out:
-            check_output_path(out, args.overwrite, inputs, folder=folder)
+    outputs = [(out, flag, folder) for out, flag, folder in (
+        (args.csv, "--csv", False), (args.csv_matrix, "--csv-matrix", False), (args.plots, "--plots", True)) if out]
+    for out, _, folder in outputs:  # before the pass, not after
+        check_output_path(out, args.overwrite, inputs, folder=folder)
+    import itertools
+    for (a, flag_a, _), (b, flag_b, _) in itertools.combinations(outputs, 2):
+        ra, rb = Path(a).expanduser().resolve(), Path(b).expanduser().resolve()
+        if ra == rb or ra in rb.parents or rb in ra.parents:
+            raise ChatVecError(f"{flag_a} {a} and {flag_b} {b} overlap: give each output its own path")
     stats = geometry.vector_stats(vectors)
     cos = geometry.cosine_matrix(stats)
     import pandas as pd
@@ -152,10 +159,16 @@ def cmd_compare(args) -> None:
         print(cos.to_string())
         print("\nnorm of each vector by layer:")
         print(geometry.layer_norms(stats).to_string())
+    if args.csv or args.csv_matrix:
+        print()
     if args.csv:
         with atomic_file(args.csv, args.overwrite, inputs) as tmp:
+            geometry.tidy_table(stats).to_csv(tmp, index=False)
+        print(f"wrote {args.csv} (one row per tensor and vector, and per tensor and vector pair)")
+    if args.csv_matrix:
+        with atomic_file(args.csv_matrix, args.overwrite, inputs) as tmp:
             cos.to_csv(tmp)
-        print(f"\nwrote {args.csv}")
+        print(f"wrote {args.csv_matrix}")
     if args.plots:
         with atomic_folder(args.plots, args.overwrite, inputs) as tmp:
             paths = geometry.save_compare_plots(stats, tmp)
@@ -217,8 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("-o", "--out", required=True)
     a.add_argument("--base", help="the vector's base, for the lineage check (default: the one recorded)")
     a.add_argument("--no-lineage-check", action="store_true")
-    a.add_argument("--embeddings", choices=["error", "skip", "shared"], default="error",
-                   help="when vocabularies differ: refuse, leave embeddings/lm_head, or add to shared rows")
+    a.add_argument("--embeddings", choices=["error", "skip", "shared", "tokens", "union"], default="error",
+                   help="how embedding/lm_head rows meet when vocabularies differ: refuse, leave them, add by row "
+                        "index to the rows both have, match rows by token, or match by token and add the chat "
+                        "model's new tokens to the vocabulary")
+    a.add_argument("--target-only", choices=["keep", "mean"], default="keep",
+                   help="with --embeddings tokens|union: rows of tokens the vector lacks keep the target's, or get "
+                        "the mean delta")
     a.add_argument("--include", help="regex: only tensors whose name matches")
     a.add_argument("--exclude", help="regex: leave tensors whose name matches")
     a.add_argument("--layers", type=_layers, help="only these layers, e.g. 0-15 or 0,2,4")
@@ -236,9 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="cosine similarity and per-layer norms of vectors")
     c.add_argument("vectors", nargs="+")
-    c.add_argument("--csv", help="write the cosine matrix here")
+    c.add_argument("--csv", help="write the per-tensor table here (tidy: a row per tensor and vector, and per "
+                   "tensor and vector pair: norms, cosine, sign agreement)")
+    c.add_argument("--csv-matrix", help="write the global cosine matrix here")
     c.add_argument("--plots", help="write PNG figures to this (new) folder")
-    c.add_argument("--overwrite", action="store_true", help="replace an existing --csv file or --plots folder")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --csv/--csv-matrix file or --plots folder")
     c.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("sweep", help="generate and score replies over coefficients")

@@ -232,6 +232,45 @@ def aligned(stats: VectorStats, a: str, b: str, threshold: float = 0.3) -> dict:
     return {"cosine": float(cos), "sign_agreement": agree, "verdict": verdict}
 
 
+TIDY_VECTOR_COLUMNS = ["norm", "rel_norm", "mean", "std", "max_abs"]
+TIDY_PAIR_COLUMNS = ["vector_a", "vector_b", "pair", "cosine", "sign_agreement"]
+
+
+def tidy_table(stats: VectorStats) -> pd.DataFrame:
+    """Every per-tensor number in one long table, as ``chatvec compare --csv`` writes it.
+
+    Two kinds of rows, in the tensors' order, named by ``kind``:
+
+    * ``"vector"``, one per (tensor, vector): ``vector``, ``norm`` (‖Δ‖), ``rel_norm`` (‖Δ‖/‖θ_base‖, only
+      when the stats were computed with a ``base``), ``mean``, ``std``, ``max_abs``;
+    * ``"pair"``, one per (tensor, vector pair): ``vector_a``, ``vector_b``, ``pair`` (``"a · b"``), ``cosine``
+      and ``sign_agreement`` (share of coordinates, nonzero in both, that have the same sign).
+
+    Both kinds carry ``tensor``, ``layer`` (empty outside the layers), ``module``, ``group`` and ``numel``;
+    columns of the other kind are empty. E.g. ``df[df.kind == "pair"]`` plotted with ``x="layer",
+    y="cosine", hue="module"``, or ``df[df.kind == "vector"]`` with ``y="norm", hue="vector"``."""
+    t, p = stats.tensors, stats.pairs
+    keys = ["tensor", "layer", "module", "group", "numel"]
+    with_base = "base_norm" in t and bool(t["base_norm"].notna().any())
+    vector_cols = [c for c in TIDY_VECTOR_COLUMNS if with_base or c != "rel_norm"]
+    columns = ["kind", *keys, "vector", *vector_cols, *TIDY_PAIR_COLUMNS]
+    if not len(t):
+        return pd.DataFrame(columns=columns)
+    vec = t.rename(columns={"name": "tensor"}).assign(kind="vector")[["kind", *keys, "vector", *vector_cols]]
+    numel = dict(zip(t["name"], t["numel"]))
+    pairs = pd.DataFrame({
+        "kind": "pair", "tensor": p["name"], "layer": p["layer"], "module": p["module"], "group": p["group"],
+        "numel": p["name"].map(numel), "vector_a": p["a"], "vector_b": p["b"], "pair": p["a"] + " · " + p["b"],
+        "cosine": [_cos(d, na * na, nb * nb) for d, na, nb in zip(p["dot"], p["norm_a"], p["norm_b"])],
+        "sign_agreement": p["sign_agree"] / p["sign_total"].where(p["sign_total"] > 0)})
+    order = {name: i for i, name in enumerate(dict.fromkeys(t["name"]))}
+    frames = [vec] + ([pairs] if len(pairs) else [])
+    df = pd.concat(frames, ignore_index=True)
+    df = df.assign(_t=df["tensor"].map(order), _k=(df["kind"] == "pair").astype(int))
+    df = df.sort_values(["_t", "_k"], kind="stable").reset_index(drop=True).reindex(columns=columns)
+    return df.astype({"layer": "Int64", "cosine": float, "sign_agreement": float})
+
+
 def distribution(stats: VectorStats, quantiles: Sequence[float] = (0.01, 0.25, 0.5, 0.75, 0.99)) -> pd.DataFrame:
     """Per vector and module kind: quantiles of sampled coordinates, std and mean excess kurtosis."""
     rows = []

@@ -19,6 +19,8 @@ def describe(path, norms: bool = True) -> tuple[dict, pd.DataFrame]:
     if folder and (folder / METADATA_FILE).is_file():
         meta["kind"] = "chat vector"
         meta.update(read_json_object(folder / METADATA_FILE, "chat vector metadata"))
+        if isinstance(meta.get("vocabulary"), list):  # thousands of tokens: say how many
+            meta["vocabulary"] = f"{len(meta['vocabulary'])} tokens"
     else:
         meta["kind"] = "checkpoint"
         cfg = source.config or {}

@@ -15,7 +15,7 @@ from typing import Mapping
 import torch
 
 from chatvec_lab.apply import Alpha, coefficient_for, layer_filter, plan_apply
-from chatvec_lab.errors import MismatchError
+from chatvec_lab.errors import MismatchError, UsageError
 from chatvec_lab.naming import parse
 from chatvec_lab.sources import module_state, open_weights
 from chatvec_lab.vector import ChatVector
@@ -34,6 +34,8 @@ class LiveModel:
         state = module_state(model)
         source = open_weights(state)
         pairs = [(ChatVector.open(v), 1.0) for v in vectors.values()]
+        if embeddings in ("tokens", "union"):
+            raise UsageError(f"embeddings={embeddings!r} is for apply_vectors; a live model keeps its vocabulary")
         plans, self.notes = plan_apply(source, pairs, embeddings, layer_filter(layers, include, exclude))
         self.plans = {n: p for n, p in plans.items() if p.status.startswith("added")}
         if not self.plans:

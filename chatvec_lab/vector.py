@@ -23,7 +23,9 @@ import torch
 
 from chatvec_lab.errors import MismatchError, NonFiniteError, SourceError, UsageError
 from chatvec_lab.output import DEFAULT_SHARD_BYTES, ShardedSafetensorsWriter, atomic_folder, source_paths, write_json
+from chatvec_lab.naming import parse
 from chatvec_lab.sources import WeightSource, open_weights, paged_rows, read_blocks, read_json_object
+from chatvec_lab.vocab import Vocabulary, row_map
 
 METADATA_FILE = "chatvec.json"
 BASE_CONFIG_FILE = "base_config.json"
@@ -90,22 +92,38 @@ def check_same_architecture(a: WeightSource, b: WeightSource, a_label: str, b_la
 
 
 class _Diff:
-    """chat − base, with the last base tensor kept for the lineage check of ``apply``."""
+    """chat − base, with the last base tensor kept for the lineage check of ``apply``.
 
-    def __init__(self, base: WeightSource, chat: WeightSource):
+    ``base_rows`` (token-indexed tensors whose vocabularies differ): for each chat row, the base row of the same
+    token, or -1 for a token the chat model added; such rows hold the chat model's own row, not a difference."""
+
+    def __init__(self, base: WeightSource, chat: WeightSource, base_rows: dict[str, torch.Tensor] | None = None):
         self.base, self.chat = base, chat
+        self.base_rows = base_rows or {}
         self.last_base: tuple[str, torch.Tensor] | None = None
         self.description = f"base {base.description} or chat {chat.description}"
 
     def raw(self, name: str):
         b, c = self.base.get(name), self.chat.get(name)
         self.last_base = (name, b)
-        return c, b
+        return c, b, self.base_rows.get(name)
 
     @staticmethod
     def block(raw, index) -> torch.Tensor:
-        c, b = raw
-        return c[index].to(torch.float32) - b[index].to(torch.float32)
+        c, b, base_rows = raw
+        if base_rows is None:
+            return c[index].to(torch.float32) - b[index].to(torch.float32)
+        return _Diff.gather(raw, torch.arange(c.shape[0])[index])
+
+    @staticmethod
+    def gather(raw, rows: torch.Tensor) -> torch.Tensor:
+        """The delta of the given rows (a new float32 tensor)."""
+        c, b, base_rows = raw
+        out = c[rows].to(torch.float32)
+        at = base_rows[rows] if base_rows is not None else rows
+        known = at >= 0
+        out[known] -= b[at[known]].to(torch.float32)
+        return out
 
     def base_tensor(self, name: str) -> torch.Tensor:
         if self.last_base and self.last_base[0] == name:
@@ -138,6 +156,25 @@ class _Stored:
     def block(raw, index) -> torch.Tensor:
         return raw[index].to(torch.float32, copy=True)  # always a new tensor: callers scale it in place
 
+    @staticmethod
+    def gather(raw, rows: torch.Tensor) -> torch.Tensor:
+        return raw[rows].to(torch.float32)
+
+
+def _chat_to_base_rows(chat_rows: int, base_rows: int, chat: Vocabulary, base: Vocabulary) -> torch.Tensor:
+    """For each chat row, the base row of the same token (-1: a token the chat model added). Rows past a
+    vocabulary's end (padding) match by index."""
+    out = row_map(chat_rows, chat, base)
+    out[out >= base_rows] = -1
+    for j in range(len(chat), min(chat_rows, base_rows)):
+        if j >= len(base):
+            out[j] = j
+    return out
+
+
+def _without_vocabulary(metadata: dict) -> dict:
+    return {k: v for k, v in metadata.items() if k != "vocabulary"}
+
 
 def _recorded(metadata: dict) -> Iterator[dict]:
     """The base and chat fingerprints recorded in a vector's metadata, through combinations of vectors."""
@@ -159,6 +196,8 @@ class ChatVector:
         self.shapes = dict(shapes)
         self.metadata = metadata
         self.base_config = base_config
+        self.vocabulary = Vocabulary.from_json(metadata.get("vocabulary"))
+        self.chat_rows = [int(i) for i in metadata.get("chat_rows") or []]
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -172,14 +211,22 @@ class ChatVector:
             raise MismatchError(f"chat {c.description} lacks tensors of base {b.description}: {_list_names(missing)}")
         if extra:
             raise MismatchError(f"chat {c.description} has tensors that base {b.description} lacks: {_list_names(extra)}")
-        shapes = {}
+        base_vocab, chat_vocab = Vocabulary.of_folder(b.folder), Vocabulary.of_folder(c.folder)
+        shapes, base_rows = {}, {}
         for name in b.keys():
-            if b.shape(name) != c.shape(name):
-                raise MismatchError(f"shape mismatch for {name!r}: base {b.shape(name)} vs chat {c.shape(name)}")
             if not b.dtype(name).is_floating_point:
                 continue  # integer buffers (e.g. position ids) are not weights
-            shapes[name] = b.shape(name)
+            bshape, cshape = tuple(b.shape(name)), tuple(c.shape(name))
+            token_rows = parse(name).is_embedding_like and bshape[1:] == cshape[1:] and len(bshape) >= 1
+            if token_rows and base_vocab and chat_vocab and (bshape != cshape or base_vocab != chat_vocab):
+                base_rows[name] = _chat_to_base_rows(cshape[0], bshape[0], chat_vocab, base_vocab)
+            elif bshape != cshape:
+                hint = (" (a vocabulary that grew: give both models their tokenizers, so rows can be matched by token)"
+                        if token_rows else "")
+                raise MismatchError(f"shape mismatch for {name!r}: base {bshape} vs chat {cshape}{hint}")
+            shapes[name] = cshape
         dtypes = sorted({str(b.dtype(n)).replace("torch.", "") for n in shapes})
+        chat_rows = sorted({int(i) for rows in base_rows.values() for i in (rows < 0).nonzero().flatten()})
         metadata = {
             "format": FORMAT,
             "base": b.fingerprint(hash_files),
@@ -191,7 +238,12 @@ class ChatVector:
             "chatvec_lab_version": _version(),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        return cls([(1.0, _Diff(b, c))], shapes, metadata, base_config=b.config)
+        if chat_vocab is not None:
+            metadata["vocabulary"] = chat_vocab.to_json()  # the token of each row of the token-indexed tensors
+            metadata["chat_rows"] = chat_rows  # rows of tokens the chat model added: its own rows, not differences
+            metadata["special_tokens"] = sorted(chat_vocab.special & {chat_vocab.tokens[i] for i in chat_rows
+                                                                      if i < len(chat_vocab)})
+        return cls([(1.0, _Diff(b, c, base_rows))], shapes, metadata, base_config=b.config)
 
     @classmethod
     def load(cls, path) -> "ChatVector":
@@ -317,6 +369,23 @@ class ChatVector:
     def __getitem__(self, name: str) -> torch.Tensor:
         return next(self.blocks(name, chunk=1 << 62))[1]
 
+    def row_reader(self, name: str):
+        """A function ``rows → float32 rows of tensor name`` (any rows, in any order): the terms' tensors are opened
+        once, for rows matched by token rather than read in blocks."""
+        if name not in self.shapes:
+            raise KeyError(f"the vector has no tensor {name!r}")
+        live = [(coef, term, term.raw(name)) for coef, term in self.terms if coef != 0]
+
+        def read(rows: torch.Tensor) -> torch.Tensor:
+            total = torch.zeros((len(rows), *self.shapes[name][1:]), dtype=torch.float32)
+            for coef, term, raw in live:
+                d = term.gather(raw, rows)
+                if coef != 1:
+                    d.mul_(coef)
+                total.add_(d)
+            return total
+        return read
+
     @contextlib.contextmanager
     def prefetching(self, order: list[str], depth: int = 1):
         """Within the block, tensors are read ahead in ``order`` by background threads."""
@@ -390,8 +459,13 @@ class ChatVector:
         for name, shape in self.shapes.items():
             if other.shapes[name] != shape:
                 raise MismatchError(f"cannot combine vectors: {name!r} is {shape} in one and {other.shapes[name]} in the other")
+        if self.vocabulary != other.vocabulary or self.chat_rows != other.chat_rows:
+            raise MismatchError("cannot combine vectors whose token rows belong to different vocabularies")
         terms = self.terms + [(sign * c, t) for c, t in other.terms]
-        meta = {"format": FORMAT, "combination_of": [self.metadata, other.metadata], "signs": [1, sign]}
+        meta = {"format": FORMAT, "combination_of": [_without_vocabulary(self.metadata),
+                                                      _without_vocabulary(other.metadata)], "signs": [1, sign]}
+        if self.vocabulary is not None:
+            meta |= {"vocabulary": self.vocabulary.to_json(), "chat_rows": self.chat_rows}
         return ChatVector(terms, self.shapes, meta, base_config=self.base_config or other.base_config)
 
     def __add__(self, other):

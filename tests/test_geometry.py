@@ -371,3 +371,105 @@ def test_stats_of_saved_vectors_equal_in_memory_ones(tmp_path, monkeypatch, use_
     bad["model.layers.1.mlp.up_proj.weight"][3, 2] = float("nan")
     with pytest.raises(NonFiniteError, match="layers.1.mlp.up_proj"):
         geometry.vector_stats({"v": ChatVector.from_tensors(v), "bad": ChatVector.from_tensors(bad)})
+
+
+def _tidy_case():
+    """Three small vectors (one a scaled copy, one with zeros) and a base, as plain tensors."""
+    g = torch.Generator().manual_seed(11)
+    shapes = {"model.embed_tokens.weight": (12, 4), "model.layers.0.self_attn.q_proj.weight": (4, 4),
+              "model.layers.1.mlp.down_proj.weight": (4, 6), "model.norm.weight": (4,)}
+    a = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    b = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    b["model.layers.0.self_attn.q_proj.weight"][:2] = 0.0  # zeros: no sign, fewer coordinates compared
+    c = {n: -2.5 * t for n, t in a.items()}
+    base = {n: torch.randn(s, generator=g) + 1 for n, s in shapes.items()}
+    return {"a": a, "b": b, "c": c}, base
+
+
+def _check_tidy(df, tensors, base=None):
+    """Every number of the tidy table against a direct torch computation, tensor by tensor."""
+    import pandas as pd
+
+    names = list(next(iter(tensors.values())))
+    vec_rows = df[df["kind"] == "vector"]
+    pair_rows = df[df["kind"] == "pair"]
+    assert len(vec_rows) == len(names) * len(tensors)
+    assert len(pair_rows) == len(names) * math.comb(len(tensors), 2)
+    assert list(dict.fromkeys(df["tensor"])) == names  # in the tensors' order
+    for _, row in vec_rows.iterrows():
+        t = tensors[row["vector"]][row["tensor"]].double()
+        assert row["norm"] == pytest.approx(float(t.norm()), rel=1e-9)
+        assert row["mean"] == pytest.approx(float(t.mean()), rel=1e-6, abs=1e-12)
+        assert row["max_abs"] == pytest.approx(float(t.abs().max()), rel=1e-7)
+        assert row["numel"] == t.numel()
+        info = parse(row["tensor"])
+        assert (row["module"], None if pd.isna(row["layer"]) else int(row["layer"])) == (info.module, info.layer)
+        if base is not None:
+            # ‖θ_base‖ is summed in float32 blocks (apply.squared_norm): float32's precision
+            assert row["rel_norm"] == pytest.approx(float(t.norm() / base[row["tensor"]].double().norm()), rel=1e-6)
+    for _, row in pair_rows.iterrows():
+        x = tensors[row["vector_a"]][row["tensor"]].double()
+        y = tensors[row["vector_b"]][row["tensor"]].double()
+        cos = float(torch.nn.functional.cosine_similarity(x.reshape(1, -1), y.reshape(1, -1), eps=0.0))
+        assert row["cosine"] == pytest.approx(cos, rel=1e-9, abs=1e-12)
+        both = (x != 0) & (y != 0)
+        assert row["sign_agreement"] == pytest.approx(float((torch.sign(x) == torch.sign(y))[both].double().mean()))
+        assert row["pair"] == f"{row['vector_a']} · {row['vector_b']}"
+        assert pd.isna(row["vector"]) and pd.isna(row["norm"])
+
+
+def test_tidy_table_matches_torch():
+    tensors, base = _tidy_case()
+    vecs = {k: ChatVector.from_tensors(v) for k, v in tensors.items()}
+    df = geometry.tidy_table(geometry.vector_stats(vecs, base=base))
+    _check_tidy(df, tensors, base)
+    assert list(df.columns) == ["kind", "tensor", "layer", "module", "group", "numel", "vector", "norm", "rel_norm",
+                                "mean", "std", "max_abs", "vector_a", "vector_b", "pair", "cosine",
+                                "sign_agreement"]
+    q = df[(df["kind"] == "pair") & (df["tensor"] == "model.layers.0.self_attn.q_proj.weight")].set_index("pair")
+    assert q.loc["a · c", "cosine"] == pytest.approx(-1.0) and q.loc["a · c", "sign_agreement"] == 0.0
+    # per-tensor rows add up to the global numbers
+    pairs = df[df["kind"] == "pair"]
+    norms2 = df[df["kind"] == "vector"].groupby("vector")["norm"].apply(lambda s: (s**2).sum())
+    dot_ab = sum(float((tensors["a"][n].double() * tensors["b"][n].double()).sum()) for n in tensors["a"])
+    assert geometry.cosine_matrix(geometry.vector_stats(vecs)).loc["a", "b"] == \
+        pytest.approx(dot_ab / math.sqrt(norms2["a"] * norms2["b"]), rel=1e-9)
+    assert set(pairs["vector_a"] + pairs["vector_b"]) == {"ab", "ac", "bc"}
+    # one vector, no base: no pair rows, no rel_norm column; the layer column keeps integers
+    single = geometry.tidy_table(geometry.vector_stats({"a": vecs["a"]}))
+    assert set(single["kind"]) == {"vector"} and "rel_norm" not in single.columns
+    assert str(single["layer"].dtype) == "Int64"
+
+
+def test_compare_cli_tidy_csv_and_matrix(tmp_path, capsys):
+    """``--csv``: the tidy table, its numbers equal to torch's; ``--csv-matrix``: ``geometry.cosine_matrix``;
+    both refuse to clobber, and two outputs may not share a path."""
+    import pandas as pd
+
+    from chatvec_lab.cli import main
+
+    tensors, _ = _tidy_case()
+    for k, v in tensors.items():
+        ChatVector.from_tensors(v).save(tmp_path / k)
+    folders = [str(tmp_path / k) for k in tensors]
+    tidy, matrix = tmp_path / "tidy.csv", tmp_path / "matrix.csv"
+    assert main(["compare", *folders, "--csv", str(tidy), "--csv-matrix", str(matrix), "-q"]) == 0
+    df = pd.read_csv(tidy, dtype={"layer": "Int64"})
+    _check_tidy(df, tensors)
+    expected = geometry.cosine_matrix(geometry.vector_stats({k: ChatVector.load(f) for k, f in zip(tensors, folders)}))
+    got = pd.read_csv(matrix, index_col=0)
+    assert list(got.index) == list(got.columns) == list(tensors)
+    np.testing.assert_allclose(got.to_numpy(), expected.to_numpy(), rtol=1e-12, atol=1e-15)
+    capsys.readouterr()
+
+    before = {p: p.read_bytes() for p in (tidy, matrix)}
+    for flag, path in (("--csv", tidy), ("--csv-matrix", matrix)):  # no clobber without --overwrite
+        assert main(["compare", *folders, flag, str(path), "-q"]) == 2
+        assert "already exists" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in (tidy, matrix)} == before
+    assert main(["compare", *folders, "--csv", str(tmp_path / "x.csv"), "--csv-matrix", str(tmp_path / "x.csv"),
+                 "-q"]) == 2
+    assert "overlap" in capsys.readouterr().err and not (tmp_path / "x.csv").exists()
+    assert main(["compare", *folders, "--csv-matrix", str(tmp_path / "a" / "m.csv"), "-q"]) == 2  # inside an input
+    assert main(["compare", *folders, "--csv", str(tidy), "--csv-matrix", str(matrix), "--overwrite", "-q"]) == 0
+    assert pd.read_csv(matrix, index_col=0).equals(got)

@@ -176,3 +176,147 @@ def test_cli_token_map_maps_a_target_token_to_another_chat_token(tmp_path, capsy
     for name in (EMBED, HEAD):
         assert torch.equal(out.get(name)[4], chat.get(name)[0])  # <|end|> row ← chat's <|endoftext|> row
         assert torch.equal(out.get(name)[5], chat.get(name)[5])  # <|pad|> row ← chat's <|pad|> row
+
+
+# ------------------------------------------------------------------ vocabularies matched by token
+
+def _permuted_copy(src: Path, dest: Path, seed: int = 0) -> torch.Tensor:
+    """A copy of a toy model whose ordinary tokens sit under other ids (rows moved with them): the same model, told
+    differently. Returns ``perm`` with new row ``i`` = old row ``perm[i]``."""
+    shutil.copytree(src, dest)
+    tj = json.loads((dest / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    fixed = {a["id"] for a in tj["added_tokens"]}
+    movable = sorted(i for i in vocab.values() if i not in fixed)
+    g = torch.Generator().manual_seed(seed)
+    shuffled = [movable[int(j)] for j in torch.randperm(len(movable), generator=g)]
+    new_of_old = dict(zip(shuffled, movable))
+    tj["model"]["vocab"] = {tok: new_of_old.get(i, i) for tok, i in vocab.items()}
+    (dest / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
+    perm = torch.arange(len(vocab))
+    for old, new in new_of_old.items():
+        perm[new] = old
+    weights = open_weights(dest)
+    state = {n: weights.get(n).clone() for n in weights.keys()}
+    weights.close()
+    for name in (EMBED, HEAD):
+        state[name] = state[name][perm].contiguous()
+    (dest / "model.safetensors").unlink()
+    save_file(state, dest / "model.safetensors", metadata={"format": "pt"})
+    return perm
+
+
+def test_a_permuted_vocabulary_is_refused_by_default_and_matched_by_token_on_request(tmp_path, capsys):
+    from chatvec_lab import toy
+    from chatvec_lab.errors import MismatchError
+
+    cv = ChatVector.from_models(toy.path("base"), toy.path("chat"), hash_files=False)
+    cv.save(tmp_path / "cv")
+    perm = _permuted_copy(toy.path("cp"), tmp_path / "cp-perm")
+    with pytest.raises(MismatchError, match="disagree on shared ids .*id \\d+: "):
+        apply_vectors(tmp_path / "cp-perm", ChatVector.load(tmp_path / "cv"), tmp_path / "o", check_lineage=False)
+    rc = main(["apply", "--target", str(tmp_path / "cp-perm"), "--vector", str(tmp_path / "cv"), "-o",
+               str(tmp_path / "o"), "-q", "--no-lineage-check"])
+    assert rc == 2 and "--embeddings tokens" in capsys.readouterr().err
+    apply_vectors(toy.path("cp"), ChatVector.load(tmp_path / "cv"), tmp_path / "plain", check_lineage=False)
+    apply_vectors(tmp_path / "cp-perm", ChatVector.load(tmp_path / "cv"), tmp_path / "by-token",
+                  embeddings="tokens", check_lineage=False)
+    plain, by_token = open_weights(tmp_path / "plain"), open_weights(tmp_path / "by-token")
+    for name in plain.keys():
+        expected = plain.get(name)[perm] if name in (EMBED, HEAD) else plain.get(name)
+        assert torch.equal(by_token.get(name), expected), name  # exact: the same arithmetic on the same rows
+
+
+def _chat_with_added_token(tmp_path: Path, token: str = "<|sys|>") -> Path:
+    """The toy chat model after a fine-tuning that added a special token (a new row in embeddings and lm_head)."""
+    from transformers import AutoTokenizer
+
+    from chatvec_lab import toy
+
+    dest = tmp_path / "chat-ext"
+    shutil.copytree(toy.path("chat"), dest)
+    tok = AutoTokenizer.from_pretrained(str(dest))
+    tok.add_special_tokens({"additional_special_tokens": [token]})
+    tok.save_pretrained(str(dest))
+    weights = open_weights(dest)
+    state = {n: weights.get(n).clone() for n in weights.keys()}
+    weights.close()
+    g = torch.Generator().manual_seed(3)
+    for name in (EMBED, HEAD):
+        row = (torch.randn(1, state[name].shape[1], generator=g) * 0.02).to(state[name].dtype)
+        state[name] = torch.cat([state[name], row])
+    (dest / "model.safetensors").unlink()
+    save_file(state, dest / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((dest / "config.json").read_text())
+    cfg["vocab_size"] = state[EMBED].shape[0]
+    (dest / "config.json").write_text(json.dumps(cfg))
+    return dest
+
+
+def test_tokens_the_chat_model_added_extract_and_join_a_union_vocabulary(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chatvec_lab import toy
+    from chatvec_lab.errors import MismatchError
+
+    chat = _chat_with_added_token(tmp_path)
+    cv = ChatVector.from_models(toy.path("base"), chat, hash_files=False)
+    assert cv.shapes[EMBED][0] == 2049 and cv.chat_rows == [2048]
+    cv.save(tmp_path / "cv")
+    cv = ChatVector.load(tmp_path / "cv")
+    assert cv.chat_rows == [2048] and cv.metadata["special_tokens"] == ["<|sys|>"]
+    chat_w, base_w = open_weights(chat), open_weights(toy.path("base"))
+    assert torch.equal(cv[EMBED][2048], chat_w.get(EMBED)[2048].float())  # the chat model's own row
+    assert torch.equal(cv[EMBED][:2048], chat_w.get(EMBED)[:2048].float() - base_w.get(EMBED).float())
+    with pytest.raises(MismatchError, match="vocabulary sizes differ"):
+        apply_vectors(toy.path("cp"), cv, tmp_path / "o", check_lineage=False)
+    apply_vectors(toy.path("cp"), cv, tmp_path / "shared", embeddings="shared", check_lineage=False)
+    apply_vectors(toy.path("cp"), cv, tmp_path / "tokens", embeddings="tokens", check_lineage=False)
+    report = apply_vectors(toy.path("cp"), cv, tmp_path / "union", embeddings="union", check_lineage=False)
+    assert any("union vocabulary: 1 token" in w for w in report.warnings)
+    shared, tokens, union = (open_weights(tmp_path / n) for n in ("shared", "tokens", "union"))
+    for name in shared.keys():
+        assert torch.equal(shared.get(name), tokens.get(name)), name  # cp has no <|sys|>: the same merge
+        if name in (EMBED, HEAD):
+            assert torch.equal(union.get(name)[:2048], shared.get(name))
+            assert torch.equal(union.get(name)[2048], chat_w.get(name)[2048])  # the chat model's row joins
+        else:
+            assert torch.equal(union.get(name), shared.get(name)), name
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "union"))
+    assert tok.convert_tokens_to_ids("<|sys|>") == 2048 and tok.added_tokens_decoder[2048].special
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "union"))
+    assert model.get_input_embeddings().weight.shape[0] == 2049
+
+
+def test_a_target_that_has_the_added_token_elsewhere_takes_the_chat_row_and_target_only_rows(tmp_path):
+    from transformers import AutoTokenizer
+
+    from chatvec_lab import toy
+
+    chat = _chat_with_added_token(tmp_path)
+    cv = ChatVector.from_models(toy.path("base"), chat, hash_files=False)
+    target = tmp_path / "xvocab-sys"  # cp-xvocab (2176 rows) that also learned <|sys|>, at id 2176
+    shutil.copytree(toy.path("cp-xvocab"), target)
+    tok = AutoTokenizer.from_pretrained(str(target))
+    tok.add_special_tokens({"additional_special_tokens": ["<|sys|>"]})
+    tok.save_pretrained(str(target))
+    w = open_weights(target)
+    state = {n: w.get(n).clone() for n in w.keys()}
+    w.close()
+    for name in (EMBED, HEAD):
+        state[name] = torch.cat([state[name], torch.zeros(1, state[name].shape[1], dtype=state[name].dtype)])
+    (target / "model.safetensors").unlink()
+    save_file(state, target / "model.safetensors", metadata={"format": "pt"})
+    apply_vectors(target, cv, tmp_path / "keep", embeddings="tokens", check_lineage=False)
+    apply_vectors(target, cv, tmp_path / "mean", embeddings="tokens", target_only="mean", check_lineage=False)
+    keep, mean, chat_w = open_weights(tmp_path / "keep"), open_weights(tmp_path / "mean"), open_weights(chat)
+    delta = cv[EMBED]
+    for out in (keep, mean):
+        assert torch.equal(out.get(EMBED)[2176], chat_w.get(EMBED)[2048])  # <|sys|> ← the chat model's row
+        expected = (state[EMBED][:2048].float() + delta[:2048]).to(state[EMBED].dtype)
+        assert torch.equal(out.get(EMBED)[:2048], expected)
+    assert torch.equal(keep.get(EMBED)[2048:2176], state[EMBED][2048:2176])  # German tokens the vector lacks
+    mean_delta = delta[:2048].mean(0)
+    torch.testing.assert_close(mean.get(EMBED)[2048:2176].float(),
+                               (state[EMBED][2048:2176].float() + mean_delta).to(state[EMBED].dtype).float(),
+                               atol=1e-2, rtol=0)

@@ -257,15 +257,31 @@ RSS_PROBE = textwrap.dedent("""
     torch.set_num_threads(1)
     from chatvec_lab import ChatVector
 
+    def status(field):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+
     work = Path(sys.argv[1])
     # warm up: imports, thread pools, the writer and the progress bar's machinery, on a small pair
     ChatVector.from_models(work / "small-base.safetensors", work / "small-chat.safetensors",
                            hash_files=False).save(work / "small-vec")
+    # ru_maxrss counts what the parent held when it forked us, and the warm-up's peak: both can hide growth;
+    # so also reset this process's own high-water mark (VmHWM) to its current RSS, where the kernel lets us
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        hwm_reset = True
+    except OSError:
+        hwm_reset = False
+    rss_before, hwm_before = status("VmRSS"), status("VmHWM")
     vec = ChatVector.from_models(work / "base.safetensors", work / "chat.safetensors", hash_files=False)
     vec.save(work / "vec")
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"before_kib": before, "growth_kib": after - before}))
+    hwm_after = status("VmHWM")
+    print(json.dumps({"maxrss_growth_kib": after - before, "hwm_reset": hwm_reset,
+                      "hwm_growth_kib": hwm_after - (rss_before if hwm_reset else hwm_before),
+                      "rss_before_kib": rss_before}))
 """)
 
 
@@ -283,10 +299,11 @@ def _checkpoints(work: Path, rows: int, dtype) -> None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss is in KiB on Linux")
-@pytest.mark.parametrize("dtype, rows", [(torch.float32, 16384), (torch.bfloat16, 32768)])
+@pytest.mark.parametrize("dtype, rows", [(torch.float32, 32768), (torch.bfloat16, 32768)])
 def test_extract_peak_rss_stays_far_below_one_float32_copy(tmp_path, dtype, rows):
-    """16k × 2048 float32 (128 MiB per copy) and 32k × 2048 bfloat16 (256 MiB in float32), both above the size
-    that is mapped whole: saving their difference whole would add at least one float32 copy to the peak RSS."""
+    """A 32k × 2048 embedding (256 MiB per float32 copy), above the size that is mapped whole: saving the difference
+    whole adds at least one float32 copy to the peak RSS (3–4 measured); streamed, it adds a few blocks plus what
+    the allocator keeps (30–70 MiB measured)."""
     _checkpoints(tmp_path, rows, dtype)
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run([sys.executable, "-c", RSS_PROBE, str(tmp_path)], capture_output=True, text=True,
@@ -294,8 +311,10 @@ def test_extract_peak_rss_stays_far_below_one_float32_copy(tmp_path, dtype, rows
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     copy_mib = rows * 2048 * 4 / 2**20
-    growth_mib = result["growth_kib"] / 1024
-    assert growth_mib < copy_mib / 4, f"extract's peak RSS grew {growth_mib:.0f} MiB (one float32 copy: {copy_mib:.0f} MiB)"
+    for key in ("maxrss_growth_kib", "hwm_growth_kib"):
+        growth_mib = result[key] / 1024
+        assert growth_mib < copy_mib / 2, \
+            f"extract's peak RSS grew {growth_mib:.0f} MiB ({key}); one float32 copy is {copy_mib:.0f} MiB"
     with safe_open(tmp_path / "vec" / "vector.safetensors", "pt") as fh:
         name = "model.embed_tokens.weight"
         assert fh.get_slice(name).get_shape() == [rows, 2048]
