@@ -231,7 +231,7 @@ def test_compare_cli(tmp_path, family_factory, capsys):
     fam = family_factory("llama")
     ChatVector.from_models(fam["base"], fam["chat"]).save(tmp_path / "chat")
     ChatVector.from_models(fam["base"], fam["cp"]).save(tmp_path / "cp")
-    rc = main(["compare", str(tmp_path / "chat"), str(tmp_path / "cp"), "--csv", str(tmp_path / "cos.csv"),
+    rc = main(["compare", str(tmp_path / "chat"), str(tmp_path / "cp"), "--csv-matrix", str(tmp_path / "cos.csv"),
                "--plots", str(tmp_path / "plots"), "-q"])
     assert rc == 0
     out = capsys.readouterr().out

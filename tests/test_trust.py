@@ -391,7 +391,7 @@ def test_compare_outputs_are_no_clobber_and_never_inputs(fam, tmp_path, capsys):
     assert mine.read_text() == "precious" and checksums(fam["vec"]) == before
     assert _cli(["compare", *vectors, "-q", "--csv", str(mine), "--overwrite", "--plots", str(tmp_path / "p")],
                 capsys)[0] == 0
-    assert mine.read_text().startswith(",") and (tmp_path / "p" / "cosine_matrix.png").is_file()
+    assert mine.read_text().startswith("kind,") and (tmp_path / "p" / "cosine_matrix.png").is_file()
 
 
 def test_sweep_csv_may_not_be_an_input(fam, tmp_path, capsys):
