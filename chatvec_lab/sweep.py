@@ -89,10 +89,37 @@ def _fingerprint(obj) -> str:
 
 def _model_fingerprint(target) -> object:
     if isinstance(target, (str, Path)):
-        folder = Path(target)
-        return [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in sorted(folder.glob("*.safetensors"))] \
-            + [str(folder.resolve())]
+        return _files_key([Path(target)])
     return None
+
+
+def _files_key(paths) -> list:
+    """Files as make sees them: path, size and modification time of every weights file under ``paths``."""
+    files = set()
+    for p in paths:
+        p = Path(p)
+        for f in ([p] if p.is_file() else sorted(p.glob("*.safetensors")) if p.is_dir() else []):
+            st = f.stat()
+            files.add((str(f.resolve()), st.st_size, st.st_mtime_ns))
+    return sorted(files)
+
+
+def _vector_key(vec: ChatVector) -> dict:
+    """What a vector's deltas depend on, without when it was built: its recorded provenance (minus the creation
+    time), its terms' coefficients, the files it reads, and the bytes of tensors it holds in memory."""
+    def stable(meta):
+        if isinstance(meta, dict):
+            return {k: stable(v) for k, v in meta.items() if k != "created"}
+        return [stable(m) for m in meta] if isinstance(meta, list) else meta
+
+    in_memory = hashlib.sha256()
+    for _, term in vec.terms:
+        for src in term.sources().values():
+            for name, tensor in sorted(getattr(src, "tensors", {}).items()):
+                in_memory.update(name.encode())
+                in_memory.update(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return {"metadata": stable(vec.metadata), "coefficients": [c for c, _ in vec.terms],
+            "names": sorted(vec.names), "files": _files_key(vec.input_paths()), "tensors": in_memory.hexdigest()}
 
 
 def load_target(target, dtype=torch.float32):
@@ -130,10 +157,10 @@ def sweep(target, vectors, coefficients, prompts: Sequence[str], *, tokenizer=No
     cache_file = None
     key_target = _model_fingerprint(target)
     if cache_dir is not None and key_target is not None:
-        key = _fingerprint({"target": key_target, "vectors": {k: v.metadata for k, v in vectors.items()},
+        key = _fingerprint({"target": key_target, "vectors": {k: _vector_key(v) for k, v in vectors.items()},
                             "points": points, "prompts": prompts, "scorers": scorer_names, "seeds": seed_list,
                             "max_new_tokens": max_new_tokens, "language": language, "heldout": heldout,
-                            "gen": gen_kwargs, "version": 1})
+                            "gen": gen_kwargs, "version": 2})
         cache_file = Path(cache_dir) / f"sweep-{key}.jsonl"
         if cache_file.is_file():
             return pd.read_json(cache_file, orient="records", lines=True)

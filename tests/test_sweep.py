@@ -226,3 +226,29 @@ def test_sweep_cli(tmp_path, capsys):
     rc = main(["sweep", "--target", str(toy.path("cp")), "--vector", str(tmp_path / "cv"), "--prompts",
                str(tmp_path / "empty.txt"), "--csv", str(tmp_path / "o2.csv"), "-q"])
     assert rc == 2 and "holds no prompts" in capsys.readouterr().err
+
+
+def test_sweep_cache_is_keyed_by_content_not_by_when_the_vector_was_built(tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    import chatvec_lab.sweep as sw
+
+    models = tmp_path / "models"
+    for name in ("base", "chat", "cp"):
+        shutil.copytree(toy.path(name), models / name)
+    build = lambda: ChatVector.from_models(models / "base", models / "chat", hash_files=False)  # noqa: E731
+    first = sweep(models / "cp", build(), [0.5], PROMPTS[:2], max_new_tokens=6, cache_dir=tmp_path / "c",
+                  progress=False)
+    real_generate = sw.generate
+    monkeypatch.setattr(sw, "generate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("regenerated")))
+    again = sweep(models / "cp", build(), [0.5], PROMPTS[:2], max_new_tokens=6, cache_dir=tmp_path / "c",
+                  progress=False)  # a vector rebuilt later, from the same files: the cache answers
+    pd.testing.assert_frame_equal(first, again, check_dtype=False)
+    chat_file = next((models / "chat").glob("*.safetensors"))
+    st = chat_file.stat()
+    os.utime(chat_file, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the chat model changed: a new key
+    with pytest.raises(AssertionError, match="regenerated"):
+        sweep(models / "cp", build(), [0.5], PROMPTS[:2], max_new_tokens=6, cache_dir=tmp_path / "c", progress=False)
+    monkeypatch.setattr(sw, "generate", real_generate)
+    assert len(list((tmp_path / "c").glob("sweep-*.jsonl"))) == 1
