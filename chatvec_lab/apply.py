@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Mapping, Sequence, Union
 import pandas as pd
 import torch
 
-from chatvec_lab.errors import MismatchError, NonFiniteError, SourceError, UsageError
+from chatvec_lab.errors import MismatchError, NonFiniteError, SourceError, UsageError, require_bool
 from chatvec_lab.output import (DEFAULT_SHARD_BYTES, ShardedSafetensorsWriter, atomic_folder, check_output_path,
                                 source_paths, write_json)
 from chatvec_lab.naming import TensorInfo, parse
@@ -33,6 +33,7 @@ from chatvec_lab.vector import (CHUNK_ELEMENTS, ChatVector, _Diff, _without_voca
 Alpha = Union[float, Mapping[str, float], Callable[[TensorInfo], float]]
 EMBEDDING_POLICIES = ("error", "skip", "shared", "tokens", "union")
 TARGET_ONLY_POLICIES = ("keep", "mean")
+MAX_LAYERS = 100_000  # a bound on layer indices asked for: far above any model, far below a hang
 LINEAGE_WARN = 0.5
 LINEAGE_STRIDE = 4
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -69,11 +70,15 @@ def _layer_set(layers) -> set[int] | None:
         return None
     if isinstance(layers, (str, bytes, int)) or not isinstance(layers, Iterable):
         raise UsageError(f"layers must be a collection of layer indices such as range(0, 16), not {layers!r}")
+    if isinstance(layers, range) and len(layers) > MAX_LAYERS:
+        raise UsageError(f"layers {layers} holds {len(layers):,} layers; no model has more than {MAX_LAYERS:,}")
     out = set()
     for layer in layers:
         if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
             raise UsageError(f"layers must be non-negative integers, not {layer!r}")
         out.add(layer)
+        if len(out) > MAX_LAYERS:
+            raise UsageError(f"layers holds more than {MAX_LAYERS:,} layers; no model has that many")
     if not out:
         raise UsageError("layers is empty: no layer would change")
     return out
@@ -698,6 +703,7 @@ def apply_vectors(target, vectors, out, *, base=None, embeddings: str = "error",
 
     if target_only not in TARGET_ONLY_POLICIES:
         raise UsageError(f"target_only must be one of {TARGET_ONLY_POLICIES}, not {target_only!r}")
+    require_bool(overwrite=overwrite, allow_pickle=allow_pickle, check_lineage=check_lineage, progress=progress)
     check_output_path(out, overwrite)
     prep = _prepare(target, vectors, base if check_lineage else None, embeddings, include, exclude, layers,
                     token_map, chat, allow_pickle)
@@ -791,6 +797,7 @@ def apply_to_model(target, vectors, *, base=None, embeddings: str = "error", inc
     """
     import copy
 
+    require_bool(inplace=inplace, allow_pickle=allow_pickle, check_lineage=check_lineage)
     if isinstance(target, torch.nn.Module):
         model = target if inplace else copy.deepcopy(target)
     else:
@@ -799,9 +806,14 @@ def apply_to_model(target, vectors, *, base=None, embeddings: str = "error", inc
         folder = model_folder(target)
         if folder is None:
             raise SourceError(f"cannot load a model from {target}: no folder with config.json")
+        read_json_object(folder / "config.json", "config")  # a FIFO or a list is refused here, in one line
         load_kwargs.setdefault("dtype", "auto")
         load_kwargs.setdefault("trust_remote_code", False)
-        model = AutoModelForCausalLM.from_pretrained(str(folder), **load_kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(folder), **load_kwargs)
+        except (OSError, ValueError, TypeError, AttributeError, KeyError) as e:
+            raise SourceError(f"transformers cannot load {folder} with {load_kwargs}: "
+                              f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
     state = module_state(model)
     src = open_weights(state)
     src.folder = model_folder(target) if not isinstance(target, torch.nn.Module) else src.folder

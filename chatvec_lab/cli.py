@@ -39,6 +39,8 @@ def _layers(text: str) -> list[int]:
                 a, b = (int(x) for x in part.split("-"))
                 if a > b:
                     raise argparse.ArgumentTypeError(f"layer range {part!r} runs backwards: write {b}-{a}")
+                if b - a >= 100_000:
+                    raise argparse.ArgumentTypeError(f"layer range {part!r} is far larger than any model")
                 out.extend(range(a, b + 1))
             elif part.strip():
                 out.append(int(part))
@@ -118,6 +120,8 @@ def _token_map(text: str | None) -> dict[str, str]:
         if not target or (_ and not chat):
             raise ChatVecError(f"--token-map entries are TOKEN or TARGET_TOKEN=CHAT_TOKEN, not {item!r}")
         pairs[target] = chat or target
+    if text is not None and not pairs:
+        raise ChatVecError(f"--token-map {text!r} names no token")
     return pairs
 
 

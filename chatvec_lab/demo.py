@@ -74,7 +74,7 @@ def run_demo(out="chatvec-report", overwrite: bool = False, notebooks: bool = Tr
     out = Path(out)
     from chatvec_lab import resources, toy
 
-    with atomic_folder(out, overwrite, inputs=[toy.data_dir(), resources.notebook_dir()]) as tmp:
+    with atomic_folder(out, overwrite, inputs=[toy.data_dir(), *resources.inputs()]) as tmp:
         figures = tmp / "figures"
         print("measuring the chat-vector effect on the toy family ...", flush=True)
         df = evaluate.run(seeds=1 if quick else 3, progress=False, max_prompts=8 if quick else None)

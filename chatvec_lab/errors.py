@@ -23,3 +23,10 @@ class OutputError(ChatVecError):
 
 class UsageError(ChatVecError, ValueError):
     """An argument of the wrong type or value (a bad regex, layers that are not a list of integers …)."""
+
+
+def require_bool(**flags) -> None:
+    """Refuse a flag that is not a bool: ``overwrite="no"`` is truthy, and would replace a folder."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise UsageError(f"{name} must be True or False, not {value!r}")

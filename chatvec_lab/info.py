@@ -38,7 +38,7 @@ def describe(path, norms: bool = True) -> tuple[dict, pd.DataFrame]:
                "layer": info.layer, "module": info.module}
         if norms:
             t = source.get(name)
-            row["norm"] = float(t.double().norm()) if t.is_floating_point() else math.nan
+            row["norm"] = float(t.reshape(-1).double().norm()) if t.is_floating_point() else math.nan
         rows.append(row)
     table = pd.DataFrame(rows)
     if len(table):

@@ -18,6 +18,7 @@ import re
 import secrets
 import shutil
 import signal
+import stat
 import sys
 import threading
 from pathlib import Path
@@ -30,7 +31,7 @@ try:
 except ImportError:  # pragma: no cover - not on Windows
     fcntl = None
 
-from chatvec_lab.errors import OutputError, UsageError
+from chatvec_lab.errors import OutputError, UsageError, require_bool
 from chatvec_lab.sources import ST_DTYPE_NAMES, _itemsize, _numel
 
 DEFAULT_SHARD_BYTES = 4 * 1024**3
@@ -41,12 +42,37 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+def _check_clear_of_inputs(out, target: Path, inputs: Iterable) -> None:
+    for inp in inputs:
+        if inp is None:
+            continue
+        real = Path(inp).expanduser().resolve()
+        for o in {target, target.resolve()}:
+            how = "is" if o == real else "is inside" if _inside(o, real) else "contains" if _inside(real, o) else None
+            if how:
+                raise OutputError(f"output {out!s} {how} the input {inp!s}: choose an output outside every input")
+
+
+def check_clear_of_inputs(path, inputs: Iterable) -> Path:
+    """Refuse a folder this run writes into (a cache, say) that is, contains or sits inside one of ``inputs``."""
+    if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
+        raise OutputError(f"the path must be a str or os.PathLike, not {type(path).__name__}")
+    try:
+        target = Path(path).expanduser().absolute()
+        target = target.parent.resolve() / target.name
+        _check_clear_of_inputs(path, target, inputs)
+    except (OSError, ValueError) as e:
+        raise OutputError(f"cannot write to {path!s}: {getattr(e, 'strerror', None) or e}") from None
+    return target
+
+
 def check_output_path(out, overwrite: bool, inputs: Iterable = (), folder: bool = True) -> Path:
     """Fail before any work if ``out`` may not be written: it exists (unless ``overwrite``), it is, contains or sits
     inside one of ``inputs``, or its folder cannot be written. Returns the absolute output path.
     ``folder``: the output is a folder (else a file)."""
     if not isinstance(out, (str, os.PathLike)) or isinstance(out, bytes):
         raise OutputError(f"the output must be a path (str or os.PathLike), not {type(out).__name__}")
+    require_bool(overwrite=overwrite)
     try:
         return _check_output_path(out, overwrite, inputs, folder)
     except (OSError, ValueError) as e:  # a component too long, a NUL byte, a loop of links …
@@ -62,21 +88,14 @@ def _check_output_path(out, overwrite: bool, inputs: Iterable, folder: bool) -> 
     if len(os.fsencode(given.name)) > NAME_MAX:
         raise OutputError(f"output name {given.name[:40]}… is longer than {NAME_MAX} bytes")
     target = given.absolute().parent.resolve() / given.name
-    for inp in inputs:
-        if inp is None:
-            continue
-        real = Path(inp).expanduser().resolve()
-        for o in {target, target.resolve()}:
-            how = "is" if o == real else "is inside" if _inside(o, real) else "contains" if _inside(real, o) else None
-            if how:
-                raise OutputError(f"output {out!s} {how} the input {inp!s}: choose an output outside every input")
+    _check_clear_of_inputs(out, target, inputs)
     if os.path.lexists(target):
         if not overwrite:
             raise OutputError(f"output {out!s} already exists (pass overwrite=True / --overwrite to replace it)")
         if target.is_symlink():
             raise OutputError(f"output {out!s} is a symbolic link: remove it, or name the folder it points to")
-        if target.is_dir() != folder:
-            raise OutputError(f"output {out!s} exists and is not a {'folder' if folder else 'file'}: "
+        if not _same_kind(target, folder):  # a device, FIFO or socket is never swapped away, not even for a moment
+            raise OutputError(f"output {out!s} exists and is not a {'folder' if folder else 'regular file'}: "
                               "it is not replaced")
         if os.path.ismount(target):
             raise OutputError(f"output {out!s} is a mount point: it cannot be replaced")
@@ -175,7 +194,12 @@ def replace(tmp: Path, out: Path) -> None:
 
 
 def _same_kind(path: Path, folder: bool) -> bool:
-    return not path.is_symlink() and (path.is_dir() if folder else path.is_file()) and not os.path.ismount(path)
+    """A real folder (or regular file) of the expected kind: no link, device, FIFO, socket or mount point."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return False
+    return (stat.S_ISDIR(mode) if folder else stat.S_ISREG(mode)) and not os.path.ismount(path)
 
 
 def _not_replaced(out: Path, folder: bool) -> OutputError:
@@ -220,9 +244,10 @@ def remove_leftovers(out: Path) -> list[Path]:
         entries = list(out.parent.iterdir())
     except OSError:
         return removed
+    _restore_replaced(out, entries)
     for entry in entries:
         m = pattern.match(entry.name)
-        if not m or entry.is_symlink():
+        if not m or entry.is_symlink() or not os.path.lexists(entry):
             continue
         try:
             fd = _lock(entry)
@@ -238,6 +263,33 @@ def remove_leftovers(out: Path) -> list[Path]:
             removed.append(entry)
             log.warning("removed %s, left by an interrupted run (process %s)", entry, m.group(1))
     return removed
+
+
+def _restore_replaced(out: Path, entries: list[Path]) -> None:
+    """An old output moved aside by a replacement (where the system cannot swap atomically) whose process died:
+    put back if nothing took its place, else (the new output was published) delete it."""
+    pattern = re.compile(rf"^\.{re.escape(_stem(out.name))}\.old-(\d+)-[0-9a-f]+$")
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if not m or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+            continue
+        if os.path.lexists(out):
+            _remove(entry)
+            log.warning("removed %s, the previous output an interrupted run had replaced", entry)
+        else:
+            with contextlib.suppress(OSError):
+                os.rename(entry, out)
+                log.warning("restored %s from %s, moved aside by an interrupted run", out, entry)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _remove(path: Path) -> None:
@@ -309,20 +361,17 @@ def atomic_file(out, overwrite: bool = False, inputs: Iterable = ()) -> Iterator
 def _publishing(out, overwrite: bool, inputs: Iterable, folder: bool) -> Iterator[Path]:
     target = check_output_path(out, overwrite, inputs, folder=folder)
     tmp = lock = None
+    created = _missing_parents(target)
     try:
         with _signals_interrupt():
             target.parent.mkdir(parents=True, exist_ok=True)
             remove_leftovers(target)
-            tmp = _temp_name(target, "partial")
-            if folder:
-                tmp.mkdir(mode=0o700)
-            else:
-                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            lock = _lock(tmp)
+            tmp, lock = _locked_temp(target, folder)
             yield tmp
             os.chmod(tmp, (0o777 if folder else 0o666) & ~_umask())
-            (replace if overwrite else publish)(tmp, target)
-            tmp = None
+            with _signals_held():  # the swap and its clean-up happen whole: a signal waits until they are done
+                (replace if overwrite else publish)(tmp, target)
+                tmp = created = None
     except OSError as e:
         raise OutputError(f"could not write {out!s}: {e.strerror or e}"
                           + (f" ({e.filename})" if e.filename else "") + "; nothing was written") from None
@@ -331,6 +380,51 @@ def _publishing(out, overwrite: bool, inputs: Iterable, folder: bool) -> Iterato
             _remove(tmp)
         if lock is not None:
             os.close(lock)
+        for folder_made in created or []:  # folders this run made for an output that never came
+            with contextlib.suppress(OSError):
+                folder_made.rmdir()
+
+
+def _locked_temp(target: Path, folder: bool) -> tuple[Path, int | None]:
+    """A new temporary folder (or file) for ``target``, locked before it takes its ``.partial-`` name: another run
+    cleaning leftovers never finds it unlocked."""
+    creating = _temp_name(target, "creating")
+    if folder:
+        creating.mkdir(mode=0o700)
+    else:
+        os.close(os.open(creating, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    try:
+        lock = _lock(creating)
+        tmp = _temp_name(target, "partial")
+        os.rename(creating, tmp)
+    except BaseException:
+        _remove(creating)
+        raise
+    return tmp, lock
+
+
+def _missing_parents(target: Path) -> list[Path]:
+    """The output's parent folders that do not exist yet, deepest first."""
+    missing = []
+    parent = target.parent
+    while not os.path.lexists(parent):
+        missing.append(parent)
+        parent = parent.parent
+    return missing
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    signals = {s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None),
+                           getattr(signal, "SIGHUP", None)) if s is not None}
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def write_json(path: Path, data) -> None:

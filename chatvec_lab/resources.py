@@ -43,6 +43,12 @@ def notebook_dir() -> Path:
     return _find("notebooks")
 
 
+def inputs() -> list[Path]:
+    """What the demo and the evaluation read: an output of theirs may not be, contain or sit inside any of it."""
+    data = data_dir()
+    return [data / "toy", data / "prompts", data / "heldout", notebook_dir()]
+
+
 def notebooks() -> list[Path]:
     """The shipped notebooks, sorted; raises if the package has none (a broken install)."""
     found = sorted(notebook_dir().glob("*.ipynb"))
@@ -67,7 +73,13 @@ def copy_notebooks(dest: str | Path, overwrite: bool = False) -> list[Path]:
     if dest.exists() and not dest.is_dir():
         raise OutputError(f"output {dest} exists and is not a folder")
     if not dest.exists() or not any(dest.iterdir()):
-        with atomic_folder(dest, overwrite=dest.exists(), inputs=inputs) as tmp:
+        if dest.exists():
+            try:  # an empty folder gives way, atomically; one that filled up meanwhile stays and refuses
+                dest.rmdir()
+            except OSError:
+                raise OutputError(f"output {dest} is no longer empty (pass --overwrite to replace the notebooks "
+                                  "in it; other files are kept)") from None
+        with atomic_folder(dest, overwrite=False, inputs=inputs) as tmp:
             for src in sources:
                 shutil.copyfile(src, tmp / src.name)
         return [dest / src.name for src in sources]

@@ -787,6 +787,9 @@ def open_weights(spec, allow_pickle: bool = False, revision: str | None = None) 
         return TensorDictSource(module_state(spec), description=f"in-memory {type(spec).__name__}",
                                 folder=_module_folder(spec))
     if isinstance(spec, Mapping):
+        bad = next((k for k, v in spec.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+        if bad is not None:
+            raise SourceError(f"a state dict maps tensor names (str) to tensors; entry {bad!r} does not")
         return TensorDictSource(spec)
     if not isinstance(spec, (str, os.PathLike)):
         raise SourceError(f"cannot open weights from a {type(spec).__name__}")

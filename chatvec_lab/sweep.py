@@ -20,7 +20,7 @@ import torch
 
 from chatvec_lab.generation import generate
 from chatvec_lab.live import LiveModel
-from chatvec_lab.output import atomic_file, check_output_path
+from chatvec_lab.output import atomic_file, check_clear_of_inputs, check_output_path
 from chatvec_lab.scoring import make_scorer, perplexity, score_all
 from chatvec_lab.vector import ChatVector
 
@@ -199,11 +199,9 @@ def sweep(target, vectors, coefficients, prompts: Sequence[str], *, tokenizer=No
         live.set(saved)
         bar.close()
     result = pd.concat(frames, ignore_index=True)
-    if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        result.to_json(tmp, orient="records", lines=True)
-        tmp.replace(cache_file)
+    if cache_file is not None:  # concurrent runs write the same content: whichever is last replaces it whole
+        with atomic_file(cache_file, overwrite=True) as tmp:
+            result.to_json(tmp, orient="records", lines=True)
     return result
 
 
@@ -252,6 +250,8 @@ def run_sweep_cli(args) -> None:
     inputs = [*source_paths(open_weights(args.target)), Path(args.prompts),
               *(p for v in args.vector for p in ChatVector.load(v).input_paths())]
     check_output_path(args.csv, args.overwrite, inputs, folder=False)  # before the sweep's work, not after
+    if args.cache_dir:
+        check_clear_of_inputs(args.cache_dir, inputs)
     prompts = read_prompts(args.prompts)
     names = [Path(v).name or v for v in args.vector]
     if len(set(names)) < len(names):

@@ -21,7 +21,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from chatvec_lab.errors import MismatchError, NonFiniteError, SourceError, UsageError
+from chatvec_lab.errors import MismatchError, NonFiniteError, SourceError, UsageError, require_bool
 from chatvec_lab.output import DEFAULT_SHARD_BYTES, ShardedSafetensorsWriter, atomic_folder, source_paths, write_json
 from chatvec_lab.naming import parse
 from chatvec_lab.sources import WeightSource, open_weights, paged_rows, read_blocks, read_json_object
@@ -203,6 +203,7 @@ class ChatVector:
     @classmethod
     def from_models(cls, base, chat, allow_pickle: bool = False, hash_files: bool = True) -> "ChatVector":
         """``chat − base``. Both are opened lazily; names, shapes and architectures are checked now."""
+        require_bool(allow_pickle=allow_pickle, hash_files=hash_files)
         b = open_weights(base, allow_pickle=allow_pickle)
         c = open_weights(chat, allow_pickle=allow_pickle)
         check_same_architecture(b, c, f"base {b.description}", f"chat {c.description}")
@@ -225,6 +226,9 @@ class ChatVector:
                         if token_rows else "")
                 raise MismatchError(f"shape mismatch for {name!r}: base {bshape} vs chat {cshape}{hint}")
             shapes[name] = cshape
+        if not shapes:
+            raise MismatchError(f"base {b.description} and chat {c.description} hold no floating-point tensor: "
+                                "there is no chat vector to extract")
         dtypes = sorted({str(b.dtype(n)).replace("torch.", "") for n in shapes})
         chat_rows = sorted({int(i) for rows in base_rows.values() for i in (rows < 0).nonzero().flatten()})
         metadata = {
@@ -512,6 +516,9 @@ class ChatVector:
         blocks whatever the tensors' sizes (no tensor is ever whole in memory)."""
         from tqdm.auto import tqdm
 
+        require_bool(overwrite=overwrite, progress=progress)
+        if not self.shapes:
+            raise MismatchError("the vector holds no tensor: there is nothing to save")
         plan = [(n, s, torch.float32) for n, s in self.shapes.items()]
 
         def checked(name: str) -> Iterator[torch.Tensor]:
@@ -539,10 +546,11 @@ class ChatVector:
 
 
 def extract(base, chat, out=None, overwrite: bool = False, allow_pickle: bool = False,
-            progress: bool = False, **save_kwargs) -> ChatVector:
+            progress: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> ChatVector:
     """``chat − base``; saved to ``out`` when given."""
+    require_bool(overwrite=overwrite, allow_pickle=allow_pickle, progress=progress)
     vector = ChatVector.from_models(base, chat, allow_pickle=allow_pickle)
     if out is not None:
-        vector.save(out, overwrite=overwrite, progress=progress, **save_kwargs)
+        vector.save(out, overwrite=overwrite, progress=progress, max_shard_bytes=max_shard_bytes)
         return ChatVector.load(out)
     return vector

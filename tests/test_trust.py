@@ -149,7 +149,7 @@ def test_output_may_not_be_contain_or_sit_inside_an_input(fam, tmp_path, capsys,
            "parent of target": root, "inside target": fam["cp"] / "merged", "symlink to target": link}[where]
     before = checksums(root, fam["vec"])
     args = ["apply", "--target", str(fam["cp"]), "--vector", str(fam["vec"]), "--base", str(fam["base"]),
-            "--token-map", "", "-o", str(out), "--overwrite", "-q"]
+            "-o", str(out), "--overwrite", "-q"]
     rc, err = _cli(args, capsys)
     assert rc == 2 and ("input" in err or "symbolic link" in err), err
     if where in ("base", "chat"):  # an extract whose output is one of its models
@@ -549,3 +549,168 @@ def test_index_that_names_nothing_or_forgets_a_shard_is_refused(fam, tmp_path):
     index.write_text(json.dumps({"weight_map": {}}))
     with pytest.raises(SourceError, match="names no tensor"):
         open_weights(model)
+
+
+# ------------------------------------------------------------------ found by a second hostile review
+
+def test_demo_and_evaluate_may_not_write_over_their_own_data(tmp_path, capsys):
+    from chatvec_lab import resources
+    from chatvec_lab.toy import evaluate
+
+    prompts = resources.data_dir() / "prompts"
+    before = checksums(prompts)
+    rc, err = _cli(["demo", "-o", str(prompts), "--overwrite", "--quick", "--no-notebooks", "-q"], capsys)
+    assert rc == 2 and "input" in err
+    assert evaluate.main(["--out", str(resources.data_dir() / "heldout"), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "input" in err and len(err.strip().splitlines()) == 1
+    assert evaluate.main(["--out", str(tmp_path), "--seeds", "1"]) == 2  # exists: one line, no traceback
+    assert "already exists" in capsys.readouterr().err
+    assert checksums(prompts) == before
+
+
+def test_special_files_at_the_output_are_refused_before_any_work(fam, tmp_path, capsys, monkeypatch):
+    from chatvec_lab import geometry
+
+    fifo = tmp_path / "fifo.csv"
+    os.mkfifo(fifo)
+    monkeypatch.setattr(geometry, "vector_stats", lambda *a, **k: (_ for _ in ()).throw(AssertionError("worked")))
+    rc, err = _cli(["compare", str(fam["vec"]), str(fam["vec"]), "--csv", str(fifo), "--overwrite", "-q"], capsys)
+    assert rc == 2 and "not a regular file" in err
+    import stat
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def test_notebooks_into_an_empty_folder_never_replace_what_appears(tmp_path, monkeypatch):
+    import shutil as real_shutil
+
+    from chatvec_lab import resources
+
+    dest = tmp_path / "nbs"
+    dest.mkdir()
+    calls = []
+    copyfile = real_shutil.copyfile
+
+    def copy_then_someone_writes(src, dst):
+        calls.append(dst)
+        if len(calls) == 1:
+            dest.mkdir(exist_ok=True)
+            (dest / "my_work.ipynb").write_text("mine")
+        return copyfile(src, dst)
+
+    monkeypatch.setattr(resources.shutil, "copyfile", copy_then_someone_writes)
+    with pytest.raises(OutputError, match="appeared"):
+        resources.copy_notebooks(dest)
+    assert sorted(p.name for p in dest.iterdir()) == ["my_work.ipynb"] and _debris(tmp_path) == []
+
+
+def test_an_extract_with_nothing_to_extract_leaves_nothing(tmp_path, capsys):
+    save_file({"ids": torch.zeros(2, dtype=torch.int32)}, tmp_path / "int.safetensors")
+    rc, err = _cli(["extract", "--base", str(tmp_path / "int.safetensors"), "--chat", str(tmp_path / "int.safetensors"),
+                    "-o", str(tmp_path / "v"), "-q"], capsys)
+    assert rc == 2 and "no floating-point tensor" in err and not (tmp_path / "v").exists()
+
+
+def test_huge_layer_ranges_are_refused_at_once(fam, tmp_path, capsys):
+    start = time.monotonic()
+    with pytest.raises(SystemExit):
+        main(_apply_args(fam, tmp_path / "o", "--layers", "0-999999999"))
+    assert "larger than any model" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="no model has"):
+        apply_vectors(fam["cp"], fam["vec"], tmp_path / "o", layers=range(0, 10**12))
+    assert time.monotonic() - start < 30 and not (tmp_path / "o").exists()
+
+
+def test_flags_must_be_booleans(fam, tmp_path):
+    (tmp_path / "ex").mkdir()
+    (tmp_path / "ex" / "f").write_text("keep")
+    for call in (lambda: apply_vectors(fam["cp"], fam["vec"], tmp_path / "ex", overwrite="no"),
+                 lambda: ChatVector.load(fam["vec"]).save(tmp_path / "ex", overwrite="False"),
+                 lambda: apply_vectors(fam["cp"], fam["vec"], tmp_path / "o", progress="no")):
+        with pytest.raises(UsageError, match="must be True or False"):
+            call()
+    assert (tmp_path / "ex" / "f").read_text() == "keep"
+
+
+_SIGNAL_IN_SWAP = """
+import os, signal, sys
+from chatvec_lab import output
+from chatvec_lab.cli import main
+if sys.argv[1] == "fallback":
+    output._libc_renameat2 = lambda: None  # no atomic exchange: the old output is moved aside, then replaced
+real_same_kind = output._same_kind
+def same_kind_with_a_signal(path, folder):  # SIGTERM arrives in the middle of the final swap
+    if sys._getframe(1).f_code.co_name == "replace":
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real_same_kind(path, folder)
+output._same_kind = same_kind_with_a_signal
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("how", ["exchange", "fallback"])
+def test_a_signal_during_the_final_swap_waits_for_it(fam, tmp_path, capsys, how):
+    out = tmp_path / "out"
+    assert _cli(_apply_args(fam, out), capsys)[0] == 0
+    (out / "old-marker").write_text("old")
+    done = subprocess.run([sys.executable, "-c", _SIGNAL_IN_SWAP, how, *_apply_args(fam, out, "--overwrite",
+                                                                                     "--alpha", "0.5")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert out.is_dir() and not (out / "old-marker").exists(), (done.stderr, sorted(os.listdir(tmp_path)))
+    assert '"alpha": 0.5' in (out / "chatvec_apply.json").read_text()
+    assert _debris(tmp_path) == []
+
+
+def test_an_old_output_left_aside_by_a_killed_replacement_is_put_back(fam, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _cli(_apply_args(fam, out), capsys)[0] == 0
+    aside = tmp_path / ".out.old-999999-abcd1234"  # what a SIGKILL mid-replacement leaves without renameat2
+    out.rename(aside)
+    rc, err = _cli(_apply_args(fam, out), capsys)
+    assert rc == 2 and out.is_dir() and (out / "chatvec_apply.json").is_file() and not aside.exists()
+
+
+def test_model_loading_errors_in_apply_to_model_are_one_line(fam, tmp_path):
+    import shutil
+
+    from chatvec_lab import apply_to_model, extract
+
+    with pytest.raises(ChatVecError):
+        extract({"a": 1}, {"a": 2}, out=tmp_path / "x")
+    with pytest.raises(ChatVecError):
+        apply_to_model(fam["cp"], fam["vec"], dtype="nope")
+    with pytest.raises(ChatVecError):
+        apply_to_model(fam["cp"], fam["vec"], foo=1)
+    odd = tmp_path / "odd"
+    shutil.copytree(fam["cp"], odd)
+    (odd / "config.json").unlink()
+    os.mkfifo(odd / "config.json")
+    with pytest.raises(ChatVecError):
+        apply_to_model(odd, fam["vec"])
+
+
+def test_sweep_cache_may_not_be_an_input(fam, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hallo\n")
+    rc, err = _cli(["sweep", "--target", str(fam["cp"]), "--vector", str(fam["vec"]), "--prompts", str(prompts),
+                    "--csv", str(tmp_path / "s.csv"), "--cache-dir", str(fam["cp"]), "-q"], capsys)
+    assert rc == 2 and "input" in err and not list(fam["cp"].glob("sweep-*"))
+
+
+def test_folders_made_for_a_failed_output_are_removed(tmp_path):
+    target = {"w": torch.full((4, 4), 60000.0, dtype=torch.float16)}
+    vec = ChatVector.from_tensors({"w": torch.full((4, 4), 10000.0)})
+    with pytest.raises(NonFiniteError):
+        apply_vectors(target, [(vec, 1.0)], tmp_path / "newa" / "newb" / "o", check_lineage=False)
+    assert not (tmp_path / "newa").exists()
+
+
+def test_an_empty_token_map_is_refused(fam, tmp_path, capsys):
+    rc, err = _cli(_apply_args(fam, tmp_path / "o", "--token-map", ",,,"), capsys)
+    assert rc == 2 and "names no token" in err
+
+
+def test_info_reads_tensors_of_many_dimensions(tmp_path, capsys):
+    save_file({"t": torch.ones([1] * 65)}, tmp_path / "deep.safetensors")
+    assert _cli(["info", str(tmp_path / "deep.safetensors")], capsys)[0] == 0

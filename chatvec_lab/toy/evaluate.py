@@ -7,7 +7,7 @@ Prompts: ``data/prompts/chat_de.txt`` (German chat requests) and ``data/prompts/
 """
 from __future__ import annotations
 
-import argparse
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -150,24 +150,33 @@ def figures(df: pd.DataFrame, folder: Path) -> list[Path]:
     return paths
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Measure the chat-vector effect on the toy family.")
+def main(argv=None) -> int:
+    from chatvec_lab.cli import _Parser
+    from chatvec_lab.errors import ChatVecError
+
+    p = _Parser(prog="python -m chatvec_lab.toy.evaluate", description="Measure the chat-vector effect on the toy family.")
     p.add_argument("--out", default="data/eval-toy")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--vector", default="chat", choices=["chat", "chat-alt"])
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     args = p.parse_args(argv)
-    check_output_path(args.out, args.overwrite)  # before a minute of work, not after
-    df = run(seeds=args.seeds, vector=args.vector)
-    s = summary(df)
-    text = markdown(s) + "\n\n" + intervals(df) + "\n"
-    with atomic_folder(args.out, args.overwrite, inputs=[toy.data_dir()]) as out:
-        df.to_csv(out / "replies.csv", index=False)
-        s.to_csv(out / "summary.csv", index=False)
-        figures(df, out)
-        (out / "summary.md").write_text(text)
+    inputs = [toy.data_dir(), *resources.inputs()]
+    try:
+        check_output_path(args.out, args.overwrite, inputs)  # before a minute of work, not after
+        df = run(seeds=args.seeds, vector=args.vector)
+        s = summary(df)
+        text = markdown(s) + "\n\n" + intervals(df) + "\n"
+        with atomic_folder(args.out, args.overwrite, inputs=inputs) as out:
+            df.to_csv(out / "replies.csv", index=False)
+            s.to_csv(out / "summary.csv", index=False)
+            figures(df, out)
+            (out / "summary.md").write_text(text)
+    except ChatVecError as e:
+        print(f"{p.prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     print(text)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
