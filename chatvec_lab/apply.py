@@ -7,7 +7,6 @@ target's dtype, write. The output folder appears only when it is complete.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import re
@@ -15,7 +14,7 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence, Union
+from typing import Callable, Iterable, Mapping, Union
 
 import pandas as pd
 import torch
@@ -122,7 +121,7 @@ class ApplyReport:
     def summary(self) -> str:
         counts = self.tensors["status"].value_counts().to_dict()
         lineage = "not checked (no base)" if self.lineage_distance is None else f"{self.lineage_distance:.4f}"
-        lines = [f"tensors: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
+        lines = ["tensors: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
                  f"lineage ‖target − base‖/‖base‖: {lineage}"]
         lines += [f"warning: {w}" for w in self.warnings]
         if self.out:

@@ -14,7 +14,6 @@ import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -225,7 +224,6 @@ def summarize(df: pd.DataFrame, metrics: Sequence[str] | None = None, by: str | 
 def plot_scores(df: pd.DataFrame, metrics: Sequence[str] | None = None, ax=None, current: float | None = None,
                 title: str = "Scores against the coefficient"):
     """Each metric's mean (with its 95% interval) against α; ``current`` marks the slider's α."""
-    import matplotlib.pyplot as plt
     from chatvec_lab.plots import new_axes, style_axes
 
     metrics = metrics or [m for m in ("ended_turn", "share_de", "refusal", "offensive") if m in df.columns]

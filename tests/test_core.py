@@ -146,7 +146,7 @@ def test_extended_vocabulary_policies(family_factory, tmp_path):
 
 
 def test_token_map_takes_rows_from_chat_not_base(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
     vocab = {f"t{i}": i for i in range(94)} | {"<|user|>": 94, "<|end|>": 95}

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from chatvec_lab import ChatVector, apply_vectors, open_weights
 from chatvec_lab.cli import main
-from conftest import new_model, perturbed, tiny_config
+from conftest import perturbed, tiny_config
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -41,8 +40,6 @@ def test_notebooks_exist_and_have_a_configure_cell():
 def _committed(path):
     """The notebook as git holds it (HEAD), so a student's saved run in the checkout does not fail the suite;
     the file itself outside a git checkout."""
-    import subprocess
-
     root = path.resolve().parents[1]
     done = subprocess.run(["git", "-C", str(root), "show", f"HEAD:notebooks/{path.name}"], capture_output=True,
                           text=True)
