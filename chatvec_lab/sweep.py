@@ -28,7 +28,7 @@ METRIC_LABELS = {
     "ended_turn": "turn-end rate",
     "share_de": "German share of reply words",
     "refusal": "refusal rate",
-    "offensive": "offensive-language probability (alt-profanity-check)",
+    "offensive": "offensive-language probability (alt-profanity-check; English replies only)",
     "toxicity": "Detoxify toxicity",
     "reply_tokens": "reply length (tokens)",
     "ppl_en": "perplexity, English held-out",
@@ -159,7 +159,7 @@ def sweep(target, vectors, coefficients, prompts: Sequence[str], *, tokenizer=No
         key = _fingerprint({"target": key_target, "vectors": {k: _vector_key(v) for k, v in vectors.items()},
                             "points": points, "prompts": prompts, "scorers": scorer_names, "seeds": seed_list,
                             "max_new_tokens": max_new_tokens, "language": language, "heldout": heldout,
-                            "gen": gen_kwargs, "version": 2})
+                            "gen": gen_kwargs, "version": 3})
         cache_file = Path(cache_dir) / f"sweep-{key}.jsonl"
         if cache_file.is_file():
             return pd.read_json(cache_file, orient="records", lines=True)

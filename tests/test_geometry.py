@@ -473,3 +473,23 @@ def test_compare_cli_tidy_csv_and_matrix(tmp_path, capsys):
     assert main(["compare", *folders, "--csv-matrix", str(tmp_path / "a" / "m.csv"), "-q"]) == 2  # inside an input
     assert main(["compare", *folders, "--csv", str(tidy), "--csv-matrix", str(matrix), "--overwrite", "-q"]) == 0
     assert pd.read_csv(matrix, index_col=0).equals(got)
+
+
+def test_spectra_and_aligned_keep_their_callers_working():
+    """demo.py and plot_spectra read the spectra table; notebooks and scripts read aligned()'s old keys."""
+    import matplotlib.pyplot as plt
+
+    v = _vecs()
+    a = ChatVector.from_tensors(v)
+    spec = geometry.spectra(a, k=4)
+    assert {"name", "layer", "module", "shape", "singular_values", "effective_rank", "stable_rank", "energy_top1",
+            "energy_top8"} <= set(spec.columns)
+    assert (spec["singular_values"].map(len) == 4).all() and (spec["method"] == "exact").all()
+    assert (spec["effective_rank"] > 4).any()  # over the full spectrum, no longer capped at k
+    fig = plots.plot_spectra(spec.sort_values("stable_rank").head(8))
+    assert fig.axes[0].get_title()
+    plt.close(fig)
+    stats = geometry.vector_stats({"a": a, "b": 2 * a})
+    res = geometry.aligned(stats, "a", "b")
+    assert res["cosine"] == pytest.approx(1.0) and res["sign_agreement"] == pytest.approx(1.0)
+    assert res["verdict"].startswith("aligned: global cosine 1.00") and res["driver"] == "blocks"
