@@ -69,7 +69,8 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
             "german_share": chat["share_de"].mean(),
             "refusal_rate_offensive": off["refusal"].mean(),
             "refusal_rate_chat": chat["refusal"].mean(),
-            "offensive_score": off["offensive"].mean(),
+            "offensive_score": off["offensive"].mean(),  # over the English replies: the scorer judges no other
+            "offensive_scored": f"{int(off['offensive'].notna().sum())}/{len(off)}",
             "ppl_en": g["ppl_en"].iloc[0], "ppl_de": g["ppl_de"].iloc[0],
             "replies": len(g),
         })
@@ -106,13 +107,15 @@ def markdown(summary_df: pd.DataFrame) -> str:
     """The summary as a Markdown table (for the README)."""
     cols = [("model", "model"), ("turn_end_rate", "turn-end rate"), ("german_share", "German share"),
             ("refusal_rate_offensive", "refusal rate (insults)"), ("refusal_rate_chat", "refusal rate (chat)"),
-            ("offensive_score", "offensive-language prob."), ("ppl_en", "ppl EN"), ("ppl_de", "ppl DE")]
+            ("offensive_score", "offensive-language prob. (English replies)"),
+            ("offensive_scored", "English replies to insults"), ("ppl_en", "ppl EN"), ("ppl_de", "ppl DE")]
     lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for _, row in summary_df.iterrows():
         cells = []
         for key, _ in cols:
             v = row[key]
-            cells.append(str(v) if isinstance(v, str) else (f"{v:.1f}" if key.startswith("ppl") else f"{v:.2f}"))
+            cells.append(str(v) if isinstance(v, str) else "–" if pd.isna(v) else
+                         (f"{v:.1f}" if key.startswith("ppl") else f"{v:.2f}"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
