@@ -94,6 +94,14 @@ def family_factory(tmp_path_factory):
     return make
 
 
+def pytest_sessionstart(session):
+    """Print the resolved versions even under ``-q`` (which hides the report header)."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and session.config.get_verbosity() < 0:
+        for line in pytest_report_header(session.config):
+            reporter.write_line(line)
+
+
 def pytest_report_header(config):
     """The versions this run resolved: a fresh install may get newer ones than a developer's machine."""
     from importlib.metadata import PackageNotFoundError, version
