@@ -310,14 +310,17 @@ class Interrupted(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def _signals_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM and SIGHUP raise :class:`Interrupted` (as SIGINT raises KeyboardInterrupt), so
-    the temporary folder is cleaned up; handlers set by the application are left alone."""
+    """Within the block, SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted`, so the temporary folder is cleaned
+    up (inside :func:`_signals_held` they wait). Handlers set by the application, and signals it ignores (a run
+    under ``nohup`` ignores SIGHUP), are left alone."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     saved = {}
-    for sig in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
-        if sig is not None and signal.getsignal(sig) == signal.SIG_DFL:
+    for name, default in (("SIGINT", signal.default_int_handler), ("SIGTERM", signal.SIG_DFL),
+                          ("SIGHUP", signal.SIG_DFL)):
+        sig = getattr(signal, name, None)
+        if sig is not None and signal.getsignal(sig) == default:
             saved[sig] = signal.signal(sig, _raise_interrupted)
     try:
         yield
@@ -326,8 +329,27 @@ def _signals_interrupt() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+_HELD = {"depth": 0, "pending": None}  # Python runs signal handlers in the main thread only: a flag is enough
+
+
 def _raise_interrupted(signum, frame):
+    if _HELD["depth"]:
+        _HELD["pending"] = _HELD["pending"] or signum
+        return
     raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Within the block a signal that would interrupt waits; it interrupts once the block is done."""
+    _HELD["depth"] += 1
+    try:
+        yield
+    finally:
+        _HELD["depth"] -= 1
+    if not _HELD["depth"] and _HELD["pending"]:
+        signum, _HELD["pending"] = _HELD["pending"], None
+        raise Interrupted(signum)
 
 
 def _umask() -> int:
@@ -411,20 +433,6 @@ def _missing_parents(target: Path) -> list[Path]:
         missing.append(parent)
         parent = parent.parent
     return missing
-
-
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    signals = {s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None),
-                           getattr(signal, "SIGHUP", None)) if s is not None}
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def write_json(path: Path, data) -> None:

@@ -171,7 +171,9 @@ def test_saving_a_vector_over_its_own_folder_is_refused(fam):
 # ------------------------------------------------------------------ signals and killed runs
 
 _SLOW_APPLY = """
-import sys, time
+import signal, sys, time
+for name in ("SIGTERM", "SIGHUP"):  # as from a terminal, whatever started the test run (nohup ignores SIGHUP)
+    signal.signal(getattr(signal, name), signal.SIG_DFL)
 from chatvec_lab import apply as a
 from chatvec_lab.cli import main
 original = a.merge_tensor
@@ -634,6 +636,7 @@ def test_flags_must_be_booleans(fam, tmp_path):
 
 _SIGNAL_IN_SWAP = """
 import os, signal, sys
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
 from chatvec_lab import output
 from chatvec_lab.cli import main
 if sys.argv[1] == "fallback":
