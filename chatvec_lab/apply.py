@@ -485,13 +485,18 @@ def _lineage(acc: list[float], target_t: torch.Tensor, base_t: torch.Tensor | No
 
 
 def _resolve_base(base, pairs) -> tuple[WeightSource | None, bool]:
-    """The source for the lineage check, and whether it is the vector's own (read anyway)."""
+    """The source for the lineage check, and whether it is the vector's own (read anyway): the given base, else
+    the base a vector is built from, else the base a saved vector records, where that folder still exists."""
     if base is not None:
         return open_weights(base), False
     for vec, _ in pairs:
         src = vec.base_source
         if src is not None:
             return src, True
+    for vec, _ in pairs:
+        recorded = vec.recorded_base()
+        if recorded is not None:
+            return open_weights(recorded), False
     return None, False
 
 

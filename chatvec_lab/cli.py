@@ -89,12 +89,7 @@ def cmd_apply(args) -> None:
     if len(alphas) != len(args.vector):
         raise ChatVecError(f"{len(args.vector)} --vector but {len(alphas)} --alpha: give one --alpha per --vector")
     pairs = [(ChatVector.load(v), a) for v, a in zip(args.vector, alphas)]
-    base = args.base
-    if base is None and not args.no_lineage_check:
-        recorded = pairs[0][0].metadata.get("base", {})
-        recorded = recorded.get("path") or recorded.get("source") if isinstance(recorded, dict) else None
-        if isinstance(recorded, str) and Path(recorded).exists():
-            base = recorded
+    base = args.base  # without one, the API checks against the base the vector records, where it still exists
     token_map = _token_map(args.token_map)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the report prints them
@@ -106,7 +101,7 @@ def cmd_apply(args) -> None:
             check_lineage=not args.no_lineage_check, progress=not args.quiet,
             max_shard_bytes=int(args.max_shard_gb * 1024**3))
     print(report.summary())
-    if base is None and not args.no_lineage_check:
+    if report.lineage_distance is None and not args.no_lineage_check:
         print("note: lineage not checked (the vector's base is not available here; pass --base)", file=sys.stderr)
 
 

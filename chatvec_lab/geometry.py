@@ -61,7 +61,12 @@ def _open_all(vectors) -> dict[str, ChatVector]:
     if isinstance(vectors, ChatVector):
         return {"vector": vectors}
     if isinstance(vectors, (list, tuple)):
-        vectors = {Path(str(v)).name if not isinstance(v, ChatVector) else f"v{i + 1}": v for i, v in enumerate(vectors)}
+        names = [Path(str(v)).name if not isinstance(v, ChatVector) else f"v{i + 1}" for i, v in enumerate(vectors)]
+        if len(set(names)) < len(names):  # /a/cv and /b/cv: name them by their paths, never drop one
+            names = [str(v) if not isinstance(v, ChatVector) else f"v{i + 1}" for i, v in enumerate(vectors)]
+        if len(set(names)) < len(names):
+            raise MismatchError(f"the same vector is given twice: {names}")
+        vectors = dict(zip(names, vectors))
     return {k: ChatVector.open(v) for k, v in vectors.items()}
 
 

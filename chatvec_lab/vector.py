@@ -422,6 +422,12 @@ class ChatVector:
                 return term.base_tensor(name)
         return None
 
+    def recorded_base(self) -> Path | None:
+        """The local folder of the base this vector records (absolute since 0.1), if it still exists."""
+        meta = self.metadata.get("base")
+        path = (meta.get("path") or meta.get("source")) if isinstance(meta, dict) else None
+        return Path(path) if isinstance(path, str) and os.path.isdir(path) else None
+
     @property
     def base_source(self) -> WeightSource | None:
         for _, term in self.terms:

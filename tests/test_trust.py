@@ -717,3 +717,23 @@ def test_an_empty_token_map_is_refused(fam, tmp_path, capsys):
 def test_info_reads_tensors_of_many_dimensions(tmp_path, capsys):
     save_file({"t": torch.ones([1] * 65)}, tmp_path / "deep.safetensors")
     assert _cli(["info", str(tmp_path / "deep.safetensors")], capsys)[0] == 0
+
+
+def test_api_and_cli_check_lineage_against_the_recorded_base_alike(fam, tmp_path, capsys):
+    api = apply_vectors(fam["cp"], ChatVector.load(fam["vec"]), tmp_path / "api")
+    assert api.lineage_distance is not None  # the base the saved vector records, found by its absolute path
+    rc = main(["apply", "--target", str(fam["cp"]), "--vector", str(fam["vec"]), "-o", str(tmp_path / "cli")])
+    out = capsys.readouterr()
+    assert rc == 0 and f"{api.lineage_distance:.4f}" in out.out and "not checked" not in out.err
+
+
+def test_vectors_with_the_same_folder_name_are_both_measured(fam, tmp_path):
+    from chatvec_lab import geometry
+
+    import shutil
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    shutil.copytree(fam["vec"], tmp_path / "a" / "cv")
+    ChatVector.from_models(fam["base"], fam["cp"]).save(tmp_path / "b" / "cv")
+    stats = geometry.vector_stats([str(tmp_path / "a" / "cv"), str(tmp_path / "b" / "cv")])
+    assert len(stats.names) == 2 and geometry.cosine_matrix(stats).shape == (2, 2)
