@@ -27,9 +27,13 @@ COLOURED = {"ended_turn": "Greens", "share_de": "Blues", "refusal": "Purples", "
 def style_scores(df: pd.DataFrame):
     """Replies with their scores, colour-coded (needs jinja2)."""
     cols = [c for c in COLOURED if c in df.columns]
+    import matplotlib
+
     styler = df.style.format(precision=2, na_rep="–")
     for c in cols:
-        styler = styler.background_gradient(cmap=COLOURED[c], subset=[c], vmin=0, vmax=1)
+        # a score left empty (NaN, e.g. an empty reply) gets a white cell, not the colour map's black "bad" colour
+        cmap = matplotlib.colormaps[COLOURED[c]].with_extremes(bad="white")
+        styler = styler.background_gradient(cmap=cmap, subset=[c], vmin=0, vmax=1)
     return styler.set_properties(subset=["reply"], **{"text-align": "left", "white-space": "pre-wrap"}) \
         if "reply" in df.columns else styler
 
@@ -57,7 +61,7 @@ class CoefficientPanel:
                                             continuous_update=False, readout_format=".2f",
                                             style={"description_width": "90px"}, layout=W.Layout(width="420px"))
                         for name in self.live.names}
-        self.plot_vector = W.Dropdown(options=self.live.names, value=self.live.names[0], description="plot α of",
+        self.plot_vector = W.Dropdown(options=self.live.names, value=self.swept_vectors()[0], description="plot α of",
                                       layout=W.Layout(width="260px"))
         self.prompt_set = W.Dropdown(options=list(self.prompt_sets) + ["(typed below)"],
                                      value=next(iter(self.prompt_sets)), description="prompts")
@@ -78,6 +82,15 @@ class CoefficientPanel:
         self.refresh_plot()
 
     # ------------------------------------------------------------ pure steps
+    def swept_vectors(self) -> list[str]:
+        """The vectors whose α the sweep varied (only those can be plotted against their α); all without a sweep."""
+        names = list(self.live.names)
+        if self.sweep_df is None or not len(self.sweep_df):
+            return names
+        varied = [n for n in names if f"alpha_{n}" in self.sweep_df.columns
+                  and self.sweep_df[f"alpha_{n}"].nunique() > 1]
+        return varied or names[:1]
+
     def alphas(self) -> dict[str, float]:
         return {name: s.value for name, s in self.sliders.items()}
 
@@ -109,9 +122,11 @@ class CoefficientPanel:
     def plot_png(self) -> bytes:
         import matplotlib.pyplot as plt
 
-        if self.sweep_df is None or not len(self.sweep_df):
+        if self.sweep_df is None or not len(self.sweep_df) or self.plot_vector.value not in self.swept_vectors():
             fig, ax = plt.subplots(figsize=(6, 3.5))
-            ax.text(0.5, 0.5, "no sweep yet: pass sweep_df=sweep(...)", ha="center", va="center")
+            text = ("no sweep yet: pass sweep_df=sweep(...)" if self.sweep_df is None or not len(self.sweep_df) else
+                    f"the sweep did not vary α of {self.plot_vector.value}: sweep it to plot it")
+            ax.text(0.5, 0.5, text, ha="center", va="center")
             ax.set_axis_off()
         else:
             current = self.sliders[self.plot_vector.value].value
