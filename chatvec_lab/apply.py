@@ -355,15 +355,12 @@ def merge_token_rows(target_tensor: torch.Tensor, plan: TensorPlan, pairs: list[
     (``'mean'``); a union vocabulary appends the chat model's rows of the tokens it adds."""
     rows_in = target_tensor.shape[0]
     out = torch.zeros((plan.out_rows or rows_in, *target_tensor.shape[1:]), dtype=target_tensor.dtype)
-    active = [(coef, vec.row_reader(src), tr, vec)
+    active = [(coef, vec.row_reader(src), tr, _mean_delta(vec, src, tr) if target_only == "mean" else None)
               for coef, (vec, _), src, tr in zip(plan.coefficients, pairs, plan.sources, plan.token_rows)
               if coef != 0 and src is not None and tr is not None]
-    means = [_mean_delta(vec, src, tr) if target_only == "mean" else None
-             for coef, (vec, _), src, tr in zip(plan.coefficients, pairs, plan.sources, plan.token_rows)
-             if coef != 0 and src is not None and tr is not None]
     for index in row_blocks(tuple(target_tensor.shape), None, chunk):
         acc = target_tensor[index].to(torch.float32, copy=True)
-        for (coef, read, tr, _), mean in zip(active, means):
+        for coef, read, tr, mean in active:
             rows, absolute = tr.rows[index], tr.absolute[index]
             delta = (rows >= 0) & ~absolute
             if delta.any():
@@ -420,7 +417,7 @@ def _explain_nonfinite(plan: TensorPlan, index, target_tensor, active, chunk, ac
                          "use a smaller coefficient")
 
 
-class _TokenRows:
+class _TokenMap:
     """Rows of chosen tokens taken from the chat model's embedding and lm_head (the paper's special-token fix)."""
 
     def __init__(self, token_map, chat: WeightSource, target_folder: Path | None, chat_folder: Path | None):
@@ -636,7 +633,7 @@ class _Prepared:
     notes: list[str]
     base: WeightSource | None  # for the lineage check
     shared_base: bool  # the base is the vector's own (its tensors are read anyway)
-    token_map: _TokenRows | None
+    token_map: _TokenMap | None
     new_tokens: dict[str, int]  # union vocabulary: token → output id
 
 
@@ -670,7 +667,7 @@ def _prepare(target, vectors, base, embeddings, include, exclude, layers, token_
             (t.chat for v, _ in pairs for _, t in v.terms if isinstance(t, _Diff)), None)
         if chat_src is None:
             raise SourceError("a token map needs the chat model: pass chat= (--chat)")
-        rows = _TokenRows(token_map, chat_src, model_folder(target), chat_src.folder)
+        rows = _TokenMap(token_map, chat_src, model_folder(target), chat_src.folder)
     return _Prepared(target_src, pairs, plans, notes, base_src, shared_base, rows, new_tokens or {})
 
 
