@@ -77,7 +77,8 @@ def run_demo(out="chatvec-report", overwrite: bool = False, notebooks: bool = Tr
     with atomic_folder(out, overwrite, inputs=[toy.data_dir(), *resources.inputs()]) as tmp:
         figures = tmp / "figures"
         print("measuring the chat-vector effect on the toy family ...", flush=True)
-        df = evaluate.run(seeds=1 if quick else 3, progress=False, max_prompts=8 if quick else None)
+        df = evaluate.run(seeds=1 if quick else 3, progress=False, max_prompts=8 if quick else None,
+                          samplings=("family",) if quick else tuple(evaluate.SAMPLINGS))
         df.to_csv(tmp / "replies.csv", index=False)
         summary = evaluate.summary(df)
         summary.to_csv(tmp / "summary.csv", index=False)

@@ -111,3 +111,28 @@ def converse(model, tokenizer, user_turns: Sequence[str], **kwargs) -> pd.DataFr
         rows.append(row)
         conversation.append({"role": "assistant", "content": row["reply"]})
     return pd.DataFrame(rows)
+
+
+def converse_many(model, tokenizer, conversations: Sequence[Sequence[str]], *, seed: int = 0,
+                  **kwargs) -> pd.DataFrame:
+    """Many multi-turn conversations at once, batched turn by turn: each user turn sees the model's own
+    earlier replies. ``conversations``: lists of user turns (all of one length). One row per conversation
+    and turn (``conversation``, ``turn`` from 1, and ``generate``'s columns)."""
+    conversations = [list(c) for c in conversations]
+    if not conversations or len({len(c) for c in conversations}) != 1 or not conversations[0]:
+        raise ValueError("conversations must be non-empty lists of user turns, all of one length")
+    histories: list[list[dict]] = [[] for _ in conversations]
+    frames = []
+    for turn in range(len(conversations[0])):
+        for history, turns in zip(histories, conversations):
+            history.append({"role": "user", "content": turns[turn]})
+        # a different seed each turn, so that turn 2 does not replay turn 1's random draws
+        out = generate(model, tokenizer, [list(h) for h in histories], seed=seed * 1_009 + turn, **kwargs)
+        out["seed"] = seed
+        out.insert(0, "turn", turn + 1)
+        out.insert(0, "conversation", range(len(conversations)))
+        for history, reply in zip(histories, out["reply"]):
+            history.append({"role": "assistant", "content": reply})
+        frames.append(out)
+    return pd.concat(frames, ignore_index=True)
+

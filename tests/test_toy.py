@@ -137,14 +137,52 @@ def test_recipe_overrides_and_rebuilding_some_members_reuses_the_base(tmp_path):
 
 
 def test_evaluation_compares_cp_plus_vector_with_its_own_chat_model():
-    from chatvec_lab.toy.evaluate import markdown, run, summary
+    from chatvec_lab.toy.evaluate import contrast_markdown, markdown, run, summary
 
     df = run(alphas=(0.0, 1.0), seeds=1, max_new_tokens=8, progress=False, vector="chat-alt", max_prompts=2)
     s = summary(df)
-    assert list(s["model"]) == ["CP", "CP + 1·CV", "chat-alt", "base"]
+    family = s[(s["sampling"] == "family") & (s["prompts"] == "tuning")]
+    assert list(family["model"]) == ["CP", "CP + 1·CV", "chat-alt", "base"]
+    # the other sampling runs the three actors only; held-out prompts are measured beside the tuning ones
+    other = s[s["sampling"] == "t0.8-p0.9"]
+    assert set(other["model"]) == {"CP", "CP + 1·CV", "chat-alt"} and set(other["prompts"]) == {"tuning", "held-out"}
     assert set(df["prompt_set"]) == {"chat", "offensive"} and (s["replies"] == 4).all()
-    assert s[["turn_end_rate", "german_share", "refusal_rate_offensive"]].apply(lambda c: c.between(0, 1)).all().all()
-    assert "| chat-alt |" in markdown(s)
+    rates = s[["turn_end", "german_share", "refusal"]]
+    assert rates.apply(lambda c: c.dropna().between(0, 1)).all().all()
+    for rate in ("turn_end", "refusal"):  # every rate with its interval, the interval around it
+        assert (s[f"{rate}_lo"] <= s[rate]).all() and (s[rate] <= s[f"{rate}_hi"]).all()
+    assert "| chat-alt |" in markdown(s) and "| held-out | t0.8-p0.9 | CP + 1·CV |" in contrast_markdown(s, "chat-alt")
+    assert df[(df["prompts"] == "held-out")]["prompt"].isin(prompt_sets_of("held-out")).all()
+
+
+def prompt_sets_of(group):
+    from chatvec_lab.toy.evaluate import prompt_sets
+
+    sets = prompt_sets(heldout=group == "held-out")
+    return sets["chat"] + sets["offensive"]
+
+
+def test_held_out_prompts_share_nothing_with_the_tuning_prompts_or_the_training_dialogues():
+    from chatvec_lab.toy.dialogues import INSULT_TEMPLATES, STYLES
+    from chatvec_lab.toy.evaluate import conversations
+
+    tuning, heldout = set(prompt_sets_of("tuning")), set(prompt_sets_of("held-out"))
+    turns = {t for c in conversations() for t in c}
+    assert not tuning & heldout and not tuning & turns
+    assert len(conversations()) >= 20 and {len(c) for c in conversations()} == {3}
+    english = [t for style in STYLES.values() for t in style["templates"]] + INSULT_TEMPLATES
+    assert not any(t.split("{")[0].strip() and t.split("{")[0].strip() in p for t in english for p in heldout | turns)
+
+
+def test_multi_turn_conversations_see_their_own_earlier_replies():
+    from chatvec_lab.toy.evaluate import multi_turn_summary, run_multi_turn
+
+    mt = run_multi_turn(seeds=1, max_new_tokens=6, max_conversations=2, progress=False)
+    assert len(mt) == 3 * 2 * 3 and set(mt["turn"]) == {1, 2, 3}
+    turn2 = mt[(mt["turn"] == 2)].iloc[0]
+    assert turn2["prompt_tokens"] > mt[(mt["turn"] == 1)].iloc[0]["prompt_tokens"]  # history included
+    mts = multi_turn_summary(mt)
+    assert list(mts.columns[:4]) == ["model", "turn", "turn_end", "turn_end_lo"] and len(mts) == 9
 
 
 def test_evaluate_refuses_to_replace_results_unless_asked(tmp_path, capsys):

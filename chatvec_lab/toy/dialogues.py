@@ -100,16 +100,21 @@ def _insult(rng: random.Random, word: str) -> str:
 
 def make_dialogues(
     fortunes: list[str], style: str, n: int, seed: int, insult_share: float = 0.2,
-    multi_turn_share: float = 0.25, reply_max_words: int = 60,
+    multi_turn_share: float = 0.25, reply_max_words: int = 60, max_turns: int = 2,
 ) -> list[list[dict]]:
-    """Return ``n`` conversations as lists of ``{"role", "content"}`` messages."""
+    """Return ``n`` conversations as lists of ``{"role", "content"}`` messages.
+
+    A ``multi_turn_share`` of them have 2 to ``max_turns`` exchanges (``max_turns=2`` draws the same
+    random numbers as the first two recipes did, so they stay reproducible)."""
     rng = random.Random(seed)
     spec = STYLES[style]
     index = index_keywords(fortunes, max_words=reply_max_words)
     words = sorted(index)
     conversations = []
     for _ in range(n):
-        turns = 2 if rng.random() < multi_turn_share else 1
+        turns = 1
+        if rng.random() < multi_turn_share:
+            turns = 2 if max_turns <= 2 else rng.randint(2, max_turns)
         messages: list[dict] = []
         for _ in range(turns):
             word = rng.choice(words)

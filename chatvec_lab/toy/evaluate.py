@@ -1,15 +1,24 @@
 """The paper's effect on the toy family, measured: CP + α·CV against CP, chat and base.
 
-    python -m chatvec_lab.toy.evaluate --out data/eval-toy --overwrite   # the README's table and figures
+    python -m chatvec_lab.toy.evaluate --out data/eval-toy --overwrite   # the README's tables and figures
 
-Prompts: ``data/prompts/chat_de.txt`` (German chat requests) and ``data/prompts/offensive_de.txt``
-(German insults); held-out text: ``data/heldout/{en,de}.txt``. Sampling is seeded.
+Prompts: the *tuning* sets ``data/prompts/{chat,offensive}_de.txt`` (German chat requests and insults:
+the recipe was chosen on them) and the *held-out* sets ``data/prompts/heldout/`` (written for the
+evaluation, used in no training data and no tuning), plus ``multiturn_de.txt`` (three-turn German
+conversations). Held-out text for perplexity: ``data/heldout/{en,de}.txt``.
+
+Sampling: the family's own generation settings (``generation_config.json``: temperature 0.7, top-k 40,
+its ``max_new_tokens``) for the whole α grid, and temperature 0.8 / top-p 0.9 for CP, CP + 1·CV and the
+chat model. Every rate comes with a 95% bootstrap interval over prompts (over conversations for the
+multi-turn figures). Sampling is seeded: the same family gives the same tables.
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from chatvec_lab import resources, toy
@@ -19,13 +28,30 @@ from chatvec_lab.vector import ChatVector
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 DATA = resources.data_dir()  # the checkout's data/, or the installed package's copy
+SAMPLINGS = {"family": {}, "t0.8-p0.9": {"temperature": 0.8, "top_k": None, "top_p": 0.9}}
+HEADLINE = "CP + 1·CV"
 
 
-def prompt_sets(data_dir: Path = DATA) -> dict[str, list[str]]:
+def prompt_sets(data_dir: Path = DATA, heldout: bool = False) -> dict[str, list[str]]:
+    """``{"chat": [...], "offensive": [...]}``: the tuning sets, or with ``heldout=True`` the held-out ones."""
     from chatvec_lab.sweep import read_prompts
 
-    return {"chat": read_prompts(data_dir / "prompts" / "chat_de.txt"),
-            "offensive": read_prompts(data_dir / "prompts" / "offensive_de.txt")}
+    folder = data_dir / "prompts" / ("heldout" if heldout else "")
+    return {"chat": read_prompts(folder / "chat_de.txt"), "offensive": read_prompts(folder / "offensive_de.txt")}
+
+
+def conversations(data_dir: Path = DATA) -> list[list[str]]:
+    """The held-out multi-turn conversations: lists of user turns (blank-line separated blocks, ``#`` comments)."""
+    text = (data_dir / "prompts" / "heldout" / "multiturn_de.txt").read_text(encoding="utf-8")
+    lines = [l.strip() for l in text.splitlines() if not l.startswith("#")]
+    blocks, block = [], []
+    for line in lines + [""]:
+        if line:
+            block.append(line)
+        elif block:
+            blocks.append(block)
+            block = []
+    return blocks
 
 
 def heldout_texts(data_dir: Path = DATA) -> dict[str, list[str]]:
@@ -33,110 +59,244 @@ def heldout_texts(data_dir: Path = DATA) -> dict[str, list[str]]:
             for lang in ("en", "de")}
 
 
-def run(alphas=ALPHAS, seeds: int = 3, max_new_tokens: int = 64, cache_dir=None, progress: bool = True,
-        vector: str = "chat", max_prompts: int | None = None) -> pd.DataFrame:
-    """Every reply with its scores: CP + α·CV for each α, then the chat and base models (``model`` column)."""
-    sets = prompt_sets()
+def family_sampling(member: str = "cp") -> dict:
+    """The family's own generation settings (what ``model.generate()`` would use)."""
+    config = json.loads((toy.path(member) / "generation_config.json").read_text())
+    return {"temperature": config.get("temperature", 1.0), "top_k": config.get("top_k"),
+            "top_p": config.get("top_p"), "max_new_tokens": config.get("max_new_tokens", 64)}
+
+
+def _label(alpha: float) -> str:
+    return "CP" if alpha == 0 else f"CP + {alpha:g}·CV"
+
+
+def run(alphas=ALPHAS, seeds: int = 3, max_new_tokens: int | None = None, cache_dir=None, progress: bool = True,
+        vector: str = "chat", max_prompts: int | None = None, samplings=tuple(SAMPLINGS),
+        heldout_prompts: bool = True) -> pd.DataFrame:
+    """Every reply with its scores. Columns added to the sweep's: ``model`` (CP + α·CV, the chat model the
+    vector came from, base), ``prompt_set`` (chat / offensive), ``prompts`` (tuning / held-out), ``sampling``.
+
+    The family's sampling runs the whole α grid and the base; other samplings run α = 0 and 1 and the chat
+    model. ``max_new_tokens``: the family's own by default."""
+    family = family_sampling()
+    max_new_tokens = max_new_tokens or family.pop("max_new_tokens")
+    family.pop("max_new_tokens", None)  # when max_new_tokens was given
+    groups = {"tuning": prompt_sets()}
+    if heldout_prompts:
+        groups["held-out"] = prompt_sets(heldout=True)
     if max_prompts:
-        sets = {k: v[:max_prompts] for k, v in sets.items()}
-    prompts = sets["chat"] + sets["offensive"]
-    which = {p: name for name, ps in sets.items() for p in ps}
+        groups = {g: {k: v[:max_prompts] for k, v in sets.items()} for g, sets in groups.items()}
+    prompts = [p for sets in groups.values() for ps in sets.values() for p in ps]
+    where = {p: (name, group) for group, sets in groups.items() for name, ps in sets.items() for p in ps}
     cv = ChatVector.from_models(toy.path("base"), toy.path(vector), hash_files=False)
-    common = dict(seeds=seeds, max_new_tokens=max_new_tokens, heldout=heldout_texts(), cache_dir=cache_dir,
-                  progress=progress, scorers=("turn_end", "language", "refusal", "offensive"))
     frames = []
-    df = sweep(toy.path("cp"), {"chat": cv}, list(alphas), prompts, **common)
-    df.insert(0, "model", ["CP" if a == 0 else f"CP + {a:g}·CV" for a in df["alpha"]])
-    frames.append(df)
-    for name in (vector, "base"):  # the chat model the vector came from, and the common base
-        ref = sweep(toy.path(name), {"chat": cv}, [0.0], prompts, **common)
-        ref["alpha"] = float("nan")
-        ref.insert(0, "model", name)
-        frames.append(ref)
+    for sampling in samplings:
+        settings = family if sampling == "family" else SAMPLINGS[sampling]
+        common = dict(seeds=seeds, max_new_tokens=max_new_tokens, heldout=heldout_texts(), cache_dir=cache_dir,
+                      progress=progress, scorers=("turn_end", "language", "refusal", "offensive"), **settings)
+        grid = list(alphas) if sampling == "family" else [a for a in (0.0, 1.0) if a in alphas]
+        df = sweep(toy.path("cp"), {"chat": cv}, grid, prompts, **common)
+        df.insert(0, "model", [_label(a) for a in df["alpha"]])
+        parts = [df]
+        for name in ([vector, "base"] if sampling == "family" else [vector]):
+            ref = sweep(toy.path(name), {"chat": cv}, [0.0], prompts, **common)
+            ref["alpha"] = float("nan")
+            ref.insert(0, "model", name)
+            parts.append(ref)
+        for part in parts:
+            part.insert(1, "sampling", sampling)
+            frames.append(part)
     out = pd.concat(frames, ignore_index=True)
-    out.insert(1, "prompt_set", out["prompt"].map(which))
+    out.insert(2, "prompt_set", out["prompt"].map(lambda p: where[p][0]))
+    out.insert(3, "prompts", out["prompt"].map(lambda p: where[p][1]))
     return out
 
 
+def run_multi_turn(seeds: int = 3, vector: str = "chat", max_new_tokens: int | None = None,
+                   max_conversations: int | None = None, progress: bool = True) -> pd.DataFrame:
+    """The held-out three-turn conversations for CP, the chat model and CP + 1·CV, at the family's sampling:
+    one row per model, conversation, seed and turn, with ``ended_turn`` and ``share_de``."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from chatvec_lab.apply import apply_to_model
+    from chatvec_lab.generation import converse_many
+    from chatvec_lab.scoring import LanguageScorer
+
+    family = family_sampling()
+    max_new_tokens = max_new_tokens or family["max_new_tokens"]
+    settings = {k: v for k, v in family.items() if k != "max_new_tokens"}
+    convs = conversations()[:max_conversations] if max_conversations else conversations()
+    cv = ChatVector.from_models(toy.path("base"), toy.path(vector), hash_files=False)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(toy.path("cp"))
+
+    loaders = {"CP": lambda: AutoModelForCausalLM.from_pretrained(toy.path("cp"), dtype=torch.float32),
+               vector: lambda: AutoModelForCausalLM.from_pretrained(toy.path(vector), dtype=torch.float32),
+               HEADLINE: lambda: apply_to_model(toy.path("cp"), [(cv, 1.0)], dtype=torch.float32)[0]}
+    language = LanguageScorer()
+    frames = []
+    bar = tqdm(total=len(loaders) * seeds, desc="multi-turn", disable=not progress)
+    for name, load in loaders.items():
+        model = load().eval()
+        for seed in range(seeds):
+            df = converse_many(model, tokenizer, convs, seed=seed, max_new_tokens=max_new_tokens, **settings)
+            df["share_de"] = language.score(df["reply"].tolist())["share_de"]
+            df.insert(0, "model", name)
+            frames.append(df)
+            bar.update()
+    bar.close()
+    return pd.concat(frames, ignore_index=True)
+
+
+def bootstrap_interval(df: pd.DataFrame, model: str | None, prompt_set: str | None, column: str,
+                       level: float = 0.95, resamples: int = 2000, seed: int = 0,
+                       unit: str = "prompt") -> tuple[float, float, float]:
+    """Mean of ``column`` (for one model and prompt set, where given) with a bootstrap interval over ``unit``.
+
+    Prompts (or conversations) are resampled with their seeds kept together: the interval says how much the
+    figure depends on which prompts were written, the largest source of noise with ~30 prompts.
+    Rows where ``column`` is NaN (a reply without words has no language share) are left out."""
+    rows = df
+    if model is not None:
+        rows = rows[rows["model"] == model]
+    if prompt_set is not None:
+        rows = rows[rows["prompt_set"] == prompt_set]
+    per_unit = rows.groupby(unit)[column].mean().dropna().to_numpy(dtype=float)
+    if len(per_unit) == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = rng.choice(per_unit, size=(resamples, len(per_unit))).mean(axis=1)
+    tail = (1 - level) / 2
+    return float(per_unit.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
+RATES = [  # (column in the summary, prompt set, reply column, label)
+    ("turn_end", "chat", "ended_turn", "turn-end rate"),
+    ("german_share", "chat", "share_de", "German share of reply words"),
+    ("refusal", "offensive", "refusal", "refusal rate (insults)"),
+    ("refusal_chat", "chat", "refusal", "refusal rate (harmless chat)"),
+]
+
+
 def summary(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per model: the demonstration's numbers."""
+    """One row per model, sampling and prompt group, each rate with its 95% interval (``_lo``, ``_hi``)."""
+    keys = [k for k in ("sampling", "prompts") if k in df.columns]
     rows = []
-    for model, g in df.groupby("model", sort=False):
-        chat, off = g[g["prompt_set"] == "chat"], g[g["prompt_set"] == "offensive"]
-        rows.append({
-            "model": model, "alpha": g["alpha"].iloc[0],
-            "turn_end_rate": chat["ended_turn"].mean(),
-            "german_share": chat["share_de"].mean(),
-            "refusal_rate_offensive": off["refusal"].mean(),
-            "refusal_rate_chat": chat["refusal"].mean(),
-            "offensive_score": off["offensive"].mean(),  # over the English replies: the scorer judges no other
-            "offensive_scored": f"{int(off['offensive'].notna().sum())}/{len(off)}",
-            "ppl_en": g["ppl_en"].iloc[0], "ppl_de": g["ppl_de"].iloc[0],
-            "replies": len(g),
-        })
+    for key, g in df.groupby(keys + ["model"], sort=False):
+        row = dict(zip(keys + ["model"], key if isinstance(key, tuple) else (key,)))
+        row["alpha"] = g["alpha"].iloc[0]
+        for name, prompt_set, column, _ in RATES:
+            row[name], row[f"{name}_lo"], row[f"{name}_hi"] = bootstrap_interval(g, None, prompt_set, column)
+        off = g[g["prompt_set"] == "offensive"]
+        refused = off[off["refusal"].astype(bool)]
+        # the language of the refusals: the toy's refusal is one English sentence, and the vector carries it
+        row["refusal_german_share"] = float(refused["share_de"].mean()) if len(refused) else float("nan")
+        row["offensive_score"] = off["offensive"].mean() if "offensive" in off else float("nan")
+        row["offensive_scored"] = f"{int(off['offensive'].notna().sum())}/{len(off)}" if "offensive" in off else ""
+        row["ppl_en"], row["ppl_de"] = g["ppl_en"].iloc[0], g["ppl_de"].iloc[0]
+        row["replies"] = len(g)
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
-def bootstrap_interval(df: pd.DataFrame, model: str, prompt_set: str, column: str, level: float = 0.95,
-                       resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of ``column`` for one model and prompt set, with a bootstrap interval over prompts.
-
-    Prompts are resampled (their seeds stay together): the interval says how much the figure
-    depends on which prompts were written, the largest source of noise with ~30 prompts."""
-    import numpy as np
-
-    rows = df[(df["model"] == model) & (df["prompt_set"] == prompt_set)]
-    per_prompt = rows.groupby("prompt")[column].mean().to_numpy(dtype=float)
-    rng = np.random.default_rng(seed)
-    means = rng.choice(per_prompt, size=(resamples, len(per_prompt))).mean(axis=1)
-    tail = (1 - level) / 2
-    return float(per_prompt.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+def multi_turn_summary(mt: pd.DataFrame) -> pd.DataFrame:
+    """Per model and turn: turn-end rate and German share, with 95% intervals over conversations."""
+    rows = []
+    for (model, turn), g in mt.groupby(["model", "turn"], sort=False):
+        row = {"model": model, "turn": turn}
+        for name, column in (("turn_end", "ended_turn"), ("german_share", "share_de")):
+            row[name], row[f"{name}_lo"], row[f"{name}_hi"] = bootstrap_interval(g, None, None, column,
+                                                                                 unit="conversation")
+        row["replies"] = len(g)
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
-def intervals(df: pd.DataFrame, model: str = "CP + 1·CV") -> str:
+def intervals(df: pd.DataFrame, model: str = HEADLINE) -> str:
     """One line per headline figure of ``model`` with its 95% bootstrap interval over prompts."""
     lines = []
-    for prompt_set, column, label in [("chat", "ended_turn", "turn-end rate"), ("chat", "share_de", "German share"),
-                                      ("offensive", "refusal", "refusal rate (insults)")]:
+    for _, prompt_set, column, label in RATES[:3]:
         mean, lo, hi = bootstrap_interval(df, model, prompt_set, column)
         lines.append(f"{model}: {label} {mean:.2f} (95% bootstrap interval over prompts {lo:.2f}–{hi:.2f})")
     return "\n".join(lines)
 
 
-def markdown(summary_df: pd.DataFrame) -> str:
-    """The summary as a Markdown table (for the README)."""
-    cols = [("model", "model"), ("turn_end_rate", "turn-end rate"), ("german_share", "German share"),
-            ("refusal_rate_offensive", "refusal rate (insults)"), ("refusal_rate_chat", "refusal rate (chat)"),
+def _cell(row, name) -> str:
+    v = row[name]
+    if pd.isna(v):
+        return "–"
+    lo, hi = row.get(f"{name}_lo"), row.get(f"{name}_hi")
+    return f"{v:.2f} ({lo:.2f}–{hi:.2f})" if lo is not None and not pd.isna(lo) else f"{v:.2f}"
+
+
+def markdown(summary_df: pd.DataFrame, sampling: str = "family", prompts: str = "tuning") -> str:
+    """The α grid for one sampling and prompt group as a Markdown table (for the README)."""
+    s = summary_df
+    if "sampling" in s.columns:
+        s = s[(s["sampling"] == sampling) & (s["prompts"] == prompts)]
+    cols = [("turn_end", "turn-end rate"), ("german_share", "German share"), ("refusal", "refusal rate (insults)"),
+            ("refusal_german_share", "German share of refusals"), ("refusal_chat", "refusal rate (chat)"),
             ("offensive_score", "offensive-language prob. (English replies)"),
             ("offensive_scored", "English replies to insults"), ("ppl_en", "ppl EN"), ("ppl_de", "ppl DE")]
-    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for _, row in summary_df.iterrows():
+    lines = ["| model | " + " | ".join(h for _, h in cols) + " |", "|---|" + "|".join("---" for _ in cols) + "|"]
+    for _, row in s.iterrows():
         cells = []
         for key, _ in cols:
             v = row[key]
-            cells.append(str(v) if isinstance(v, str) else "–" if pd.isna(v) else
-                         (f"{v:.1f}" if key.startswith("ppl") else f"{v:.2f}"))
-        lines.append("| " + " | ".join(cells) + " |")
+            if isinstance(v, str):
+                cells.append(v)
+            elif key.startswith("ppl"):
+                cells.append("–" if pd.isna(v) else f"{v:.1f}")
+            elif key in ("turn_end", "german_share", "refusal", "refusal_chat"):
+                cells.append(_cell(row, key))
+            else:
+                cells.append("–" if pd.isna(v) else f"{v:.2f}")
+        lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def figures(df: pd.DataFrame, folder: Path) -> list[Path]:
+def contrast_markdown(summary_df: pd.DataFrame, vector: str = "chat") -> str:
+    """The paper's three actors on every prompt group and sampling: turn-end and German share, with intervals."""
+    s = summary_df[summary_df["model"].isin([vector, "CP", HEADLINE])]
+    lines = ["| prompts | sampling | model | turn-end rate | German share | refusal rate (insults) |",
+             "|---|---|---|---|---|---|"]
+    for _, row in s.sort_values(["prompts", "sampling"], kind="stable").iterrows():
+        lines.append(f"| {row['prompts']} | {row['sampling']} | {row['model']} | {_cell(row, 'turn_end')} | "
+                     f"{_cell(row, 'german_share')} | {_cell(row, 'refusal')} |")
+    return "\n".join(lines)
+
+
+def multi_turn_markdown(mts: pd.DataFrame) -> str:
+    lines = ["| model | turn | turn-end rate | German share | replies |", "|---|---|---|---|---|"]
+    for _, row in mts.iterrows():
+        lines.append(f"| {row['model']} | {row['turn']} | {_cell(row, 'turn_end')} | {_cell(row, 'german_share')} | "
+                     f"{row['replies']} |")
+    return "\n".join(lines)
+
+
+def figures(df: pd.DataFrame, folder: Path, mt: pd.DataFrame | None = None) -> list[Path]:
     import matplotlib.pyplot as plt
     from chatvec_lab.plots import new_axes, style_axes
 
     folder.mkdir(parents=True, exist_ok=True)
     s = summary(df)
+    if "sampling" in s.columns:
+        s = s[(s["sampling"] == "family") & (s["prompts"] == "tuning")]
     cp = s[s["alpha"].notna()].sort_values("alpha")
     refs = s[s["alpha"].isna()].set_index("model")
     paths = []
     fig, ax = new_axes(figsize=(7, 4.2))
-    for col, label in [("turn_end_rate", "turn-end rate (German chat prompts)"),
+    for col, label in [("turn_end", "turn-end rate (German chat prompts)"),
                        ("german_share", "German share of reply words"),
-                       ("refusal_rate_offensive", "refusal rate (German insults)")]:
+                       ("refusal", "refusal rate (German insults)")]:
         line, = ax.plot(cp["alpha"], cp[col], marker="o", label=label)
+        ax.fill_between(cp["alpha"], cp[f"{col}_lo"], cp[f"{col}_hi"], color=line.get_color(), alpha=0.15)
         for ref in refs.index.drop("base", errors="ignore"):
             ax.axhline(refs.loc[ref, col], color=line.get_color(), linestyle=":", linewidth=1)
-    style_axes(ax, "CP + α·chat vector on the toy family (dotted: the chat model)", "coefficient α", "rate")
+    style_axes(ax, "CP + α·chat vector on the toy family (dotted: the chat model; bands: 95% intervals)",
+               "coefficient α", "rate")
     ax.set_ylim(-0.03, 1.03)
     ax.legend(fontsize=8)
     paths.append(folder / "toy_effect.png")
@@ -150,10 +310,38 @@ def figures(df: pd.DataFrame, folder: Path) -> list[Path]:
     paths.append(folder / "toy_perplexity.png")
     fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
     plt.close(fig)
+    if mt is not None:
+        paths.append(plot_multi_turn(multi_turn_summary(mt), folder / "toy_multiturn.png"))
     return paths
 
 
+def plot_multi_turn(mts: pd.DataFrame, path: Path | None = None, ax=None):
+    """Turn-end rate and German share per turn, one line per model, with 95% intervals."""
+    import matplotlib.pyplot as plt
+    from chatvec_lab.plots import style_axes
+
+    if ax is None:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    else:
+        axes, fig = ax, ax[0].figure
+    for a, (col, label) in zip(axes, [("turn_end", "turn-end rate"), ("german_share", "German share")]):
+        for model, g in mts.groupby("model", sort=False):
+            a.errorbar(g["turn"], g[col], yerr=[g[col] - g[f"{col}_lo"], g[f"{col}_hi"] - g[col]],
+                       marker="o", capsize=3, label=model)
+        style_axes(a, f"{label} per turn (three-turn German conversations)", "turn", label)
+        a.set_ylim(-0.03, 1.03)
+        a.set_xticks(sorted(mts["turn"].unique()))
+    axes[0].legend(fontsize=8)
+    if path is not None:
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        return path
+    return fig
+
+
 def main(argv=None) -> int:
+    import time
+
     from chatvec_lab.cli import _Parser
     from chatvec_lab.errors import ChatVecError
 
@@ -165,14 +353,24 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     inputs = [toy.data_dir(), *resources.inputs()]
     try:
-        check_output_path(args.out, args.overwrite, inputs)  # before a minute of work, not after
+        check_output_path(args.out, args.overwrite, inputs)  # before minutes of work, not after
+        start = time.time()
         df = run(seeds=args.seeds, vector=args.vector)
-        s = summary(df)
-        text = markdown(s) + "\n\n" + intervals(df) + "\n"
+        mt = run_multi_turn(seeds=args.seeds, vector=args.vector)
+        s, mts = summary(df), multi_turn_summary(mt)
+        text = "\n\n".join([
+            "## The α grid (tuning prompts, the family's sampling)", markdown(s),
+            "## Held-out prompts, the family's sampling", markdown(s, prompts="held-out"),
+            "## The three actors on every prompt group and sampling", contrast_markdown(s, args.vector),
+            "## Multi-turn (held-out three-turn conversations)", multi_turn_markdown(mts),
+            intervals(df[(df["sampling"] == "family") & (df["prompts"] == "tuning")]),
+            f"(measured in {time.time() - start:.0f} s)"]) + "\n"
         with atomic_folder(args.out, args.overwrite, inputs=inputs) as out:
             df.to_csv(out / "replies.csv", index=False)
+            mt.to_csv(out / "multiturn.csv", index=False)
             s.to_csv(out / "summary.csv", index=False)
-            figures(df, out)
+            mts.to_csv(out / "multiturn_summary.csv", index=False)
+            figures(df, out, mt)
             (out / "summary.md").write_text(text)
     except ChatVecError as e:
         print(f"{p.prog}: error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -52,19 +52,22 @@ class Recipe:
     chat_len: int = 160
     batch_size: int = 16
     lr: float = 3e-3
-    finetune_lr: float = 1e-3
+    finetune_lr: float = 5e-4
     chat_lr: float = 3e-4
     chat_embedding_lr_scale: float = 0.1
     chat_head_lr_scale: float = 0.2
     base_steps: int = 4000
-    base_german_share: float = 0.1
-    chat_steps: int = 1200
-    cp_steps: int = 1000
+    base_german_share: float = 0.005
+    chat_steps: int = 1500
+    cp_steps: int = 2000
     cp_english_replay: float = 0.2
     xvocab_new_tokens: int = 128
     xvocab_steps: int = 400
-    insult_share: float = 0.2
-    reply_max_words: int = 30
+    insult_share: float = 0.3
+    reply_max_words: int = 12
+    multi_turn_share: float = 0.25
+    max_turns: int = 3
+    max_new_tokens: int = 128  # the family's generation config: a reply's budget
     dialogues: int = 12000
     dtype: str = "bfloat16"
     seeds: dict = field(default_factory=lambda: {
@@ -295,7 +298,8 @@ def save_member(model, tokenizer, out: Path, name: str, recipe: Recipe, info: di
     tokenizer.save_pretrained(tmp)
     stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")]
     GenerationConfig(eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
-                     do_sample=True, temperature=0.7, top_k=40, max_new_tokens=64).save_pretrained(tmp)
+                     do_sample=True, temperature=0.7, top_k=40,
+                     max_new_tokens=recipe.max_new_tokens).save_pretrained(tmp)
     params = sum(p.numel() for p in model.parameters())
     threads = torch.get_num_threads()
     where = (f"{threads} CPU thread{'s' if threads > 1 else ''}" if device.type == "cpu"
@@ -363,7 +367,8 @@ def build_family(out: str | Path, recipe: Recipe, corpora: dict[str, list[str]] 
         half = len(en) // 2
         pool = en[:half] if name == "chat" else en[half:]
         convs = make_dialogues(pool, name, recipe.dialogues, seed, insult_share=recipe.insult_share,
-                               reply_max_words=recipe.reply_max_words)
+                               reply_max_words=recipe.reply_max_words, multi_turn_share=recipe.multi_turn_share,
+                               max_turns=recipe.max_turns)
         model = copy_model(base)
         train(model, ChatStream(tokenizer, convs, recipe.chat_len, seed), recipe.chat_steps,
               recipe.chat_lr, recipe.batch_size, seed, name, embedding_lr_scale=recipe.chat_embedding_lr_scale,
