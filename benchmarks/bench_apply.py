@@ -5,6 +5,8 @@
 
 Compares, in one run and on the same files (page cache warm for all):
   chatvec   apply_vectors(cp, ChatVector.from_models(base, chat)), streamed tensor by tensor;
+  chatvec-plain  the same with the paging trick off (plain preads instead of private maps + madvise):
+            what the trick is worth, measured;
   naive     the paper's scripts' way: the three models loaded whole with transformers, added, saved;
   mergekit  task_arithmetic, base = base, models cp (1.0) and chat (α), normalize: false;
   floor     the I/O floor: read the three inputs and write one output of the same size;
@@ -47,11 +49,16 @@ def run_floor(work: Path) -> None:
     print(f"read {total} bytes, wrote {size}")
 
 
-def run_chatvec(work: Path, alpha: float) -> None:
+def run_chatvec(work: Path, alpha: float, plain_reads: bool = False) -> None:
     from chatvec_lab import ChatVector, apply_vectors
 
+    if plain_reads:  # the paging trick off: every tensor read with one pread into its own buffer
+        from chatvec_lab.sources import SafetensorsSource
+        SafetensorsSource.MAP_AT_LEAST = 1 << 62
+
     vec = ChatVector.from_models(work / "base", work / "chat", hash_files=False)
-    report = apply_vectors(work / "cp", [(vec, alpha)], work / "out-chatvec", max_shard_bytes=500 * 1024**2)
+    out = work / ("out-chatvec-plain" if plain_reads else "out-chatvec")
+    report = apply_vectors(work / "cp", [(vec, alpha)], out, max_shard_bytes=500 * 1024**2)
     print(report.summary())
 
 
@@ -82,6 +89,50 @@ def mergekit_config(work: Path, alpha: float) -> str:
             "parameters:\n  normalize: false\ndtype: bfloat16\n")
 
 
+def steadiness(args, work: Path) -> None:
+    """apply beside N busy processes (a shared machine), alternating chatvec and mergekit runs."""
+    import statistics
+    import subprocess
+
+    if not (work / "cp").is_dir():
+        write_family(work, llama_config(args.layers))
+    me = [sys.executable, str(Path(__file__).resolve()), "--work", str(work), "--alpha", str(args.alpha)]
+    measure(me + ["--run", "floor"])  # page cache warm
+    plan = {"chatvec": me + ["--run", "chatvec"], "chatvec-plain": me + ["--run", "chatvec-plain"]}
+    if args.mergekit:
+        cfg = work / "mergekit.yml"
+        cfg.write_text(mergekit_config(work, args.alpha))
+        plan["mergekit"] = [args.mergekit, str(cfg), str(work / "out-mergekit"), "--quiet"]
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.contention)]
+    runs = {name: [] for name in plan}
+    try:
+        for i in range(args.repeats):
+            for name, cmd in plan.items():
+                out = work / f"out-{name}"
+                shutil.rmtree(out, ignore_errors=True)
+                r = measure(cmd)
+                shutil.rmtree(out, ignore_errors=True)
+                runs[name].append(r)
+                print(f"run {i + 1} {name}: {r['wall_s']:.1f} s wall, {r['cpu_s']:.1f} CPU-s", flush=True)
+    finally:
+        for proc in busy:
+            proc.kill()
+    rows = []
+    for name, rs in runs.items():
+        walls = [r["wall_s"] for r in rs]
+        rows.append({"method": name, "runs": len(rs), "median wall (s)": f"{statistics.median(walls):.1f}",
+                     "min (s)": f"{min(walls):.1f}", "max (s)": f"{max(walls):.1f}",
+                     "max ÷ min": f"{max(walls) / min(walls):.2f}",
+                     "median CPU-s": f"{statistics.median(r['cpu_s'] for r in rs):.1f}"})
+    print(f"\napply beside {args.contention} CPU-bound processes, {args.repeats} runs each (alternating):")
+    print(table(rows, ["method", "runs", "median wall (s)", "min (s)", "max (s)", "max ÷ min", "median CPU-s"]))
+    if "mergekit" in runs:
+        med = {n: statistics.median(r["wall_s"] for r in rs) for n, rs in runs.items()}
+        print(f"median chatvec / mergekit: {med['chatvec'] / med['mergekit']:.2f} (target ≤ 1.0)")
+    walls = [r["wall_s"] for r in runs["chatvec"]]
+    print(f"chatvec max / min: {max(walls) / min(walls):.2f} (target ≤ 1.5)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default="bench-work")
@@ -89,12 +140,19 @@ def main() -> None:
     p.add_argument("--alpha", type=float, default=1.0)
     p.add_argument("--mergekit", default=shutil.which("mergekit-yaml"), help="path of mergekit-yaml")
     p.add_argument("--skip", default="", help="comma-separated methods to skip")
+    p.add_argument("--contention", type=int, default=0, metavar="N",
+                   help="steadiness mode: run chatvec and mergekit --repeats times each beside N CPU-bound processes")
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--run", help=argparse.SUPPRESS)
     args = p.parse_args()
     work = Path(args.work).resolve()
     if args.run:
         {"floor": lambda: run_floor(work), "chatvec": lambda: run_chatvec(work, args.alpha),
+         "chatvec-plain": lambda: run_chatvec(work, args.alpha, plain_reads=True),
          "extract": lambda: run_extract(work), "naive": lambda: run_naive(work, args.alpha)}[args.run]()
+        return
+    if args.contention:
+        steadiness(args, work)
         return
 
     t0 = time.perf_counter()
@@ -106,6 +164,7 @@ def main() -> None:
     skip = set(args.skip.split(","))
     results = {}
     plan = [("floor", me + ["--run", "floor"]), ("chatvec", me + ["--run", "chatvec"]),
+            ("chatvec-plain", me + ["--run", "chatvec-plain"]),
             ("extract", me + ["--run", "extract"]), ("naive", me + ["--run", "naive"])]
     if args.mergekit and "mergekit" not in skip:
         cfg = work / "mergekit.yml"

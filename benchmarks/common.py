@@ -81,6 +81,9 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     The peak is the kernel's high-water mark (VmHWM) of the command's own process, polled while it
     runs: ``ru_maxrss`` would also count the forked copy of this (large) parent before exec.
     """
+    import resource
+
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     peak = 0
@@ -93,11 +96,13 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
         peak = max(peak, _hwm_kib(proc.pid))
         time.sleep(0.02)
     wall = time.perf_counter() - start
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     reader.join()
     output = b"".join(chunks).decode(errors="replace")
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{output[-2000:]}")
-    return {"wall_s": wall, "peak_rss_mib": peak / 1024, "output": output}
+    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mib": peak / 1024, "output": output}
 
 
 def table(rows: list[dict], columns: list[str]) -> str:

@@ -4,13 +4,13 @@
     cv = ChatVector.from_models(toy.path("base"), toy.path("chat"))
     apply_vectors(toy.path("cp"), [(cv, 1.0)], out="cp-chat")
 """
-__version__ = "0.1.0"
+from chatvec_lab.version import __version__
 
 from chatvec_lab.errors import ChatVecError, MismatchError, NonFiniteError, OutputError, SourceError
 from chatvec_lab.sources import open_weights
 from chatvec_lab.vector import ChatVector, extract
-from chatvec_lab.apply import apply_to_model, apply_vectors
+from chatvec_lab.apply import ApplyOptions, LineageWarning, apply_to_model, apply_vectors
 from chatvec_lab import toy
 
-__all__ = ["ChatVector", "extract", "apply_vectors", "apply_to_model", "open_weights", "toy",
+__all__ = ["ChatVector", "extract", "apply_vectors", "apply_to_model", "ApplyOptions", "LineageWarning", "open_weights", "toy",
            "ChatVecError", "MismatchError", "NonFiniteError", "OutputError", "SourceError", "__version__"]

@@ -13,6 +13,7 @@ import re
 import shutil
 import warnings
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Union
 
@@ -24,14 +25,62 @@ from chatvec_lab.output import (DEFAULT_SHARD_BYTES, ShardedSafetensorsWriter, a
                                 source_paths, write_json)
 from chatvec_lab.naming import TensorInfo, parse
 from chatvec_lab.vocab import TokenRows, Vocabulary, added_tokens, disagreements, match_rows
-from chatvec_lab.sources import (Prefetcher, WeightSource, model_folder, module_state, open_weights, paged_rows,
-                                 read_json_object)
-from chatvec_lab.vector import (CHUNK_ELEMENTS, ChatVector, _Diff, _without_vocabulary, check_finite,
+from chatvec_lab.formats import read_json_object
+from chatvec_lab.paging import Prefetcher, paged_rows
+from chatvec_lab.sources import WeightSource, model_folder, module_state, open_weights
+from chatvec_lab.vector import (CHUNK_ELEMENTS, ChatVector, ModelDifference, without_vocabulary, check_finite,
                                 check_same_architecture, compile_pattern, row_blocks)
 
 Alpha = Union[float, Mapping[str, float], Callable[[TensorInfo], float]]
 EMBEDDING_POLICIES = ("error", "skip", "shared", "tokens", "union")
 TARGET_ONLY_POLICIES = ("keep", "mean")
+
+
+@dataclass(frozen=True)
+class ApplyOptions:
+    """How vectors meet a target: the one set of options behind ``apply_vectors``, ``apply_to_model`` and
+    ``chatvec apply``. Every field is also a keyword argument of both functions.
+
+    ``base``: the vector's base, for the lineage check (default: the base the vector records, where it still
+    exists). ``embeddings``: how token-indexed rows (embeddings, lm_head) meet: ``error`` (refuse when the
+    vocabularies differ in size or, where tokenizers say so, in their tokens), ``skip`` (leave those tensors),
+    ``shared`` (add to the rows both have, by index), ``tokens`` (match rows by token; a token the chat model
+    added takes the chat model's row), ``union`` (``tokens``, and the output vocabulary gains the chat-added
+    tokens the target lacks). ``include``/``exclude``: regexes on tensor names; ``layers``: layer indices.
+    ``token_map``: tokens whose embedding/lm_head rows are copied from the ``chat`` model.
+    ``target_only`` (``tokens``/``union``): rows of tokens the vector lacks ``keep`` the target's or get the
+    ``mean`` delta. ``allow_pickle``: read ``.bin``/``.pt`` weights (``torch.load(weights_only=True)``).
+    """
+    base: object = None
+    embeddings: str = "error"
+    include: str | None = None
+    exclude: str | None = None
+    layers: Iterable[int] | None = None
+    token_map: object = None
+    chat: object = None
+    allow_pickle: bool = False
+    check_lineage: bool = True
+    target_only: str = "keep"
+
+    def __post_init__(self):
+        require_bool(allow_pickle=self.allow_pickle, check_lineage=self.check_lineage)
+        if self.embeddings not in EMBEDDING_POLICIES:
+            raise UsageError(f"embeddings policy must be one of {EMBEDDING_POLICIES}, not {self.embeddings!r}")
+        if self.target_only not in TARGET_ONLY_POLICIES:
+            raise UsageError(f"target_only must be one of {TARGET_ONLY_POLICIES}, not {self.target_only!r}")
+
+    @classmethod
+    def build(cls, options: "ApplyOptions | None", fields: dict) -> "ApplyOptions":
+        """``options`` (or the defaults) with ``fields`` replacing some of its values."""
+        import dataclasses
+
+        if options is not None and not isinstance(options, ApplyOptions):
+            raise UsageError(f"options must be an ApplyOptions, not {type(options).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise UsageError(f"unknown option(s) {unknown}; the options are {sorted(known)}")
+        return dataclasses.replace(options or cls(), **fields)
 MAX_LAYERS = 100_000  # a bound on layer indices asked for: far above any model, far below a hang
 LINEAGE_WARN = 0.5
 LINEAGE_STRIDE = 4
@@ -100,15 +149,36 @@ def layer_filter(layers: Iterable[int] | None, include: str | None, exclude: str
     return keep
 
 
+class Status(Enum):
+    """What apply does with one tensor of the target."""
+    ADDED = "added"
+    NOT_IN_VECTOR = "not in vector"
+    EXCLUDED = "excluded"  # by include/exclude/layers
+    SKIPPED = "skipped (vocab differs)"  # embeddings="skip"
+    ZERO = "coefficient 0"
+
+
 @dataclass
 class TensorPlan:
     name: str
     coefficients: list[float]  # one per vector
     rows: int | None = None  # add to the first `rows` rows only (vocabularies differ)
-    status: str = "added"
+    status: Status = Status.ADDED
+    how: str | None = None  # for an added tensor: "shared rows", "rows matched by token", "lm_head delta: tied"
+    token_rows_set: bool = False  # rows of new tokens were set from a donor (--token-map, a grown vocabulary)
     sources: list[str | None] = field(default_factory=list)  # per vector: the vector tensor added here, if any
     token_rows: list[TokenRows | None] = field(default_factory=list)  # per vector, when rows are matched by token
     out_rows: int | None = None  # rows of the output tensor when a union vocabulary grows it
+
+    @property
+    def added(self) -> bool:
+        return self.status is Status.ADDED
+
+    @property
+    def label(self) -> str:
+        """The report's wording, e.g. ``added (shared rows) + token rows``."""
+        text = self.status.value + (f" ({self.how})" if self.how else "")
+        return text + (" + token rows" if self.token_rows_set else "")
 
 
 @dataclass
@@ -206,7 +276,7 @@ def plan_apply(target: WeightSource, pairs: list[tuple[ChatVector, Alpha]], embe
     grown = len(target_vocab) + len(new_tokens) if new_tokens else None
     for name in target.keys():
         info = parse(name)
-        coefs, rows, status = [], None, "added"
+        coefs, rows, status, how = [], None, Status.ADDED, None
         token_rows: list[TokenRows | None] = [None] * len(pairs)
         in_any = False
         for i, (vec, alpha) in enumerate(pairs):
@@ -217,17 +287,17 @@ def plan_apply(target: WeightSource, pairs: list[tuple[ChatVector, Alpha]], embe
             in_any = True
             coefs.append(coefficient_for(info, alpha))
             if src != name:
-                status = f"added ({src} delta: tied)"
+                how = f"{src} delta: tied"
             vshape, tshape = tuple(vec.shapes[src]), tuple(target.shape(name))
             vocab_like = info.is_embedding_like and len(vshape) == len(tshape) and vshape[1:] == tshape[1:]
             if vocab_like and by_token:
                 token_rows[i] = match_rows(tshape[0], target_vocab, vec.vocabulary, vshape[0], vec.chat_rows,
                                            new_tokens)
-                status = "added (rows matched by token)" if status == "added" else status
+                how = how or "rows matched by token"
                 continue
             if vocab_like and vec.chat_rows and min(vec.chat_rows) < tshape[0]:
                 rows = min(vec.chat_rows) if rows is None else min(rows, min(vec.chat_rows))  # never a chat row as a delta
-                status = "added (shared rows)" if status == "added" else status
+                how = how or "shared rows"
             if vshape == tshape:
                 continue
             if not vocab_like:
@@ -238,24 +308,26 @@ def plan_apply(target: WeightSource, pairs: list[tuple[ChatVector, Alpha]], embe
                     "choose embeddings='skip' (leave these tensors) or 'shared' (add to the shared rows) "
                     "[--embeddings skip|shared]")
             if embeddings == "skip":
-                status = "skipped (vocab differs)"
+                status = Status.SKIPPED
             else:
                 rows = min(vshape[0], tshape[0]) if rows is None else min(rows, vshape[0])
-                status = "added (shared rows)" if status == "added" else status
+                how = how or "shared rows"
         if not in_any:
-            status = "not in vector"
+            status = Status.NOT_IN_VECTOR
         elif keep is not None and not keep(info):
-            status = "excluded"
-        elif status.startswith("skipped"):
+            status = Status.EXCLUDED
+        elif status is Status.SKIPPED:
             pass
         elif all(c == 0 for c in coefs):
-            status = "coefficient 0"
-        if status.startswith("added"):
+            status = Status.ZERO
+        if status is Status.ADDED:
             out_rows = max(target.shape(name)[0], grown) if grown and any(token_rows) else None
-            plans[name] = TensorPlan(name, coefs, rows, status, sources[name], token_rows, out_rows)
+            plans[name] = TensorPlan(name, coefs, rows, status, how, sources=sources[name], token_rows=token_rows,
+                                     out_rows=out_rows)
         else:
-            plans[name] = TensorPlan(name, [0.0] * len(pairs), None, status, [None] * len(pairs), [None] * len(pairs))
-    if grown and any(p.status == "excluded" and parse(n).is_embedding_like for n, p in plans.items()):
+            plans[name] = TensorPlan(name, [0.0] * len(pairs), None, status, sources=[None] * len(pairs),
+                                     token_rows=[None] * len(pairs))
+    if grown and any(p.status is Status.EXCLUDED and parse(n).is_embedding_like for n, p in plans.items()):
         raise UsageError("a union vocabulary grows every token-indexed tensor: the filters may not exclude one")
     _check_filters(target, plans, keep)
     return plans, notes
@@ -309,8 +381,8 @@ def _check_filters(target: WeightSource, plans: dict[str, TensorPlan], keep) -> 
         if absent:
             span = f"layers {min(present)}–{max(present)}" if present else "no numbered layers"
             raise UsageError(f"layers {_ranges(absent)} are not in the target (it has {span})")
-    if not any(p.status.startswith("added") for p in plans.values()) and \
-            any(p.status == "excluded" for p in plans.values()):
+    if not any(p.added for p in plans.values()) and \
+            any(p.status is Status.EXCLUDED for p in plans.values()):
         raise UsageError("the layer/include/exclude filters leave no tensor of the vector to add: "
                          "the output would be an unchanged copy of the target")
 
@@ -453,16 +525,6 @@ def _token_id(tokenizer, token: str, which: str) -> int:
     if tid is None or tid == tokenizer.unk_token_id or not isinstance(tid, int):
         raise MismatchError(f"token {token!r} is not a single token in the {which} tokenizer")
     return tid
-
-
-def squared_norm(x: torch.Tensor, chunk: int = CHUNK_ELEMENTS) -> float:
-    """Σx² in blocks (float32 dot products summed in float64): no full-size temporary."""
-    flat = x.reshape(-1)
-    total = 0.0
-    for start in range(0, flat.numel(), chunk):
-        c = flat[start:start + chunk].to(torch.float32)
-        total += float(torch.dot(c, c))
-    return total
 
 
 def _lineage(acc: list[float], target_t: torch.Tensor, base_t: torch.Tensor | None) -> None:
@@ -609,7 +671,7 @@ def _read_chat_template(folder: Path) -> str | None:
 
 
 def _report(plans, notes, lineage, out=None) -> ApplyReport:
-    df = pd.DataFrame([{"name": p.name, "status": p.status, "coefficients": tuple(p.coefficients),
+    df = pd.DataFrame([{"name": p.name, "status": p.label, "coefficients": tuple(p.coefficients),
                         "rows": p.rows} for p in plans.values()])
     warn = list(notes)
     distance = None
@@ -637,7 +699,9 @@ class _Prepared:
     new_tokens: dict[str, int]  # union vocabulary: token → output id
 
 
-def _prepare(target, vectors, base, embeddings, include, exclude, layers, token_map, chat, allow_pickle) -> _Prepared:
+def _prepare(target, vectors, opts: ApplyOptions) -> _Prepared:
+    base = opts.base if opts.check_lineage else None
+    embeddings, token_map, chat, allow_pickle = opts.embeddings, opts.token_map, opts.chat, opts.allow_pickle
     target_src = open_weights(target, allow_pickle=allow_pickle)
     pairs = _as_pairs(vectors)
     target_vocab = Vocabulary.of_folder(model_folder(target)) if any(v.vocabulary for v, _ in pairs) else None
@@ -647,8 +711,8 @@ def _prepare(target, vectors, base, embeddings, include, exclude, layers, token_
         for vec, _ in pairs:
             for token in added_tokens(target_vocab, vec.vocabulary, vec.chat_rows) if vec.vocabulary else []:
                 new_tokens.setdefault(token, len(target_vocab) + len(new_tokens))
-    plans, notes = plan_apply(target_src, pairs, embeddings, layer_filter(layers, include, exclude), target_vocab,
-                              new_tokens)
+    plans, notes = plan_apply(target_src, pairs, embeddings, layer_filter(opts.layers, opts.include, opts.exclude),
+                              target_vocab, new_tokens)
     if new_tokens:
         notes.append(f"union vocabulary: {len(new_tokens)} token(s) the chat model added join the target's "
                      f"({', '.join(list(new_tokens)[:5])}{' …' if len(new_tokens) > 5 else ''})")
@@ -664,7 +728,7 @@ def _prepare(target, vectors, base, embeddings, include, exclude, layers, token_
                          f"not {type(token_map).__name__}")
     if token_map:
         chat_src = open_weights(chat) if chat is not None else next(
-            (t.chat for v, _ in pairs for _, t in v.terms if isinstance(t, _Diff)), None)
+            (t.chat for v, _ in pairs for _, t in v.terms if isinstance(t, ModelDifference)), None)
         if chat_src is None:
             raise SourceError("a token map needs the chat model: pass chat= (--chat)")
         rows = _TokenMap(token_map, chat_src, model_folder(target), chat_src.folder)
@@ -674,7 +738,7 @@ def _prepare(target, vectors, base, embeddings, include, exclude, layers, token_
 def _base_for(name, base_src, shared_base, pairs, plan) -> torch.Tensor | None:
     if base_src is None or name not in base_src:
         return None
-    if shared_base and plan.status.startswith("added"):
+    if shared_base and plan.added:
         for vec, _ in pairs:
             t = vec.base_tensor(name)
             if t is not None:
@@ -682,34 +746,27 @@ def _base_for(name, base_src, shared_base, pairs, plan) -> torch.Tensor | None:
     return base_src.get(name)
 
 
-def apply_vectors(target, vectors, out, *, base=None, embeddings: str = "error", include: str | None = None,
-                  exclude: str | None = None, layers: Iterable[int] | None = None, token_map=None, chat=None,
-                  chat_template_from=None, overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                  allow_pickle: bool = False, check_lineage: bool = True, progress: bool = False,
-                  target_only: str = "keep") -> ApplyReport:
-    """Write ``target + Σ αᵢ·vectorᵢ`` as a Hugging Face model folder at ``out``.
+def apply_vectors(target, vectors, out, *, options: ApplyOptions | None = None, chat_template_from=None,
+                  overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = False,
+                  **option_fields) -> ApplyReport:
+    """Write ``target + Σ αᵢ·vectorᵢ`` as a Hugging Face model folder at ``out``; returns the report.
 
     ``vectors``: a vector (or its folder), a list of ``(vector, alpha)`` or ``{vector: alpha}``; ``alpha`` is a
     number, ``{regex: α}`` rules, or a function of :class:`~chatvec_lab.naming.TensorInfo`.
-    ``embeddings``: how token-indexed rows (embeddings, lm_head) meet: ``error`` (refuse when the vocabularies
-    differ in size or, where tokenizers say so, in their tokens), ``skip`` (leave those tensors), ``shared`` (add
-    to the rows both have, by index), ``tokens`` (match rows by token; a token the chat model added takes the chat
-    model's row), ``union`` (``tokens``, and the output vocabulary gains the chat-added tokens the target lacks).
-    ``target_only`` (``tokens``/``union``): rows of tokens the vector lacks ``keep`` the target's or get the
-    ``mean`` delta.
-    ``token_map``: tokens whose embedding/lm_head rows are copied from the chat model.
-    ``base``: the vector's base, for the lineage check (default: the vector's own, if it has one).
+    How they meet the target: an :class:`ApplyOptions` (``options=``) and/or its fields as keywords
+    (``base=``, ``embeddings=``, ``include=``, ``exclude=``, ``layers=``, ``token_map=``, ``chat=``,
+    ``allow_pickle=``, ``check_lineage=``, ``target_only=``).
+    ``chat_template_from``: a chat model whose chat template (and end-of-turn token) the output takes.
     """
     from tqdm.auto import tqdm
 
-    if target_only not in TARGET_ONLY_POLICIES:
-        raise UsageError(f"target_only must be one of {TARGET_ONLY_POLICIES}, not {target_only!r}")
-    require_bool(overwrite=overwrite, allow_pickle=allow_pickle, check_lineage=check_lineage, progress=progress)
+    opts = ApplyOptions.build(options, option_fields)
+    require_bool(overwrite=overwrite, progress=progress)
     check_output_path(out, overwrite)
-    prep = _prepare(target, vectors, base if check_lineage else None, embeddings, include, exclude, layers,
-                    token_map, chat, allow_pickle)
+    prep = _prepare(target, vectors, opts)
     target_src, pairs, plans, notes = prep.target, prep.pairs, prep.plans, prep.notes
-    base_src = prep.base if check_lineage else None
+    base_src = prep.base if opts.check_lineage else None
+    base, chat, target_only = opts.base, opts.chat, opts.target_only
     turn = _chat_turn_of(chat_template_from, model_folder(target))  # before the merge: a bad template fails now
     if turn is not None:
         notes.append(turn.describe())
@@ -732,9 +789,9 @@ def apply_vectors(target, vectors, out, *, base=None, embeddings: str = "error",
         for name in tqdm(order, desc="apply", unit="tensor", disable=not progress):
             t = reader.get(name)
             p = plans[name]
-            if p.status.startswith("added") and any(p.token_rows):
+            if p.added and any(p.token_rows):
                 result = merge_token_rows(t, p, pairs, target_only)
-            elif p.status.startswith("added"):
+            elif p.added:
                 result = merge_tensor(t, p, pairs)
             else:
                 result = t
@@ -744,7 +801,7 @@ def apply_vectors(target, vectors, out, *, base=None, embeddings: str = "error",
             if prep.token_map is not None and parse(name).is_embedding_like:
                 result = result.clone() if result is t else result
                 if prep.token_map.apply(name, result):
-                    p.status += " + token rows"
+                    p.token_rows_set = True
             writer.write(name, result)
         writer.close()
         _copy_model_files(model_folder(target), tmp, turn)
@@ -753,10 +810,11 @@ def apply_vectors(target, vectors, out, *, base=None, embeddings: str = "error",
         report = _report(plans, notes, lineage, out=Path(out))
         write_json(tmp / "chatvec_apply.json", {
             "target": target_src.fingerprint(hash_files=False),
-            "vectors": [{"metadata": _without_vocabulary(v.metadata), "alpha": a if isinstance(a, (int, float))
+            "vectors": [{"metadata": without_vocabulary(v.metadata), "alpha": a if isinstance(a, (int, float))
                          else repr(a)} for v, a in pairs],
-            "embeddings": embeddings, "target_only": target_only, "include": include, "exclude": exclude,
-            "layers": sorted(layers) if layers is not None else None, "token_map": list(token_map or []),
+            "embeddings": opts.embeddings, "target_only": target_only, "include": opts.include,
+            "exclude": opts.exclude, "layers": sorted(opts.layers) if opts.layers is not None else None,
+            "token_map": list(opts.token_map or []),
             "new_tokens": prep.new_tokens, "lineage_distance": report.lineage_distance, "warnings": report.warnings})
     return report
 
@@ -789,16 +847,22 @@ def _grow_vocabulary(target_folder: Path | None, out: Path, new_tokens: dict[str
         write_json(cfg_file, cfg)
 
 
-def apply_to_model(target, vectors, *, base=None, embeddings: str = "error", include: str | None = None,
-                   exclude: str | None = None, layers: Iterable[int] | None = None, token_map=None, chat=None,
-                   inplace: bool = False, allow_pickle: bool = False, check_lineage: bool = True, **load_kwargs):
+def apply_to_model(target, vectors, *, options: ApplyOptions | None = None, inplace: bool = False, **kwargs):
     """``target + Σ αᵢ·vectorᵢ`` as a transformers model in memory; returns ``(model, report)``.
 
     ``target`` is a model folder / hub id (loaded fresh) or a ``torch.nn.Module`` (copied unless ``inplace``).
+    ``vectors`` and the options (``options=`` and/or :class:`ApplyOptions` fields as keywords) as for
+    :func:`apply_vectors`; other keywords go to ``from_pretrained`` (``dtype=`` …). ``embeddings`` may not be
+    ``tokens``/``union`` here (a model in memory cannot grow or re-key its vocabulary file).
     """
     import copy
+    import dataclasses
 
-    require_bool(inplace=inplace, allow_pickle=allow_pickle, check_lineage=check_lineage)
+    fields = {f.name for f in dataclasses.fields(ApplyOptions)}
+    opts = ApplyOptions.build(options, {k: v for k, v in kwargs.items() if k in fields})
+    load_kwargs = {k: v for k, v in kwargs.items() if k not in fields}
+    require_bool(inplace=inplace)
+    embeddings = opts.embeddings
     if isinstance(target, torch.nn.Module):
         model = target if inplace else copy.deepcopy(target)
     else:
@@ -822,18 +886,17 @@ def apply_to_model(target, vectors, *, base=None, embeddings: str = "error", inc
         src._config = model.config.to_dict()
     if embeddings in ("tokens", "union"):
         raise UsageError(f"embeddings={embeddings!r} is for apply_vectors (a model folder out), not a model in memory")
-    prep = _prepare(src, vectors, base if check_lineage else None, embeddings, include, exclude, layers, token_map,
-                    chat, False)
+    prep = _prepare(src, vectors, dataclasses.replace(opts, allow_pickle=False))
     pairs, plans, notes, rows, shared_base = prep.pairs, prep.plans, prep.notes, prep.token_map, prep.shared_base
-    base_src = prep.base if check_lineage else None
+    base_src = prep.base if opts.check_lineage else None
     lineage = [0.0, 0.0] if base_src is not None else None
     with torch.no_grad():
         for name, tensor in state.items():
             p = plans[name]
             if lineage is not None:
                 _lineage(lineage, tensor, _base_for(name, base_src, shared_base, pairs, p))
-            if p.status.startswith("added"):
+            if p.added:
                 tensor.copy_(merge_tensor(tensor, p, pairs))
             if rows is not None and rows.apply(name, tensor):
-                p.status += " + token rows"
+                p.token_rows_set = True
     return model, _report(plans, notes, lineage)

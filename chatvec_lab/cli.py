@@ -11,7 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from chatvec_lab.errors import ChatVecError
+from chatvec_lab.errors import ChatVecError, OneLineParser, one_line
 
 
 def _alphas(text: str) -> list[float]:
@@ -80,7 +80,7 @@ def cmd_extract(args) -> None:
 
 
 def cmd_apply(args) -> None:
-    from chatvec_lab.apply import apply_vectors
+    from chatvec_lab.apply import ApplyOptions, apply_vectors
     from chatvec_lab.vector import ChatVector
 
     alphas = args.alpha or [1.0]
@@ -93,12 +93,13 @@ def cmd_apply(args) -> None:
     token_map = _token_map(args.token_map)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the report prints them
+        options = ApplyOptions(base=base, embeddings=args.embeddings, include=args.include, exclude=args.exclude,
+                               layers=args.layers, token_map=token_map, chat=args.chat,
+                               allow_pickle=args.allow_pickle, target_only=args.target_only,
+                               check_lineage=not args.no_lineage_check)
         report = apply_vectors(
-            args.target, pairs, args.out, base=base, embeddings=args.embeddings, include=args.include,
-            exclude=args.exclude, layers=args.layers, token_map=token_map, chat=args.chat,
-            chat_template_from=args.chat_template_from, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
-            target_only=args.target_only,
-            check_lineage=not args.no_lineage_check, progress=not args.quiet,
+            args.target, pairs, args.out, options=options, chat_template_from=args.chat_template_from,
+            overwrite=args.overwrite, progress=not args.quiet,
             max_shard_bytes=int(args.max_shard_gb * 1024**3))
     print(report.summary())
     if report.lineage_distance is None and not args.no_lineage_check:
@@ -132,14 +133,12 @@ def cmd_info(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from chatvec_lab import geometry
-    from chatvec_lab.vector import ChatVector
+    from chatvec_lab import geometry, plots
+    from chatvec_lab.vector import named_vectors
 
     from chatvec_lab.output import atomic_file, atomic_folder, check_output_path
 
-    vectors = {Path(v).name: ChatVector.load(v) for v in args.vectors}
-    if len(vectors) < len(args.vectors):
-        vectors = {v: ChatVector.load(v) for v in args.vectors}
+    vectors = named_vectors(args.vectors)
     inputs = [p for v in vectors.values() for p in v.input_paths()]
     outputs = [(out, flag, folder) for out, flag, folder in (
         (args.csv, "--csv", False), (args.csv_matrix, "--csv-matrix", False), (args.plots, "--plots", True)) if out]
@@ -170,7 +169,7 @@ def cmd_compare(args) -> None:
         print(f"wrote {args.csv_matrix}")
     if args.plots:
         with atomic_folder(args.plots, args.overwrite, inputs) as tmp:
-            paths = geometry.save_compare_plots(stats, tmp)
+            paths = plots.save_compare_plots(stats, tmp)
         print(f"wrote {len(paths)} figures to {args.plots}")
 
 
@@ -202,17 +201,10 @@ def cmd_notebooks(args) -> None:
         print("(JupyterLab is not installed here: pip install 'chatvec_lab[notebooks]')")
 
 
-class _Parser(argparse.ArgumentParser):
-    """Usage errors in one line, like every other refusal (``--help`` still shows the usage)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from chatvec_lab import __version__
+    from chatvec_lab.version import __version__
 
-    p = _Parser(prog="chatvec", description="Chat-vector arithmetic on language models.")
+    p = OneLineParser(prog="chatvec", description="Chat-vector arithmetic on language models.")
     p.add_argument("--version", action="version", version=f"chatvec_lab {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -310,11 +302,11 @@ def main(argv=None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except ChatVecError as e:
-        print(f"chatvec {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"chatvec {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except (ValueError, OSError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"chatvec {args.command}: error: {_one_line(msg)}", file=sys.stderr)
+        print(f"chatvec {args.command}: error: {one_line(msg)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
@@ -322,10 +314,6 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 128 + signum
     return 0
-
-
-def _one_line(message) -> str:
-    return " ".join(str(message).split())
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ from typing import Sequence
 import pandas as pd
 import torch
 
+from chatvec_lab.errors import UsageError
+
 TURN_END_TOKENS = ("<|end|>", "<|eot_id|>", "<|im_end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
 
 
@@ -38,7 +40,7 @@ def stop_ids(model, tokenizer) -> list[int]:
 def as_conversation(prompt) -> list[dict]:
     if isinstance(prompt, str):
         if not prompt.strip():
-            raise ValueError("empty prompt")
+            raise UsageError("empty prompt")
         return [{"role": "user", "content": prompt}]
     return list(prompt)
 
@@ -63,7 +65,7 @@ def generate(model, tokenizer, prompts: Sequence, *, max_new_tokens: int = 64, d
     """
     prompts = list(prompts)
     if not prompts:
-        raise ValueError("no prompts to generate from")
+        raise UsageError("no prompts to generate from")
     conversations = [as_conversation(p) for p in prompts]
     encoded = [render(tokenizer, c, chat_template) for c in conversations]
     device = next(model.parameters()).device
@@ -120,7 +122,7 @@ def converse_many(model, tokenizer, conversations: Sequence[Sequence[str]], *, s
     and turn (``conversation``, ``turn`` from 1, and ``generate``'s columns)."""
     conversations = [list(c) for c in conversations]
     if not conversations or len({len(c) for c in conversations}) != 1 or not conversations[0]:
-        raise ValueError("conversations must be non-empty lists of user turns, all of one length")
+        raise UsageError("conversations must be non-empty lists of user turns, all of one length")
     histories: list[list[dict]] = [[] for _ in conversations]
     frames = []
     for turn in range(len(conversations[0])):

@@ -21,18 +21,17 @@ import functools
 import itertools
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from chatvec_lab.errors import MismatchError, NonFiniteError
-from chatvec_lab.kernels import accumulate, top_values
+from chatvec_lab.errors import MismatchError, NonFiniteError, UnknownName, UsageError
+from chatvec_lab.kernels import accumulate, squared_norm, top_values
 from chatvec_lab.naming import MODULE_ORDER, parse
 from chatvec_lab.sources import open_weights
-from chatvec_lab.vector import ChatVector
+from chatvec_lab.vector import ChatVector, named_vectors
 
 SAMPLE_PER_TENSOR = 2048
 STATS_CHUNK = 1 << 20  # values per vector per block: a few MB, so blocks stay in cache between passes
@@ -58,16 +57,7 @@ class VectorStats:
 
 
 def _open_all(vectors) -> dict[str, ChatVector]:
-    if isinstance(vectors, ChatVector):
-        return {"vector": vectors}
-    if isinstance(vectors, (list, tuple)):
-        names = [Path(str(v)).name if not isinstance(v, ChatVector) else f"v{i + 1}" for i, v in enumerate(vectors)]
-        if len(set(names)) < len(names):  # /a/cv and /b/cv: name them by their paths, never drop one
-            names = [str(v) if not isinstance(v, ChatVector) else f"v{i + 1}" for i, v in enumerate(vectors)]
-        if len(set(names)) < len(names):
-            raise MismatchError(f"the same vector is given twice: {names}")
-        vectors = dict(zip(names, vectors))
-    return {k: ChatVector.open(v) for k, v in vectors.items()}
+    return named_vectors(vectors)
 
 
 @torch.no_grad()
@@ -106,7 +96,6 @@ def vector_stats(vectors, base=None, include: str | None = None, sample: int = S
         info, n = parse(name), math.prod(first.shapes[name])
         base_norm = math.nan
         if base_src is not None and name in base_src:
-            from chatvec_lab.apply import squared_norm
             base_norm = math.sqrt(squared_norm(base_src.get(name)))
         tops = top_values(acc[:, 2])
         for k, top in zip(keys, tops):
@@ -120,7 +109,7 @@ def vector_stats(vectors, base=None, include: str | None = None, sample: int = S
             rows.append({"name": name, "layer": info.layer, "module": info.module, "group": info.group,
                          "vector": k, "numel": n, "norm": norm, "base_norm": base_norm,
                          "rel_norm": norm / base_norm if base_norm and base_norm > 0 else math.nan,
-                         "mean": mean, "std": math.sqrt(var) if var == var else math.nan,
+                         "mean": mean, "std": math.sqrt(var) if not math.isnan(var) else math.nan,
                          "kurtosis": _excess_kurtosis(values), "max_abs": top if n else math.nan})
             if len(values):
                 samples[k].setdefault(info.module, []).append(values)
@@ -270,7 +259,7 @@ def cosine_by_part(stats: VectorStats, a: str | None = None, b: str | None = Non
         p = p[((p["a"] == a) & (p["b"] == b)) | ((p["a"] == b) & (p["b"] == a))] if b is not None else \
             p[(p["a"] == a) | (p["b"] == a)]
         if not len(p):
-            raise KeyError(f"no pair of vectors {a!r} and {b!r} in these stats (vectors: {stats.names})")
+            raise UnknownName(f"no pair of vectors {a!r} and {b!r} in these stats (vectors: {stats.names})")
     numel = dict(zip(t["name"], t["numel"]))
     df = p.assign(part=[part_of(layer, module, group) for layer, module, group in zip(p["layer"], p["module"], p["group"])],
                   dim=p["name"].map(numel), na2=p["norm_a"] ** 2, nb2=p["norm_b"] ** 2, tensors=1)
@@ -434,7 +423,7 @@ SPECTRUM_METHODS = {"exact": "exact", "randomized": "randomized estimate"}
 
 def _spectrum_method(shape, method: str) -> str:
     if method not in ("auto", "exact", "randomized"):
-        raise ValueError(f"method must be 'auto', 'exact' or 'randomized', not {method!r}")
+        raise UsageError(f"method must be 'auto', 'exact' or 'randomized', not {method!r}")
     if method == "auto":
         return "exact" if min(shape) <= EXACT_MAX_SIDE else "randomized"
     return method
@@ -641,25 +630,3 @@ def spectra(vector, k: int = 32, include: str | None = None, method: str = "auto
     if len(df):
         df["layer"] = df["layer"].astype("Int64")
     return df
-
-
-def save_compare_plots(stats: VectorStats, folder) -> list[Path]:
-    """The figures of ``chatvec compare``, as PNG files in ``folder``."""
-    import matplotlib.pyplot as plt
-    from chatvec_lab import plots
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    figures = {"cosine_matrix": plots.plot_cosine_matrix(cosine_matrix(stats))}
-    for name in stats.names:
-        figures[f"layer_norms_{name}"] = plots.plot_layer_norms(stats, vector=name)
-    if len(stats.names) > 1:
-        figures["layer_cosine"] = plots.plot_layer_cosine(stats)
-        figures["sign_agreement"] = plots.plot_sign_agreement(stats)
-    paths = []
-    for key, fig in figures.items():
-        path = folder / f"{key}.png"
-        fig.savefig(path, dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        paths.append(path)
-    return paths

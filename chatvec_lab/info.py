@@ -7,7 +7,8 @@ from pathlib import Path
 import pandas as pd
 
 from chatvec_lab.naming import parse
-from chatvec_lab.sources import open_weights, read_json_object
+from chatvec_lab.formats import read_json_object
+from chatvec_lab.sources import open_weights
 from chatvec_lab.vector import METADATA_FILE
 
 

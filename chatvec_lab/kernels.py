@@ -138,3 +138,13 @@ def block_stats(blocks: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
         accumulate([b.contiguous().numpy() for b in blocks], per_vector, per_pair)
     per_vector[:, 2] = top_values(per_vector[:, 2])
     return per_vector, per_pair
+
+
+def squared_norm(x: torch.Tensor, chunk: int = 1 << 20) -> float:
+    """Σx² in blocks (float32 dot products summed in float64): no full-size temporary."""
+    flat = x.reshape(-1)
+    total = 0.0
+    for start in range(0, flat.numel(), chunk):
+        c = flat[start:start + chunk].to(torch.float32)
+        total += float(torch.dot(c, c))
+    return total

@@ -15,7 +15,7 @@ from typing import Mapping
 import torch
 
 from chatvec_lab.apply import Alpha, coefficient_for, layer_filter, plan_apply
-from chatvec_lab.errors import MismatchError, UsageError
+from chatvec_lab.errors import MismatchError, UnknownName, UsageError
 from chatvec_lab.naming import parse
 from chatvec_lab.sources import module_state, open_weights
 from chatvec_lab.vector import ChatVector
@@ -28,7 +28,7 @@ class LiveModel:
         if isinstance(vectors, ChatVector):
             vectors = {"chat": vectors}
         if not vectors:
-            raise ValueError("no vector given")
+            raise UsageError("no vector given")
         self.model = model
         self.names = list(vectors)
         state = module_state(model)
@@ -37,7 +37,7 @@ class LiveModel:
         if embeddings in ("tokens", "union"):
             raise UsageError(f"embeddings={embeddings!r} is for apply_vectors; a live model keeps its vocabulary")
         plans, self.notes = plan_apply(source, pairs, embeddings, layer_filter(layers, include, exclude))
-        self.plans = {n: p for n, p in plans.items() if p.status.startswith("added")}
+        self.plans = {n: p for n, p in plans.items() if p.added}
         if not self.plans:
             raise MismatchError("none of the model's tensors is changed by these vectors")
         self.params = {n: state[n] for n in self.plans}
@@ -58,7 +58,7 @@ class LiveModel:
     def _check(self, alphas: Mapping[str, Alpha]) -> dict[str, Alpha]:
         unknown = set(alphas) - set(self.names)
         if unknown:
-            raise KeyError(f"unknown vector(s) {sorted(unknown)}; this model holds {self.names}")
+            raise UnknownName(f"unknown vector(s) {sorted(unknown)}; this model holds {self.names}")
         merged = {**self.coefficients, **alphas}
         for name in self.plans:  # validate every rule before touching a weight
             for key in self.names:

@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover - not on Windows
     fcntl = None
 
 from chatvec_lab.errors import OutputError, UsageError, require_bool
-from chatvec_lab.sources import ST_DTYPE_NAMES, _itemsize, _numel
+from chatvec_lab.formats import ST_DTYPE_NAMES, itemsize, numel
 
 DEFAULT_SHARD_BYTES = 4 * 1024**3
 log = logging.getLogger("chatvec_lab")
@@ -470,7 +470,7 @@ class ShardedSafetensorsWriter:
         shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
         size = 0
         for entry in plan:
-            nbytes = _numel(entry[1]) * _itemsize(entry[2])
+            nbytes = numel(entry[1]) * itemsize(entry[2])
             if shards[-1] and size + nbytes > max_shard_bytes:
                 shards.append([])
                 size = 0
@@ -495,7 +495,7 @@ class ShardedSafetensorsWriter:
         header: dict = {"__metadata__": self.metadata}
         offset = 0
         for name, shape, dtype in entries:
-            nbytes = _numel(shape) * _itemsize(dtype)
+            nbytes = numel(shape) * itemsize(dtype)
             header[name] = {"dtype": ST_DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()

@@ -1,6 +1,8 @@
 """Pictures of chat vectors. Each ``plot_*(data, ax=None, ...) -> Figure``, titled and labelled, one style."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -143,3 +145,24 @@ def plot_spectra(spectra_df: pd.DataFrame, ax=None, normalize: bool = True, max_
                "σᵢ / σ₁" if normalize else "σᵢ")
     ax.legend(fontsize=6, ncol=2)
     return fig
+
+
+def save_compare_plots(stats, folder) -> list[Path]:
+    """The figures of ``chatvec compare``, as PNG files in ``folder``."""
+    from chatvec_lab.geometry import cosine_matrix
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    figures = {"cosine_matrix": plot_cosine_matrix(cosine_matrix(stats))}
+    for name in stats.names:
+        figures[f"layer_norms_{name}"] = plot_layer_norms(stats, vector=name)
+    if len(stats.names) > 1:
+        figures["layer_cosine"] = plot_layer_cosine(stats)
+        figures["sign_agreement"] = plot_sign_agreement(stats)
+    paths = []
+    for key, fig in figures.items():
+        path = folder / f"{key}.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
+    return paths

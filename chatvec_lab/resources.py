@@ -14,6 +14,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from chatvec_lab.errors import NotFound
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -53,7 +55,7 @@ def notebooks() -> list[Path]:
     """The shipped notebooks, sorted; raises if the package has none (a broken install)."""
     found = sorted(notebook_dir().glob("*.ipynb"))
     if not found:
-        raise FileNotFoundError(f"no notebooks found at {notebook_dir()}; reinstall chatvec_lab")
+        raise NotFound(f"no notebooks found at {notebook_dir()}; reinstall chatvec_lab")
     return found
 
 

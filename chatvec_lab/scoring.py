@@ -29,6 +29,8 @@ from typing import Protocol, Sequence
 import pandas as pd
 import torch
 
+from chatvec_lab.errors import Unavailable, UsageError
+
 
 class Scorer(Protocol):
     name: str
@@ -38,7 +40,7 @@ class Scorer(Protocol):
     def score(self, texts: Sequence[str]) -> pd.DataFrame: ...
 
 
-class ScorerUnavailable(RuntimeError):
+class ScorerUnavailable(Unavailable):
     """A scorer's weights or package are missing; the message says what to install or where to put files."""
 
 
@@ -223,7 +225,11 @@ def make_scorer(name: str, language: str = "de", **kwargs):
         return LanguageScorer(target=language)
     if name == "refusal":
         return RefusalScorer()
-    raise ValueError(f"unknown scorer {name!r}: one of offensive, detoxify, profanity, language, refusal, turn_end")
+    if name == "turn_end":
+        raise UsageError("turn_end needs no scorer: every generated reply records ended_turn "
+                         "(sweep(scorers=...) accepts the name and skips it)")
+    raise UsageError(f"unknown scorer {name!r}: one of offensive, detoxify, profanity, language, refusal "
+                     "(and turn_end in sweep's scorers)")
 
 
 @functools.lru_cache(maxsize=8)
@@ -256,7 +262,7 @@ def score_all(texts: Sequence[str], scorers: Sequence, languages: Sequence[str] 
     if limited and texts:
         langs = list(languages) if languages is not None else reply_languages(texts, scorers, frames)
         if len(langs) != len(texts):
-            raise ValueError(f"{len(langs)} languages for {len(texts)} texts")
+            raise UsageError(f"{len(langs)} languages for {len(texts)} texts")
         for scorer, frame in limited:
             outside = pd.Series([bool(lang) and lang not in scorer.languages for lang in langs])
             if outside.any():
@@ -280,5 +286,5 @@ def perplexity(model, tokenizer, texts: Sequence[str], max_length: int = 256) ->
         total_loss += float(loss) * n
         total_tokens += n
     if not total_tokens:
-        raise ValueError("no text long enough to measure perplexity")
+        raise UsageError("no text long enough to measure perplexity")
     return math.exp(total_loss / total_tokens)

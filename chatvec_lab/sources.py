@@ -8,14 +8,9 @@ with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import mmap
 import os
 import re
-import stat
-import sys
 import zipfile
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -23,6 +18,9 @@ from typing import Iterator, Mapping
 import torch
 
 from chatvec_lab.errors import SourceError
+from chatvec_lab.formats import (itemsize, json_type, numel, open_regular, read_header, read_json_object, sha256_handle,
+                                 short_repr)
+from chatvec_lab.paging import MappedPages
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -81,7 +79,7 @@ class WeightSource(Mapping):
         return total
 
     def nbytes(self) -> int:
-        return sum(_numel(self.shape(n)) * _itemsize(self.dtype(n)) for n in self.keys())
+        return sum(numel(self.shape(n)) * itemsize(self.dtype(n)) for n in self.keys())
 
     @property
     def config(self) -> dict | None:
@@ -99,238 +97,6 @@ class WeightSource(Mapping):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.description}: {len(self)} tensors>"
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return dtype.itemsize
-
-
-# ------------------------------------------------------------------ reading files and JSON safely
-
-_NOT_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-
-
-def _require_regular(path: Path, mode: int) -> None:
-    if not stat.S_ISREG(mode):
-        kind = next((name for test, name in _NOT_REGULAR if test(mode)), "not a file")
-        raise SourceError(f"{path} is {kind}, not a regular file")
-
-
-def open_regular(path: Path, buffering: int = -1):
-    """Open ``path`` for binary reading if it is a regular file (or a symlink to one), else a one-line
-    SourceError. A FIFO or device named like a weights file is never read and never blocks the open:
-    it is refused on a stat before opening, and again on the open descriptor in case it was swapped in."""
-    try:
-        _require_regular(path, os.stat(path).st_mode)
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
-    except OSError as e:
-        raise SourceError(f"cannot read {path}: {e.strerror or e}") from None
-    try:
-        _require_regular(path, os.fstat(fd).st_mode)
-        return os.fdopen(fd, "rb", buffering=buffering)
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def _json_type(value) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    names = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
-
-
-def _short(value, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-# The strict parser below reads JSON as the safetensors library (serde_json) does, where Python's json module
-# is more lenient: no NaN/Infinity, no number out of float range, -0 is a float, no lone UTF-16 surrogate,
-# nothing nested 128 deep. It also refuses duplicate keys, which the library resolves silently (the last wins).
-JSON_MAX_DEPTH = 128
-
-
-def _finite_number(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number {_short(text, 24)} out of range")
-    return value
-
-
-def _json_integer(text: str):
-    if text == "-0":
-        return -0.0
-    value = int(text)
-    if not -2**63 <= value < 2**64:  # serde_json reads a float, which may be out of range
-        _finite_number(text)
-    return value
-
-
-def _refuse_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _unique_keys(pairs: list) -> dict:
-    seen = set()
-    for key, _ in pairs:
-        if key in seen:
-            raise ValueError(f"duplicate key {_short(key)}")
-        seen.add(key)
-    return dict(pairs)
-
-
-def _check_json_tree(value, depth: int = 1) -> None:
-    if isinstance(value, str):
-        value.encode("utf-8")  # a lone surrogate raises UnicodeEncodeError, a ValueError
-    elif isinstance(value, (dict, list)):
-        if depth >= JSON_MAX_DEPTH:
-            raise ValueError(f"JSON nested {JSON_MAX_DEPTH} or more levels deep")
-        for item in ([*value.keys(), *value.values()] if isinstance(value, dict) else value):
-            _check_json_tree(item, depth + 1)
-
-
-def parse_json(raw: bytes, strict: bool = False):
-    """Parse UTF-8 JSON; ValueError (with a one-line message) if it is not valid. ``strict``: as above."""
-    try:
-        text = raw.decode("utf-8")
-        if not strict:
-            return json.loads(text)
-        value = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_refuse_constant,
-                           parse_int=_json_integer, parse_float=_finite_number)
-        _check_json_tree(value)
-        return value
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
-
-
-def read_json_object(path: Path, what: str, strict: bool = False) -> dict:
-    """The JSON object in file ``path``, or a one-line SourceError naming ``what`` and the file."""
-    try:
-        with open_regular(path) as f:
-            raw = f.read()
-        value = parse_json(raw, strict)
-    except (OSError, ValueError) as e:
-        raise SourceError(f"bad {what} {path}: {e}") from None
-    if not isinstance(value, dict):
-        raise SourceError(f"bad {what} {path}: expected a JSON object, found {_json_type(value)}")
-    return value
-
-
-# ------------------------------------------------------------------ safetensors
-
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-ST_DTYPE_NAMES = {v: k for k, v in _ST_DTYPES.items()}
-# in the format (safetensors 0.8), not read by chatvec: refused as unsupported, not as corrupt
-_ST_UNSUPPORTED = {"U16", "U32", "U64", "C64", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F6_E2M3", "F6_E3M2", "F4"}
-ST_MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit
-
-
-class _UnsupportedDtype(ValueError):
-    pass
-
-
-class _Truncated(ValueError):
-    pass
-
-
-def _is_size(value) -> bool:
-    return type(value) is int and 0 <= value < 2**64  # not bool, not float
-
-
-def _tensor_entry(name: str, info) -> tuple[torch.dtype, tuple[int, ...], int, int]:
-    """``(dtype, shape, begin, end)`` of one header entry, checked on its own."""
-    if not isinstance(info, dict):
-        raise ValueError(f"the entry for tensor {_short(name)} is {_json_type(info)}, not an object")
-    missing = [key for key in ("dtype", "shape", "data_offsets") if key not in info]
-    if missing:
-        raise ValueError(f"tensor {_short(name)} has no {missing[0]}")
-    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in _ST_DTYPES.keys() | _ST_UNSUPPORTED:
-        raise ValueError(f"tensor {_short(name)} has unknown dtype {_short(dtype, 40)}")
-    if not (isinstance(shape, list) and all(_is_size(d) for d in shape)):
-        raise ValueError(f"tensor {_short(name)}: shape {_short(shape, 40)} is not a list of non-negative integers")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_size(o) for o in offsets)
-            and offsets[0] <= offsets[1]):
-        raise ValueError(f"tensor {_short(name)}: data_offsets {_short(offsets, 40)} are not two non-negative "
-                         "integers [begin, end] with begin <= end")
-    if dtype in _ST_UNSUPPORTED:
-        raise _UnsupportedDtype(f"tensor {_short(name)} has unsupported dtype {dtype} "
-                                f"(chatvec reads {', '.join(_ST_DTYPES)})")
-    extent = 1  # torch sizes and strides are signed 64-bit; the library refuses a product that overflows
-    for d in shape:
-        extent *= max(d, 1)
-        if extent >= 2**63:
-            raise ValueError(f"tensor {_short(name)}: shape {_short(shape, 60)} is too large")
-    nbytes = math.prod(shape) * _ST_DTYPES[dtype].itemsize
-    if offsets[1] - offsets[0] != nbytes:
-        raise ValueError(f"tensor {_short(name)} spans {offsets[1] - offsets[0]} bytes, its shape and dtype need "
-                         f"{nbytes}")
-    return _ST_DTYPES[dtype], tuple(shape), offsets[0], offsets[1]
-
-
-def check_safetensors_header(header, data_bytes: int) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
-    """The tensors of a parsed header, ``name -> (dtype, shape, begin, end)``, if they tile the
-    ``data_bytes`` of the data section exactly: sorted by offset, contiguous from 0, no overlap, no gap,
-    nothing after the last one. ValueError otherwise."""
-    if not isinstance(header, dict):
-        raise ValueError(f"the header is {_json_type(header)}, not a JSON object")
-    metadata = header.get("__metadata__")
-    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
-        raise ValueError("__metadata__ is not an object of strings")
-    tensors = {name: _tensor_entry(name, info) for name, info in header.items() if name != "__metadata__"}
-    end = 0
-    for name, (_, _, begin, stop) in sorted(tensors.items(), key=lambda item: item[1][2:]):
-        if begin != end:
-            what = "overlaps the tensor before it" if begin < end else "leaves a gap before it"
-            raise ValueError(f"tensor {_short(name)} starts at data byte {begin}, not {end}: it {what}")
-        end = stop
-    if end < data_bytes:
-        raise ValueError(f"{data_bytes - end} trailing bytes after the last tensor's data")
-    if end > data_bytes:
-        raise _Truncated(f"the tensors need {end} data bytes, the file holds {data_bytes}")
-    return tensors
-
-
-def read_safetensors_header(path: Path) -> tuple[int, dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]]:
-    """``(data_start, tensors)`` of a safetensors file, checked as strictly as the format: see
-    check_safetensors_header; offsets are relative to ``data_start``. One-line SourceError otherwise."""
-    with open_regular(path) as f:
-        return _read_header(f, path)
-
-
-def _read_header(f, path: Path):
-    try:
-        f.seek(0)
-        size = os.fstat(f.fileno()).st_size
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise ValueError("file shorter than the 8-byte header length")
-        n = int.from_bytes(prefix, "little")
-        if not 0 < n <= min(size - 8, ST_MAX_HEADER_BYTES):
-            raise ValueError(f"header length {n} does not fit a file of {size} bytes")
-        raw = f.read(n)
-        if len(raw) < n:
-            raise ValueError("file shrank while its header was read")
-        return 8 + n, check_safetensors_header(parse_json(raw, strict=True), data_bytes=size - 8 - n)
-    except _UnsupportedDtype as e:
-        raise SourceError(f"{path}: {e}") from None
-    except _Truncated as e:
-        raise SourceError(f"truncated safetensors file {path}: {e}") from None
-    except (OSError, ValueError) as e:
-        raise SourceError(f"corrupt safetensors file {path}: {e}") from None
 
 
 class SafetensorsSource(WeightSource):
@@ -357,7 +123,7 @@ class SafetensorsSource(WeightSource):
         self._handles = {}
         for f in self.files:
             handle = self._handles[f] = open_regular(f, buffering=0)
-            data_start, tensors = _read_header(handle, f)
+            data_start, tensors = read_header(handle, f)
             for name, (dtype, shape, begin, end) in tensors.items():
                 if name in self._where:
                     raise SourceError(f"tensor {name!r} appears in both {self._where[name][0].name} and {f.name}")
@@ -382,7 +148,7 @@ class SafetensorsSource(WeightSource):
             raise KeyError(f"{self.description} has no tensor {name!r}")
         path, offset, nbytes = where
         shape, dtype = self._meta[name]
-        if nbytes >= self.MAP_AT_LEAST and offset % _itemsize(dtype) == 0:  # elements must be aligned
+        if nbytes >= self.MAP_AT_LEAST and offset % itemsize(dtype) == 0:  # elements must be aligned
             return self._map(self._handles[path], path, offset, nbytes, shape, dtype, name)
         buf = bytearray(nbytes)
         self.read_into(name, 0, memoryview(buf))
@@ -426,7 +192,7 @@ class SafetensorsSource(WeightSource):
             pages.populate(0, nbytes)  # now, in the prefetching thread, which overlaps the caller's work
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tensor = torch.frombuffer(mapped, dtype=dtype, count=nbytes // _itemsize(dtype),
+            tensor = torch.frombuffer(mapped, dtype=dtype, count=nbytes // itemsize(dtype),
                                       offset=offset - start).reshape(shape)
         tensor.mapped_pages = pages
         return tensor
@@ -438,7 +204,7 @@ class SafetensorsSource(WeightSource):
         if self.folder is not None:
             out["path"] = str(Path(self.folder).resolve())
         if hash_files:
-            out["sha256"] = {f.name: _sha256(self._handles[f]) for f in self.files}
+            out["sha256"] = {f.name: sha256_handle(self._handles[f]) for f in self.files}
         return out
 
     def close(self) -> None:
@@ -446,185 +212,6 @@ class SafetensorsSource(WeightSource):
             handle.close()
 
 
-class MappedPages:
-    """The private file mapping behind a memory-mapped tensor: fault byte ranges in ahead of use, drop them after.
-
-    Dropping pages of a copy-on-write mapping discards writes to them, so only code that never writes to
-    the tensor (``paged_rows(..., release=True)``) drops them; unwritten pages read back from the file."""
-
-    # MADV_POPULATE_READ is 22 on Linux ≥ 5.14; Python's mmap module names it only from 3.13 on
-    POPULATE = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else None)
-    DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
-
-    def __init__(self, mapping: mmap.mmap, data_offset: int, whole: bool):
-        self.mapping = mapping
-        self.data_offset = data_offset
-        self.whole = whole  # faulted in as a whole when mapped; else left to paged_rows
-
-    def _advise(self, option: int | None, start: int, stop: int) -> None:
-        if option is None or stop <= start:
-            return
-        try:
-            self.mapping.madvise(option, start, stop - start)
-        except (OSError, ValueError):  # an older kernel, or the mapping closed: advice only, so carry on
-            pass
-
-    def populate(self, start: int, stop: int) -> None:
-        """Fault in the tensor's bytes [start, stop)."""
-        first = (self.data_offset + start) // mmap.PAGESIZE * mmap.PAGESIZE
-        self._advise(self.POPULATE, first, self.data_offset + stop)
-
-    def release(self, start: int, stop: int) -> None:
-        """Drop the pages wholly inside the tensor's bytes [start, stop) from this process's memory."""
-        first = -(-(self.data_offset + start) // mmap.PAGESIZE) * mmap.PAGESIZE
-        last = (self.data_offset + stop) // mmap.PAGESIZE * mmap.PAGESIZE
-        self._advise(self.DONTNEED, first, last)
-
-
-_IO_POOL = None
-
-
-def _io_pool():
-    """One background thread for page faulting, dropping and block reads (they are queued in order)."""
-    global _IO_POOL
-    if _IO_POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
-        _IO_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatvec-io")
-    return _IO_POOL
-
-
-def row_block_extent(shape: tuple[int, ...], index) -> tuple[int, int, tuple[int, ...]]:
-    """Where a row-block index (a slice of rows, or ``...`` for all) lies in a row-major tensor:
-    its first element, its number of elements and its shape."""
-    if index is ...:
-        return 0, _numel(shape), tuple(shape)
-    row = _numel(shape[1:])
-    rows = index.stop - index.start
-    return index.start * row, rows * row, (rows, *shape[1:])
-
-
-def _byte_range(tensor: torch.Tensor, index) -> tuple[int, int]:
-    first, count, _ = row_block_extent(tuple(tensor.shape), index)
-    return first * tensor.element_size(), (first + count) * tensor.element_size()
-
-
-def paged_rows(tensors, indices, release: bool = False) -> Iterator:
-    """Yield each row-block index of ``indices`` once those rows of every memory-mapped tensor in ``tensors``
-    that was too large to fault in whole are faulted in; the next block's are faulted in by a background
-    thread meanwhile. With ``release`` (only for callers that never write to the tensors) each block's pages
-    are dropped, also in the background, once the caller moves on:
-    a tensor of any size then costs two blocks of memory."""
-    paged = [(t, t.mapped_pages) for t in tensors
-             if getattr(t, "mapped_pages", None) is not None and not t.mapped_pages.whole]
-    if not paged:
-        yield from indices
-        return
-    pool = _io_pool()
-
-    def fault_in(index) -> None:
-        for t, pages in paged:
-            pages.populate(*_byte_range(t, index))
-
-    def drop(index) -> None:
-        for t, pages in paged:
-            pages.release(*_byte_range(t, index))
-
-    indices = iter(indices)
-    current = next(indices, None)
-    pending = pool.submit(fault_in, current) if current is not None else None
-    while current is not None:
-        following = next(indices, None)
-        pending.result()
-        pending = pool.submit(fault_in, following) if following is not None else None
-        yield current
-        if release:
-            pool.submit(drop, current)
-        current = following
-
-
-def read_blocks(source: WeightSource, items) -> Iterator[tuple[str, object, torch.Tensor]]:
-    """Yield ``(name, index, rows)`` for each ``(tensor name, row-block index)`` of ``items``, read from
-    ``source`` (one that ``reads_ranges``) into two reused buffers: a background thread reads the next
-    block, of this tensor or the next, while the caller uses this one. A block stays valid until the caller
-    asks for the next one; don't modify it."""
-    items = list(items)
-    shapes = {name: tuple(source.shape(name)) for name in dict.fromkeys(name for name, _ in items)}
-    dtypes = {name: source.dtype(name) for name in shapes}
-
-    def layout(i: int) -> tuple[int, int, tuple[int, ...]]:
-        name, index = items[i]
-        return row_block_extent(shapes[name], index)
-
-    largest = max((layout(i)[1] * _itemsize(dtypes[n]) for i, (n, _) in enumerate(items)), default=0)
-    slots = [torch.empty(largest, dtype=torch.uint8) for _ in range(2)]
-
-    def read(i: int) -> None:
-        name = items[i][0]
-        first, count, _ = layout(i)
-        size = _itemsize(dtypes[name])
-        if count:
-            source.read_into(name, first * size, memoryview(slots[i % 2][:count * size].numpy()))
-
-    pool = _io_pool()
-    pending = pool.submit(read, 0) if items else None
-    for i, (name, index) in enumerate(items):
-        pending.result()
-        if i + 1 < len(items):  # into the buffer of block i − 1, which the caller is done with
-            pending = pool.submit(read, i + 1)
-        _, count, shape = layout(i)
-        size = _itemsize(dtypes[name])
-        yield name, index, slots[i % 2][:count * size].view(dtypes[name]).view(shape)
-
-
-class Prefetcher:
-    """Reads the next tensor of a known order in a background thread while the current one is used.
-
-    File reads release the GIL, so reading overlaps computing; ``depth`` tensors are held ahead.
-    """
-
-    def __init__(self, source: WeightSource, order: list[str], depth: int = 1):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.source = source
-        self.order = [n for n in order if n in source]
-        self.position = {n: i for i, n in enumerate(self.order)}
-        self.depth = depth
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatvec-read")
-        self.pending: dict = {}  # nothing is read before the first get: block readers cost nothing
-
-    def _schedule(self, start: int) -> None:
-        for name in self.order[start:start + self.depth]:
-            if name not in self.pending:
-                self.pending[name] = self.pool.submit(self.source.get, name)
-
-    def get(self, name: str) -> torch.Tensor:
-        future = self.pending.pop(name, None)
-        if name in self.position:
-            self._schedule(self.position[name] + 1)
-        return future.result() if future is not None else self.source.get(name)
-
-    def close(self) -> None:
-        for f in self.pending.values():
-            f.cancel()
-        self.pending.clear()
-        self.pool.shutdown(wait=True)
-
-
-def sha256_file(path: Path) -> str:
-    with open_regular(path) as f:
-        return _sha256(f)
-
-
-def _sha256(handle, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    offset = 0
-    while block := os.pread(handle.fileno(), chunk, offset):
-        h.update(block)
-        offset += len(block)
-    return h.hexdigest()
-
-
-# ------------------------------------------------------------------ in memory and pickles
 
 class TensorDictSource(WeightSource):
     """An in-memory state dict or module (tensors are not copied)."""
@@ -697,11 +284,11 @@ def read_shard_index(index: Path) -> dict[str, str]:
     index_json = read_json_object(index, "shard index", strict=True)
     weight_map = index_json.get("weight_map")
     if not isinstance(weight_map, dict):
-        found = _json_type(weight_map) if "weight_map" in index_json else "missing"
+        found = json_type(weight_map) if "weight_map" in index_json else "missing"
         raise SourceError(f"bad shard index {index}: weight_map is {found}, not an object of tensor name to shard file")
     for name, shard in weight_map.items():
         if not (isinstance(shard, str) and _plain_file_name(shard)):
-            raise SourceError(f"bad shard index {index}: tensor {_short(name)} is mapped to {_short(shard)}, "
+            raise SourceError(f"bad shard index {index}: tensor {short_repr(name)} is mapped to {short_repr(shard)}, "
                               "not the name of a file in the index's folder")
     return weight_map
 
@@ -711,13 +298,13 @@ def check_shard_index(source: SafetensorsSource, index: Path, weight_map: dict[s
     weights the checkpoint means is ambiguous."""
     for name, shard in weight_map.items():
         if name not in source:
-            raise SourceError(f"{index} puts tensor {_short(name)} in {shard}, which does not hold it")
+            raise SourceError(f"{index} puts tensor {short_repr(name)} in {shard}, which does not hold it")
         if source.file_of(name).name != shard:
-            raise SourceError(f"{index} puts tensor {_short(name)} in {shard}, but it is in "
+            raise SourceError(f"{index} puts tensor {short_repr(name)} in {shard}, but it is in "
                               f"{source.file_of(name).name}")
     for name in source.keys():
         if name not in weight_map:
-            raise SourceError(f"{source.file_of(name).name} holds tensor {_short(name)}, which {index} does not name")
+            raise SourceError(f"{source.file_of(name).name} holds tensor {short_repr(name)}, which {index} does not name")
 
 
 def _folder_files(folder: Path, allow_pickle: bool) -> tuple[str, list[Path], tuple[Path, dict] | None]:

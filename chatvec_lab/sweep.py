@@ -17,11 +17,12 @@ from typing import Mapping, Sequence
 import pandas as pd
 import torch
 
+from chatvec_lab.errors import NotFound, UsageError
 from chatvec_lab.generation import generate
 from chatvec_lab.live import LiveModel
 from chatvec_lab.output import atomic_file, check_clear_of_inputs, check_output_path
 from chatvec_lab.scoring import make_scorer, perplexity, score_all
-from chatvec_lab.vector import ChatVector
+from chatvec_lab.vector import ChatVector, named_vectors
 
 DEFAULT_SCORERS = ("turn_end", "language", "refusal", "offensive")
 METRIC_LABELS = {
@@ -40,7 +41,7 @@ def read_prompts(path) -> list[str]:
     """One prompt a line, or JSONL with a ``prompt`` field. Blank lines are skipped."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} not found")
+        raise NotFound(f"prompt file {path} not found")
     prompts = []
     for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -50,11 +51,11 @@ def read_prompts(path) -> list[str]:
                 item = json.loads(line)
                 prompts.append(str(item["prompt"]))
             except (ValueError, KeyError, TypeError):
-                raise ValueError(f"{path}:{i}: expected a JSON object with a 'prompt' field") from None
+                raise UsageError(f"{path}:{i}: expected a JSON object with a 'prompt' field") from None
         else:
             prompts.append(line.strip())
     if not prompts:
-        raise ValueError(f"{path} holds no prompts")
+        raise UsageError(f"{path} holds no prompts")
     return prompts
 
 
@@ -68,17 +69,17 @@ def check_coefficients(coefficients, names: Sequence[str]) -> list[dict[str, flo
         clean = {}
         for name, value in point.items():
             if name not in names:
-                raise ValueError(f"coefficient for unknown vector {name!r}; vectors are {list(names)}")
+                raise UsageError(f"coefficient for unknown vector {name!r}; vectors are {list(names)}")
             try:
                 v = float(value)
             except (TypeError, ValueError):
-                raise ValueError(f"coefficient {value!r} is not a number") from None
+                raise UsageError(f"coefficient {value!r} is not a number") from None
             if not math.isfinite(v):
-                raise ValueError(f"coefficient {value!r} is not finite")
+                raise UsageError(f"coefficient {value!r} is not finite")
             clean[name] = v
         out.append({n: clean.get(n, 0.0) for n in names})
     if not out:
-        raise ValueError("no coefficients to sweep")
+        raise UsageError("no coefficients to sweep")
     return out
 
 
@@ -143,12 +144,12 @@ def sweep(target, vectors, coefficients, prompts: Sequence[str], *, tokenizer=No
 
     prompts = [p for p in prompts]
     if not prompts:
-        raise ValueError("the prompt list is empty")
+        raise UsageError("the prompt list is empty")
     if any(not isinstance(p, str) or not p.strip() for p in prompts):
-        raise ValueError("every prompt must be a non-empty string")
+        raise UsageError("every prompt must be a non-empty string")
     if isinstance(vectors, (ChatVector, str, Path)):
         vectors = {"chat": vectors}
-    vectors = {k: ChatVector.open(v) for k, v in vectors.items()}
+    vectors = named_vectors(vectors)
     points = check_coefficients(coefficients, list(vectors))
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     scorer_names = [s if isinstance(s, str) else s.name for s in scorers]
@@ -170,10 +171,10 @@ def sweep(target, vectors, coefficients, prompts: Sequence[str], *, tokenizer=No
         else:
             model = target
             if tokenizer is None:
-                raise ValueError("pass tokenizer= with an in-memory model")
+                raise UsageError("pass tokenizer= with an in-memory model")
         live = LiveModel(model, vectors)
     elif tokenizer is None:
-        raise ValueError("pass tokenizer= with a LiveModel")
+        raise UsageError("pass tokenizer= with a LiveModel")
     built = [make_scorer(s, language=language) if isinstance(s, str) and s != "turn_end" else s
              for s in scorers if s != "turn_end"]
     saved = dict(live.coefficients)
@@ -240,8 +241,6 @@ def plot_scores(df: pd.DataFrame, metrics: Sequence[str] | None = None, ax=None,
 
 
 def run_sweep_cli(args) -> None:
-    from chatvec_lab.errors import ChatVecError
-
     from chatvec_lab.output import source_paths
     from chatvec_lab.sources import open_weights
 
@@ -251,17 +250,11 @@ def run_sweep_cli(args) -> None:
     if args.cache_dir:
         check_clear_of_inputs(args.cache_dir, inputs)
     prompts = read_prompts(args.prompts)
-    names = [Path(v).name or v for v in args.vector]
-    if len(set(names)) < len(names):
-        names = [f"v{i + 1}" for i in range(len(names))]
-    vectors = {n: ChatVector.load(v) for n, v in zip(names, args.vector)}
+    vectors = named_vectors(args.vector)
     scorers = [s.strip() for s in args.scorers.split(",") if s.strip()]
-    try:
-        df = sweep(args.target, vectors, args.alphas, prompts, scorers=scorers, seeds=args.seeds,
-                   max_new_tokens=args.max_new_tokens, language=args.language, cache_dir=args.cache_dir,
-                   progress=not args.quiet)
-    except RuntimeError as e:
-        raise ChatVecError(str(e)) from None
+    df = sweep(args.target, vectors, args.alphas, prompts, scorers=scorers, seeds=args.seeds,
+               max_new_tokens=args.max_new_tokens, language=args.language, cache_dir=args.cache_dir,
+               progress=not args.quiet)
     out = Path(args.csv)
     with atomic_file(out, args.overwrite, inputs) as tmp:
         df.to_csv(tmp, index=False)

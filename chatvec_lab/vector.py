@@ -24,17 +24,15 @@ import torch
 from chatvec_lab.errors import MismatchError, NonFiniteError, SourceError, UsageError, require_bool
 from chatvec_lab.output import DEFAULT_SHARD_BYTES, ShardedSafetensorsWriter, atomic_folder, source_paths, write_json
 from chatvec_lab.naming import parse
-from chatvec_lab.sources import WeightSource, open_weights, paged_rows, read_blocks, read_json_object
+from chatvec_lab.formats import read_json_object
+from chatvec_lab.paging import paged_rows, read_blocks
+from chatvec_lab.sources import WeightSource, open_weights
+from chatvec_lab.version import __version__
 from chatvec_lab.vocab import Vocabulary, row_map
 
 METADATA_FILE = "chatvec.json"
 BASE_CONFIG_FILE = "base_config.json"
 FORMAT = "chatvec/1"
-
-
-def _version() -> str:
-    from chatvec_lab import __version__
-    return __version__
 
 
 CHUNK_ELEMENTS = 1 << 20  # rows are processed in blocks of about this many values (4 MB in float32)
@@ -91,7 +89,7 @@ def check_same_architecture(a: WeightSource, b: WeightSource, a_label: str, b_la
                                 "a chat vector needs two models of one architecture")
 
 
-class _Diff:
+class ModelDifference:
     """chat − base, with the last base tensor kept for the lineage check of ``apply``.
 
     ``base_rows`` (token-indexed tensors whose vocabularies differ): for each chat row, the base row of the same
@@ -113,7 +111,7 @@ class _Diff:
         c, b, base_rows = raw
         if base_rows is None:
             return c[index].to(torch.float32) - b[index].to(torch.float32)
-        return _Diff.gather(raw, torch.arange(c.shape[0])[index])
+        return ModelDifference.gather(raw, torch.arange(c.shape[0])[index])
 
     @staticmethod
     def gather(raw, rows: torch.Tensor) -> torch.Tensor:
@@ -137,7 +135,7 @@ class _Diff:
         self.base, self.chat = base, chat
 
 
-class _Stored:
+class StoredVector:
     def __init__(self, source: WeightSource):
         self.source = source  # may be swapped for a Prefetcher around ``store``
         self.store = source
@@ -172,7 +170,7 @@ def _chat_to_base_rows(chat_rows: int, base_rows: int, chat: Vocabulary, base: V
     return out
 
 
-def _without_vocabulary(metadata: dict) -> dict:
+def without_vocabulary(metadata: dict) -> dict:
     return {k: v for k, v in metadata.items() if k != "vocabulary"}
 
 
@@ -239,7 +237,7 @@ class ChatVector:
             "dtype": "float32",
             "tensors": len(shapes),
             "parameters": sum(math.prod(s) for s in shapes.values()),
-            "chatvec_lab_version": _version(),
+            "chatvec_lab_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         if chat_vocab is not None:
@@ -247,7 +245,7 @@ class ChatVector:
             metadata["chat_rows"] = chat_rows  # rows of tokens the chat model added: its own rows, not differences
             metadata["special_tokens"] = sorted(chat_vocab.special & {chat_vocab.tokens[i] for i in chat_rows
                                                                       if i < len(chat_vocab)})
-        return cls([(1.0, _Diff(b, c, base_rows))], shapes, metadata, base_config=b.config)
+        return cls([(1.0, ModelDifference(b, c, base_rows))], shapes, metadata, base_config=b.config)
 
     @classmethod
     def load(cls, path) -> "ChatVector":
@@ -265,13 +263,13 @@ class ChatVector:
         base_file = path / BASE_CONFIG_FILE
         base_config = read_json_object(base_file, "base model config") if base_file.exists() else None
         shapes = {n: source.shape(n) for n in source.keys()}
-        return cls([(1.0, _Stored(source))], shapes, metadata, base_config=base_config)
+        return cls([(1.0, StoredVector(source))], shapes, metadata, base_config=base_config)
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> "ChatVector":
         source = open_weights({k: v.detach().to(torch.float32) for k, v in tensors.items()})
         shapes = {n: source.shape(n) for n in source.keys()}
-        return cls([(1.0, _Stored(source))], shapes, {"format": FORMAT, **(metadata or {})})
+        return cls([(1.0, StoredVector(source))], shapes, {"format": FORMAT, **(metadata or {})})
 
     @classmethod
     def open(cls, spec) -> "ChatVector":
@@ -335,7 +333,7 @@ class ChatVector:
     @staticmethod
     def _sole_stored(active, copy: bool):
         """The one stored vector read as it is (no arithmetic, so no copies needed), if that is the case."""
-        if not copy and len(active) == 1 and active[0][0] == 1 and isinstance(active[0][1], _Stored):
+        if not copy and len(active) == 1 and active[0][0] == 1 and isinstance(active[0][1], StoredVector):
             return active[0][1]
         return None
 
@@ -393,7 +391,7 @@ class ChatVector:
     @contextlib.contextmanager
     def prefetching(self, order: list[str], depth: int = 1):
         """Within the block, tensors are read ahead in ``order`` by background threads."""
-        from chatvec_lab.sources import Prefetcher
+        from chatvec_lab.paging import Prefetcher
 
         saved = []
         for _, term in self.terms:
@@ -418,7 +416,7 @@ class ChatVector:
     def base_tensor(self, name: str) -> torch.Tensor | None:
         """The base model's tensor, when this vector was built from a base it can still read."""
         for _, term in self.terms:
-            if isinstance(term, _Diff):
+            if isinstance(term, ModelDifference):
                 return term.base_tensor(name)
         return None
 
@@ -431,7 +429,7 @@ class ChatVector:
     @property
     def base_source(self) -> WeightSource | None:
         for _, term in self.terms:
-            if isinstance(term, _Diff):
+            if isinstance(term, ModelDifference):
                 return term.base
         return None
 
@@ -472,8 +470,8 @@ class ChatVector:
         if self.vocabulary != other.vocabulary or self.chat_rows != other.chat_rows:
             raise MismatchError("cannot combine vectors whose token rows belong to different vocabularies")
         terms = self.terms + [(sign * c, t) for c, t in other.terms]
-        meta = {"format": FORMAT, "combination_of": [_without_vocabulary(self.metadata),
-                                                      _without_vocabulary(other.metadata)], "signs": [1, sign]}
+        meta = {"format": FORMAT, "combination_of": [without_vocabulary(self.metadata),
+                                                      without_vocabulary(other.metadata)], "signs": [1, sign]}
         if self.vocabulary is not None:
             meta |= {"vocabulary": self.vocabulary.to_json(), "chat_rows": self.chat_rows}
         return ChatVector(terms, self.shapes, meta, base_config=self.base_config or other.base_config)
@@ -549,6 +547,34 @@ class ChatVector:
 
     def __repr__(self) -> str:
         return f"<ChatVector {len(self)} tensors, {self.parameters:,} parameters, {len(self.terms)} term(s)>"
+
+
+def named_vectors(vectors) -> dict[str, "ChatVector"]:
+    """The one rule for naming vectors: ``{name: vector}`` from a vector, a saved vector's folder, a list of
+    either, or a dict (kept as given). A folder is named by its last component; two folders with the same
+    last component (``/a/cv``, ``/b/cv``) are named by their whole paths, so no vector is ever dropped; a
+    vector object in a list is ``v1``, ``v2`` … by position. The same vector twice is an error."""
+    if isinstance(vectors, (ChatVector, str, os.PathLike)):
+        vectors = [vectors]
+    if isinstance(vectors, dict):
+        if not vectors:
+            raise UsageError("no vector given")
+        return {str(k): ChatVector.open(v) for k, v in vectors.items()}
+    vectors = list(vectors)
+    if not vectors:
+        raise UsageError("no vector given")
+    if len(vectors) == 1 and isinstance(vectors[0], ChatVector):
+        return {"vector": vectors[0]}
+
+    def names(whole: bool) -> list[str]:
+        return [f"v{i + 1}" if isinstance(v, ChatVector) else
+                (str(v) if whole else Path(os.fspath(v)).name or str(v)) for i, v in enumerate(vectors)]
+    chosen = names(False)
+    if len(set(chosen)) < len(chosen):
+        chosen = names(True)
+    if len(set(chosen)) < len(chosen):
+        raise UsageError(f"the same vector is given twice: {chosen}")
+    return {name: ChatVector.open(v) for name, v in zip(chosen, vectors)}
 
 
 def extract(base, chat, out=None, overwrite: bool = False, allow_pickle: bool = False,

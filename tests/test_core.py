@@ -444,7 +444,7 @@ def _data_start(path: Path, name: str) -> int:
 
 def test_block_reads_match_tensors(family_factory, tmp_path):
     """read_into / read_blocks give the bytes get() gives, across tensors and dtypes; bad ranges are refused."""
-    from chatvec_lab.sources import read_blocks
+    from chatvec_lab.paging import read_blocks
     from chatvec_lab.vector import row_blocks
 
     for dtype in (torch.float32, torch.bfloat16):
@@ -485,7 +485,8 @@ def _rss_file_kib() -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads RSS from /proc")
 def test_large_mapped_tensors_are_paged_in_and_dropped_block_by_block(tmp_path, monkeypatch):
-    from chatvec_lab.sources import SafetensorsSource, paged_rows
+    from chatvec_lab.paging import paged_rows
+    from chatvec_lab.sources import SafetensorsSource
     from chatvec_lab.vector import row_blocks
 
     g = torch.Generator().manual_seed(0)

@@ -256,7 +256,7 @@ def test_fifos_devices_and_directories_are_refused_without_blocking(tmp_path, ca
 
 
 def test_a_file_swapped_after_opening_is_never_read_and_a_fifo_never_opened(tmp_path, monkeypatch):
-    from chatvec_lab.sources import open_regular
+    from chatvec_lab.formats import open_regular
 
     path = tiny_file(tmp_path / "m.safetensors")
     source = SafetensorsSource([path])

@@ -405,7 +405,7 @@ def _check_tidy(df, tensors, base=None):
         info = parse(row["tensor"])
         assert (row["module"], None if pd.isna(row["layer"]) else int(row["layer"])) == (info.module, info.layer)
         if base is not None:
-            # ‖θ_base‖ is summed in float32 blocks (apply.squared_norm): float32's precision
+            # ‖θ_base‖ is summed in float32 blocks (kernels.squared_norm): float32's precision
             assert row["rel_norm"] == pytest.approx(float(t.norm() / base[row["tensor"]].double().norm()), rel=1e-6)
     for _, row in pair_rows.iterrows():
         x = tensors[row["vector_a"]][row["tensor"]].double()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from chatvec_lab import toy
+from chatvec_lab.errors import UsageError
 from chatvec_lab.toy.corpora import split_fortunes
 from chatvec_lab.toy.dialogues import make_dialogues
 from chatvec_lab.toy.train import CHAT_TEMPLATE, Recipe, build_family, encode_conversation
@@ -125,7 +126,7 @@ def test_recipe_overrides_and_rebuilding_some_members_reuses_the_base(tmp_path):
     changed = recipe.updated(["chat_steps=3", "chat_lr=1e-4"])
     assert (changed.chat_steps, changed.chat_lr, recipe.chat_steps) == (3, 1e-4, 2)
     for bad in (["nope=1"], ["chat_steps"], ["chat_steps=many"]):
-        with pytest.raises(SystemExit, match="--set"):
+        with pytest.raises(UsageError, match="--set"):
             recipe.updated(bad)
     out = build_family(tmp_path / "toy", recipe, corpora=_synthetic_corpora(), members=("base", "chat"))
     base_bytes = (out / "base" / "model.safetensors").read_bytes()

@@ -9,6 +9,8 @@ The wheel ships it inside the package; ``chatvec_lab.resources`` finds it (insta
 from __future__ import annotations
 
 import os
+
+from chatvec_lab.errors import NotFound, UnknownName
 from pathlib import Path
 
 MEMBERS = ("base", "chat", "chat-alt", "cp", "cp-xvocab")
@@ -24,10 +26,10 @@ def data_dir() -> Path:
 
 def path(name: str) -> Path:
     if name not in MEMBERS:
-        raise KeyError(f"unknown toy model {name!r}; the family is {', '.join(MEMBERS)}")
+        raise UnknownName(f"unknown toy model {name!r}; the family is {', '.join(MEMBERS)}")
     folder = data_dir() / name
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"toy model {name!r} is missing at {folder}: reinstall chatvec_lab (the wheel "
+        raise NotFound(f"toy model {name!r} is missing at {folder}: reinstall chatvec_lab (the wheel "
                                 "carries the family), or rebuild the family from a checkout with "
                                 "`python -m chatvec_lab.toy.train --out data/toy`")
     return folder

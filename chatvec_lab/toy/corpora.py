@@ -12,13 +12,15 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from chatvec_lab.errors import Unavailable
+
 ENGLISH_PACKAGES = ("fortunes", "fortunes-min")
 GERMAN_PACKAGES = ("fortunes-de",)
 FORTUNE_DIR = Path("usr/share/games/fortunes")
 
 
-class CorpusUnavailable(RuntimeError):
-    pass
+class CorpusUnavailable(Unavailable):
+    """The Debian fortune packages could not be fetched (no apt-get, or no mirror)."""
 
 
 def split_fortunes(text: str) -> list[str]:

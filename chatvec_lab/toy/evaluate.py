@@ -342,10 +342,9 @@ def plot_multi_turn(mts: pd.DataFrame, path: Path | None = None, ax=None):
 def main(argv=None) -> int:
     import time
 
-    from chatvec_lab.cli import _Parser
-    from chatvec_lab.errors import ChatVecError
+    from chatvec_lab.errors import ChatVecError, OneLineParser, one_line
 
-    p = _Parser(prog="python -m chatvec_lab.toy.evaluate", description="Measure the chat-vector effect on the toy family.")
+    p = OneLineParser(prog="python -m chatvec_lab.toy.evaluate", description="Measure the chat-vector effect on the toy family.")
     p.add_argument("--out", default="data/eval-toy")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--vector", default="chat", choices=["chat", "chat-alt"])
@@ -373,7 +372,7 @@ def main(argv=None) -> int:
             figures(df, out, mt)
             (out / "summary.md").write_text(text)
     except ChatVecError as e:
-        print(f"{p.prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"{p.prog}: error: {one_line(e)}", file=sys.stderr)
         return 2
     print(text)
     return 0

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from chatvec_lab.errors import ChatVecError, UsageError
 from chatvec_lab.toy.corpora import fetch_fortunes
 from chatvec_lab.toy.dialogues import make_dialogues
 
@@ -86,11 +87,11 @@ class Recipe:
         for item in assignments:
             name, sep, value = item.partition("=")
             if not sep or name not in asdict(r) or name == "seeds":
-                raise SystemExit(f"--set {item!r}: expected NAME=VALUE with NAME one of the recipe's fields")
+                raise UsageError(f"--set {item!r}: expected NAME=VALUE with NAME one of the recipe's fields")
             try:
                 setattr(r, name, type(getattr(r, name))(value))
             except ValueError:
-                raise SystemExit(f"--set {item!r}: {name} takes a {type(getattr(r, name)).__name__}") from None
+                raise UsageError(f"--set {item!r}: {name} takes a {type(getattr(r, name)).__name__}") from None
         return r
 
 
@@ -432,11 +433,14 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    recipe = Recipe().updated(args.set)
-    recipe = recipe.scaled(args.scale) if args.scale != 1.0 else recipe
-    corpora = fetch_fortunes(args.corpus_cache)
-    build_family(args.out, recipe, corpora, members=tuple(m for m in args.members.split(",") if m),
-                 device=args.device)
+    try:
+        recipe = Recipe().updated(args.set)
+        recipe = recipe.scaled(args.scale) if args.scale != 1.0 else recipe
+        corpora = fetch_fortunes(args.corpus_cache)
+        build_family(args.out, recipe, corpora, members=tuple(m for m in args.members.split(",") if m),
+                     device=args.device)
+    except ChatVecError as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
 
 
 if __name__ == "__main__":
