@@ -107,10 +107,3 @@ class LiveModel:
 
     def reset(self) -> None:
         self.set({k: 0.0 for k in self.names})
-
-    @property
-    def extra_bytes(self) -> int:
-        """Memory held beyond the model: the originals of the touched tensors and the deltas."""
-        orig = sum(t.numel() * t.element_size() for t in self.original.values())
-        deltas = sum(t.numel() * t.element_size() for d in self.deltas.values() for t in d.values())
-        return orig + deltas

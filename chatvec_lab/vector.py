@@ -159,6 +159,29 @@ class StoredVector:
         return raw[rows].to(torch.float32)
 
 
+class Transformed:
+    """A term computed per tensor from other vectors (low rank, trimming, DARE, merges): tensor ``name`` is
+    ``fn(name)``, made whole when asked for, from the input vectors' own tensors (also lazy)."""
+
+    def __init__(self, fn, inputs: list["ChatVector"], description: str):
+        self.fn, self.inputs, self.description = fn, inputs, description
+
+    def raw(self, name: str) -> torch.Tensor:
+        return self.fn(name)
+
+    @staticmethod
+    def block(raw, index) -> torch.Tensor:
+        return raw[index].clone()
+
+    @staticmethod
+    def gather(raw, rows: torch.Tensor) -> torch.Tensor:
+        return raw[rows].clone()
+
+    def sources(self) -> dict[str, WeightSource]:
+        return {f"{i}.{j}.{key}": src for i, vec in enumerate(self.inputs) for j, (_, term) in enumerate(vec.terms)
+                for key, src in term.sources().items()}
+
+
 def _chat_to_base_rows(chat_rows: int, base_rows: int, chat: Vocabulary, base: Vocabulary) -> torch.Tensor:
     """For each chat row, the base row of the same token (-1: a token the chat model added). Rows past a
     vocabulary's end (padding) match by index."""
@@ -185,8 +208,28 @@ def _recorded(metadata: dict) -> Iterator[dict]:
         yield from _recorded(part)
 
 
+def check_compatible(a: "ChatVector", b: "ChatVector") -> None:
+    """Two vectors can be combined: the same tensors, shapes and token rows; else which tensor and why."""
+    missing, extra = set(a.shapes) - set(b.shapes), set(b.shapes) - set(a.shapes)
+    if missing or extra:
+        detail = (f"only the left has {_list_names(missing)}" if missing else "") + \
+                 ("; " if missing and extra else "") + (f"only the right has {_list_names(extra)}" if extra else "")
+        raise MismatchError(f"cannot combine vectors with different tensors: {detail}")
+    for name, shape in a.shapes.items():
+        if b.shapes[name] != shape:
+            raise MismatchError(f"cannot combine vectors: {name!r} is {shape} in one and {b.shapes[name]} in the other")
+    if a.vocabulary != b.vocabulary or a.chat_rows != b.chat_rows:
+        raise MismatchError("cannot combine vectors whose token rows belong to different vocabularies")
+
+
 class ChatVector:
-    """``Σ cᵢ · termᵢ``: a lazy map from tensor name to float32 delta."""
+    """``Σ cᵢ · termᵢ``: a lazy map from tensor name to float32 delta.
+
+    A term is one of ``ModelDifference`` (chat − base, read from two models), ``StoredVector`` (a saved
+    vector) or ``Transformed`` (computed per tensor from other vectors). Each has ``raw(name)`` (what it
+    reads for one tensor), ``block(raw, index)`` and ``gather(raw, rows)`` (float32 deltas of row blocks or
+    chosen rows, new tensors), ``sources()`` (the weight sources it reads) and ``description``; the first two
+    also ``set_sources(...)`` (read-ahead swaps them)."""
 
     def __init__(self, terms: list[tuple[float, object]], shapes: dict[str, tuple[int, ...]], metadata: dict,
                  base_config: dict | None = None):
@@ -395,7 +438,7 @@ class ChatVector:
 
         saved = []
         for _, term in self.terms:
-            if hasattr(term, "sources"):
+            if hasattr(term, "set_sources"):
                 originals = term.sources()
                 if any(isinstance(src, Prefetcher) for src in originals.values()):
                     continue  # a term shared with another vector already reads ahead
@@ -459,16 +502,7 @@ class ChatVector:
     def _combine(self, other: "ChatVector", sign: float) -> "ChatVector":
         if not isinstance(other, ChatVector):
             return NotImplemented
-        missing, extra = set(self.shapes) - set(other.shapes), set(other.shapes) - set(self.shapes)
-        if missing or extra:
-            detail = (f"only the left has {_list_names(missing)}" if missing else "") + \
-                     ("; " if missing and extra else "") + (f"only the right has {_list_names(extra)}" if extra else "")
-            raise MismatchError(f"cannot combine vectors with different tensors: {detail}")
-        for name, shape in self.shapes.items():
-            if other.shapes[name] != shape:
-                raise MismatchError(f"cannot combine vectors: {name!r} is {shape} in one and {other.shapes[name]} in the other")
-        if self.vocabulary != other.vocabulary or self.chat_rows != other.chat_rows:
-            raise MismatchError("cannot combine vectors whose token rows belong to different vocabularies")
+        check_compatible(self, other)
         terms = self.terms + [(sign * c, t) for c, t in other.terms]
         meta = {"format": FORMAT, "combination_of": [without_vocabulary(self.metadata),
                                                       without_vocabulary(other.metadata)], "signs": [1, sign]}
@@ -510,6 +544,59 @@ class ChatVector:
             raise MismatchError(f"no tensor of the vector matches include={include!r} exclude={exclude!r}")
         meta = {**self.metadata, "selected": {"include": include, "exclude": exclude}}
         return ChatVector(self.terms, shapes, meta, self.base_config)
+
+    # ------------------------------------------------------------ per-tensor transforms (lazy)
+    def transformed(self, fn, transform: dict) -> "ChatVector":
+        """A lazy vector whose tensor ``name`` is ``fn(name, self[name])`` (a new float32 tensor of the same
+        shape); ``transform`` describes it in the metadata."""
+        source = self
+
+        def compute(name: str) -> torch.Tensor:
+            out = fn(name, source[name])
+            if tuple(out.shape) != tuple(source.shapes[name]):
+                raise MismatchError(f"transform {transform} changed the shape of {name!r}")
+            return out.to(torch.float32)
+        meta = {**self.metadata, "transform": transform}
+        term = Transformed(compute, [self], f"{transform.get('kind')} of the vector")
+        return ChatVector([(1.0, term)], self.shapes, meta, self.base_config)
+
+    def low_rank(self, rank: int, method: str = "auto", seed: int = 0) -> "ChatVector":
+        """Each matrix (2-D tensor) replaced by its best rank-``rank`` approximation (truncated SVD; randomized
+        for matrices with both sides ≥ 2,048, see ``transforms.low_rank``); 1-D tensors are kept whole."""
+        from chatvec_lab.transforms import low_rank
+
+        low_rank(torch.zeros(2, 2), rank, method)  # the arguments are checked now, not at the first tensor
+        return self.transformed(lambda name, t: low_rank(t, rank, method, seed) if t.dim() == 2 else t.clone(),
+                                {"kind": "low_rank", "rank": rank, "method": method, "seed": seed})
+
+    def trim(self, density: float) -> "ChatVector":
+        """Keep the ``density`` share of each tensor's entries with the largest |value| (TIES' trim)."""
+        from chatvec_lab.transforms import magnitude
+
+        magnitude(torch.zeros(1), density)
+        return self.transformed(lambda name, t: magnitude(t, density), {"kind": "trim", "density": density})
+
+    def dare(self, density: float, seed: int = 0, rescale: str | None = "l1") -> "ChatVector":
+        """DARE: keep each entry with probability ``density`` (seeded per tensor), rescaled to the tensor's L1
+        norm (``l1``, as mergekit), by 1/density (``inverse``, the paper) or not (``None``)."""
+        from chatvec_lab.transforms import bernoulli
+
+        bernoulli(torch.zeros(1), density, seed, "", rescale)
+        return self.transformed(lambda name, t: bernoulli(t, density, seed, name, rescale),
+                                {"kind": "dare", "density": density, "seed": seed, "rescale": rescale})
+
+    def breadcrumbs(self, density: float, gamma: float = 0.01) -> "ChatVector":
+        """Model breadcrumbs: drop the ``gamma`` share of largest entries and the smallest, keeping ``density``."""
+        from chatvec_lab.transforms import magnitude_outliers
+
+        magnitude_outliers(torch.zeros(1), density, gamma)
+        return self.transformed(lambda name, t: magnitude_outliers(t, density, gamma),
+                                {"kind": "breadcrumbs", "density": density, "gamma": gamma})
+
+    def low_rank_bytes(self, rank: int) -> int:
+        """Bytes a rank-``rank`` factorisation stores in float32: r·(m + n) per matrix, 1-D tensors whole."""
+        return 4 * sum(min(rank, min(s)) * (s[0] + s[1]) if len(s) == 2 else math.prod(s)
+                       for s in self.shapes.values())
 
     # ------------------------------------------------------------ saving
     def save(self, path, overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,

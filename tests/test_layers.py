@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "chatvec_lab"
 
 LAYERS = [
     # 0: facts and parsing, no model logic
-    {"errors", "version", "naming", "kernels", "formats"},
+    {"errors", "version", "naming", "kernels", "formats", "transforms"},
     # 1: bytes to memory, vocabularies, writing outputs, finding the shipped data
     {"paging", "vocab", "output", "resources"},
     # 2: where weights come from
@@ -20,14 +20,14 @@ LAYERS = [
     # 3: the chat vector itself
     {"vector"},
     # 4: using a vector: apply (files / models), live coefficients, geometry, info
-    {"apply", "info", "geometry"},
+    {"apply", "info", "geometry", "merge"},
     {"live"},
     # 5: generation and its measures
     {"generation", "scoring"},
     {"sweep"},
     # 6: pictures and widgets of what the layers below compute
     {"plots"},
-    {"widgets", "exercises"},
+    {"widgets", "exercises", "_solutions"},
     # 7: the toy family and its evaluation
     {"toy", "toy.corpora", "toy.dialogues", "toy.train"},
     {"toy.evaluate"},

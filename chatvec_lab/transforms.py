@@ -1,0 +1,128 @@
+"""Per-tensor transforms of a delta, as pure functions: the building blocks of merge methods and low rank.
+
+Each takes and returns float32 tensors and never modifies its input. The vector algebra (``vector.py``)
+applies them lazily, one tensor at a time; ``merge.py`` combines several sources with them.
+
+- ``magnitude``: keep the ``density`` share of entries with the largest |value| (TIES' trim; "magnitude" in
+  mergekit); ties in |value| are broken by position, as ``argsort`` orders them.
+- ``magnitude_outliers``: drop the ``gamma`` share of largest entries, then the smallest, keeping ``density``
+  (model breadcrumbs).
+- ``bernoulli``: keep each entry with probability ``density`` from a seeded generator, rescaled so the
+  delta keeps its L1 norm (mergekit's DARE) or by 1/density (the DARE paper's expectation-preserving form).
+- ``sign_consensus``: TIES' elected sign and disjoint mean over several deltas.
+- ``low_rank``: the best rank-r approximation of a matrix (truncated SVD; randomized for large matrices).
+"""
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from chatvec_lab.errors import UsageError
+
+
+def _check_density(density: float) -> None:
+    if not isinstance(density, (int, float)) or isinstance(density, bool) or not 0 < density <= 1:
+        raise UsageError(f"density must be a number in (0, 1], not {density!r}")
+
+
+def magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
+    _check_density(density)
+    if density >= 1:
+        return delta.clone()
+    k = int(density * delta.numel())
+    if k == 0:
+        return torch.zeros_like(delta)
+    keep = torch.argsort(delta.abs().reshape(-1), descending=True)[:k]
+    mask = torch.zeros(delta.numel(), dtype=delta.dtype)
+    mask[keep] = 1
+    return delta * mask.view(delta.shape)
+
+
+def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float = 0.01) -> torch.Tensor:
+    _check_density(density)
+    if not 0 <= gamma < 1:
+        raise UsageError(f"gamma must be in [0, 1), not {gamma!r}")
+    if density >= 1:
+        return delta.clone()
+    n = delta.numel()
+    keep_n, top = int(density * n), int(gamma * n)
+    bottom = n - keep_n - top
+    if bottom < 0:  # not enough room: remove fewer of the largest
+        top, bottom = top + bottom, 0
+    order = torch.sort(delta.abs().reshape(-1)).indices
+    mask = torch.zeros(n, dtype=delta.dtype)
+    mask[order[bottom:n - top]] = 1
+    return delta * mask.view(delta.shape)
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A seed for one tensor: the same for the same (seed, name), whatever order tensors are read in."""
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+RESCALES = ("l1", "inverse", None)
+
+
+def bernoulli(delta: torch.Tensor, density: float, seed: int, name: str, rescale: str | None = "l1") -> torch.Tensor:
+    _check_density(density)
+    if rescale not in RESCALES:
+        raise UsageError(f"rescale must be one of {RESCALES}, not {rescale!r}")
+    if density >= 1:
+        return delta.clone()
+    gen = torch.Generator().manual_seed(tensor_seed(seed, name))
+    mask = torch.rand(delta.shape, generator=gen) < density
+    out = delta * mask
+    if rescale == "inverse":
+        return out / density
+    if rescale == "l1":
+        before, after = float(delta.abs().sum()), float(out.abs().sum())
+        if before >= 1e-7 and after >= 1e-7:  # as mergekit: a vanishing norm is left unscaled
+            return out * (before / after)
+    return out
+
+
+def sign_consensus(weighted: torch.Tensor, weights: torch.Tensor, method: str = "sum",
+                   normalize: bool = True) -> torch.Tensor:
+    """TIES: ``weighted`` is (sources, …) of weight·delta. The elected sign of each entry is that of the sum
+    (``sum``) or of the majority count (``count``), 0 counting as +; entries that disagree with it (or are
+    0) are left out, and the rest summed, divided by the weights that took part (``normalize``)."""
+    if method not in ("sum", "count"):
+        raise UsageError(f"consensus method must be 'sum' or 'count', not {method!r}")
+    sign = weighted.sign()
+    total = weighted.sum(0) if method == "sum" else sign.sum(0)
+    elected = torch.where(total >= 0, 1.0, -1.0)
+    agree = (sign == elected).to(weighted.dtype)
+    mixed = (weighted * agree).sum(0)
+    if not normalize:
+        return mixed
+    w = weights.reshape(-1, *([1] * (weighted.dim() - 1)))
+    divisor = (w * agree).sum(0)
+    divisor[divisor == 0] = 1
+    return mixed / divisor
+
+
+def low_rank(matrix: torch.Tensor, rank: int, method: str = "auto", seed: int = 0) -> torch.Tensor:
+    """The rank-``rank`` truncated SVD of a 2-D float32 matrix. ``auto``: exact below 2,048 on the short side,
+    randomized (``torch.svd_lowrank``, 4 power iterations, seeded) above; a rank at or past full returns a copy."""
+    if matrix.dim() != 2:
+        raise UsageError(f"low_rank needs a matrix, got shape {tuple(matrix.shape)}")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+        raise UsageError(f"rank must be a non-negative integer, not {rank!r}")
+    if rank >= min(matrix.shape):
+        return matrix.clone()
+    if rank == 0:
+        return torch.zeros_like(matrix)
+    m = matrix.to(torch.float64)  # float64 for the factorisation; the result goes back to float32
+    if method == "exact" or (method == "auto" and min(matrix.shape) < 2048):
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        return ((u[:, :rank] * s[:rank]) @ vh[:rank]).to(matrix.dtype)
+    if method not in ("auto", "randomized"):
+        raise UsageError(f"method must be 'auto', 'exact' or 'randomized', not {method!r}")
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        u, s, v = torch.svd_lowrank(m, q=min(rank + 8, min(m.shape)), niter=4)
+    finally:
+        torch.random.set_rng_state(state)
+    return ((u[:, :rank] * s[:rank]) @ v[:, :rank].T).to(matrix.dtype)
