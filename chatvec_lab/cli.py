@@ -1,4 +1,4 @@
-"""The ``chatvec`` command line: extract | apply | info | compare | sweep | demo | notebooks."""
+"""The ``chatvec`` command line: extract | apply | info | compare | sweep | atlas | demo | notebooks."""
 from __future__ import annotations
 
 import argparse
@@ -173,6 +173,41 @@ def cmd_compare(args) -> None:
         print(f"wrote {len(paths)} figures to {args.plots}")
 
 
+def cmd_atlas(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from chatvec_lab import plots
+    from chatvec_lab.atlas import atlas, rank_cells, summarize_atlas
+    from chatvec_lab.output import atomic_folder, check_output_path, source_paths
+    from chatvec_lab.sources import open_weights
+    from chatvec_lab.sweep import read_prompts
+    from chatvec_lab.vector import ChatVector
+
+    vector = ChatVector.load(args.vector)
+    inputs = [*source_paths(open_weights(args.target)), Path(args.prompts), *vector.input_paths()]
+    check_output_path(args.out, args.overwrite, inputs)  # before the work, not after
+    prompts = read_prompts(args.prompts)
+    if args.quick:
+        prompts = prompts[:8]
+    df = atlas(args.target, vector, prompts, alphas=args.alphas, seeds=args.seeds,
+               max_new_tokens=args.max_new_tokens, language=args.language, progress=not args.quiet)
+    s = summarize_atlas(df)
+    with atomic_folder(args.out, args.overwrite, inputs=inputs) as tmp:
+        df.to_csv(tmp / "atlas.csv", index=False)
+        s.to_csv(tmp / "summary.csv", index=False)
+        for design in ("keep-only", "knock-out"):
+            rank_cells(s, design=design).to_csv(tmp / f"ranking-{design}.csv", index=False)
+            for metric in ("ended_turn", "share_de"):
+                fig = plots.plot_atlas(s, metric, design, "norm-matched")
+                fig.savefig(tmp / f"atlas-{design}-{metric}.png", dpi=110, bbox_inches="tight")
+                plt.close(fig)
+    print(rank_cells(s).head(10).to_string(index=False))
+    print(f"wrote {args.out} ({len(df)} replies)")
+
+
 def cmd_sweep(args) -> None:
     from chatvec_lab.sweep import run_sweep_cli
 
@@ -268,6 +303,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace an existing --csv file")
     s.set_defaults(func=cmd_sweep)
 
+    t = sub.add_parser("atlas", help="map where a vector's behaviour lives: keep-only and knock-out per layer × module")
+    t.add_argument("--target", required=True)
+    t.add_argument("--vector", required=True, help="a saved vector (chatvec extract)")
+    t.add_argument("--prompts", required=True, help="one prompt a line, or JSONL with a 'prompt' field")
+    t.add_argument("-o", "--out", required=True, help="a new folder: atlas.csv, summary.csv, rankings, heatmaps")
+    t.add_argument("--alphas", type=_alphas, default=[1.0], help="grid α values besides the norm-matched one")
+    t.add_argument("--seeds", type=int, default=1)
+    t.add_argument("--max-new-tokens", type=int, default=64)
+    t.add_argument("--language", default="de")
+    t.add_argument("--quick", action="store_true", help="8 prompts")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    t.set_defaults(func=cmd_atlas)
+
     d = sub.add_parser("demo", help="run the whole lab on the toy family and write a report folder")
     d.add_argument("-o", "--out", default="chatvec-report")
     d.add_argument("--no-notebooks", action="store_true", help="skip executing the notebooks")
@@ -284,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--allow-pickle", action="store_true", help="load .bin/.pt weights (weights_only=True)")
         sp.add_argument("--max-shard-gb", type=float, default=4.0)
     d.add_argument("--overwrite", action="store_true")
-    for sp in (e, a, i, c, s, d):
+    for sp in (e, a, i, c, s, t, d):
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return p
 

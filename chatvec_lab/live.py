@@ -54,6 +54,8 @@ class LiveModel:
                     d[name] = delta.to(self.params[name].device)
             self.deltas[key] = d
         self.coefficients: dict[str, Alpha] = {k: 0.0 for k in self.names}
+        self._applied: dict[str, tuple] = {n: () for n in self.plans}  # per tensor: the coefficients it holds
+        self.rewritten = 0  # tensors rewritten by the last set(): the cost of a change is theirs alone
 
     def _check(self, alphas: Mapping[str, Alpha]) -> dict[str, Alpha]:
         unknown = set(alphas) - set(self.names)
@@ -69,10 +71,15 @@ class LiveModel:
     def set(self, alphas: Mapping[str, Alpha] | None = None, **kwargs: Alpha) -> None:
         """Set the coefficients (by vector name); the weights become ``target + Σ αᵢ·vᵢ``."""
         merged = self._check({**(alphas or {}), **kwargs})
+        self.rewritten = 0
         for name, param in self.params.items():
             info = parse(name)
             coefs = [(key, coefficient_for(info, merged[key])) for key in self.names if name in self.deltas[key]]
             coefs = [(k, c) for k, c in coefs if c != 0]
+            if tuple(coefs) == self._applied[name]:
+                continue  # this tensor already holds these coefficients
+            self._applied[name] = tuple(coefs)
+            self.rewritten += 1
             if not coefs:
                 param.copy_(self.original[name])
                 continue

@@ -166,3 +166,24 @@ def save_compare_plots(stats, folder) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def plot_atlas(summary: pd.DataFrame, metric: str = "ended_turn", design: str = "keep-only",
+               alpha_kind: str = "norm-matched", alpha: float | None = None, effect: bool = True, ax=None):
+    """The atlas as a heatmap: layers × module kinds, the outer rows (embeddings, lm_head, norms) below; each
+    cell annotated with its value. ``effect``: the change against the design's reference (keep-only: the
+    target alone; knock-out: what is lost from the full vector), else the metric itself."""
+    from chatvec_lab.atlas import heatmap_table
+
+    value = f"{metric}_effect" if effect else metric
+    table = heatmap_table(summary, value, design, alpha_kind, alpha)
+    fig, ax = new_axes(ax, figsize=(0.9 * table.shape[1] + 3, 0.45 * table.shape[0] + 1.8))
+    span = float(np.nanmax(np.abs(table.to_numpy(dtype=float)))) if table.size else 1.0
+    _heatmap(ax, table, DIVERGING if effect else CMAP, annotate=True, vmin=-span if effect else 0,
+             vmax=span if effect else 1, label=value)
+    which = f"α = {alpha:g}" if alpha is not None and alpha_kind == "grid" else "norm-matched α"
+    lead = "effect on" if effect else ""
+    ax.set_title(f"{design}: {lead} {metric} per cell ({which})", fontsize=11)
+    ax.set_xlabel("module kind")
+    ax.set_ylabel("layer / part")
+    return fig

@@ -24,7 +24,7 @@ LAYERS = [
     {"live"},
     # 5: generation and its measures
     {"generation", "scoring"},
-    {"sweep"},
+    {"sweep", "atlas"},
     # 6: pictures and widgets of what the layers below compute
     {"plots"},
     {"widgets", "exercises", "_solutions"},
