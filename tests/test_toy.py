@@ -79,7 +79,7 @@ def _synthetic_corpora():
 def test_recipe_builds_a_family_at_a_tiny_scale(tmp_path):
     recipe = Recipe(vocab_size=320, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
                     seq_len=32, chat_len=48, batch_size=4, base_steps=3, chat_steps=2, cp_steps=2, xvocab_steps=2,
-                    xvocab_new_tokens=4, dialogues=40)
+                    xvocab_new_tokens=4, dialogues=40, reply_max_words=30)
     out = build_family(tmp_path / "toy", recipe, corpora=_synthetic_corpora())
     from transformers import AutoModelForCausalLM, AutoTokenizer
     for name in toy.MEMBERS:
@@ -89,6 +89,19 @@ def test_recipe_builds_a_family_at_a_tiny_scale(tmp_path):
         assert "steps" in (out / name / "README.md").read_text()
     assert AutoModelForCausalLM.from_pretrained(out / "cp-xvocab").config.vocab_size == \
         AutoModelForCausalLM.from_pretrained(out / "cp").config.vocab_size + 4
+    # the recipe is deterministic: the same recipe and seeds give the same bytes, member by member
+    again = build_family(tmp_path / "again", recipe, corpora=_synthetic_corpora())
+    import hashlib
+    for name in toy.MEMBERS:
+        digest = [hashlib.sha256((folder / name / "model.safetensors").read_bytes()).hexdigest() for folder in (out, again)]
+        assert digest[0] == digest[1], name
+    # and the three-turn dialogues of the third recipe leave the first two recipes' data as it was
+    from chatvec_lab.toy.dialogues import make_dialogues
+    docs = _synthetic_corpora()["en"]
+    two = make_dialogues(docs, "chat", 200, 7, max_turns=2)
+    assert two == make_dialogues(docs, "chat", 200, 7)  # the default before the third recipe
+    three = make_dialogues(docs, "chat", 200, 7, max_turns=3)
+    assert max(len(c) for c in three) == 6 and max(len(c) for c in two) == 4
 
 
 @pytest.mark.slow
@@ -122,7 +135,7 @@ def test_bootstrap_interval_brackets_the_mean():
 def test_recipe_overrides_and_rebuilding_some_members_reuses_the_base(tmp_path):
     recipe = Recipe(vocab_size=320, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
                     seq_len=32, chat_len=48, batch_size=4, base_steps=3, chat_steps=2, cp_steps=2, xvocab_steps=2,
-                    xvocab_new_tokens=4, dialogues=40)
+                    xvocab_new_tokens=4, dialogues=40, reply_max_words=30)
     changed = recipe.updated(["chat_steps=3", "chat_lr=1e-4"])
     assert (changed.chat_steps, changed.chat_lr, recipe.chat_steps) == (3, 1e-4, 2)
     for bad in (["nope=1"], ["chat_steps"], ["chat_steps=many"]):
