@@ -577,7 +577,7 @@ def test_special_files_at_the_output_are_refused_before_any_work(fam, tmp_path, 
     fifo = tmp_path / "fifo.csv"
     os.mkfifo(fifo)
     monkeypatch.setattr(geometry, "vector_stats", lambda *a, **k: (_ for _ in ()).throw(AssertionError("worked")))
-    rc, err = _cli(["compare", str(fam["vec"]), str(fam["vec"]), "--csv", str(fifo), "--overwrite", "-q"], capsys)
+    rc, err = _cli(["compare", str(fam["vec"]), "--csv", str(fifo), "--overwrite", "-q"], capsys)
     assert rc == 2 and "not a regular file" in err
     import stat
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
