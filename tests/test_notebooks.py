@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -10,9 +11,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+COURSE = [p for p in NOTEBOOKS if p.stem[:2] in {"01", "02", "03", "04", "05", "06"}]
+PRINTS_CHECK = re.compile(r"""print\(\s*["']CHECK""")
+HIDDEN = {"source_hidden": True, "outputs_hidden": True}
 
 
-def run_notebook(path: Path, tmp_path: Path) -> dict:
+def _stream_text(cell) -> str:
+    return "".join(out.get("text", "") for out in cell.get("outputs", []) if out.get("output_type") == "stream")
+
+
+def run_notebook(path: Path, tmp_path: Path) -> tuple[dict, nbformat.NotebookNode]:
+    """Execute the notebook in ``tmp_path``; returns its CHECK lines merged, and the executed notebook."""
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
@@ -20,16 +29,14 @@ def run_notebook(path: Path, tmp_path: Path) -> dict:
     client.execute()
     checks = {}
     for cell in nb.cells:
-        for out in cell.get("outputs", []):
-            text = out.get("text", "") if out.get("output_type") == "stream" else ""
-            for line in text.splitlines():
-                if line.startswith("CHECK "):
-                    checks.update(json.loads(line[6:]))
-    return checks
+        for line in _stream_text(cell).splitlines():
+            if line.startswith("CHECK "):
+                checks.update(json.loads(line[6:]))
+    return checks, nb
 
 
 def test_notebooks_exist_and_have_a_configure_cell():
-    assert len(NOTEBOOKS) == 6
+    assert len(NOTEBOOKS) == 7 and NOTEBOOKS[0].name == "00_course.ipynb" and len(COURSE) == 6
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         code = [c for c in nb.cells if c.cell_type == "code"]
@@ -56,15 +63,66 @@ def test_committed_notebooks_have_no_outputs():
                 assert not cell.get("outputs") and cell.get("execution_count") is None, f"{path.name} has outputs"
 
 
+def test_check_cells_are_tagged_and_hidden():
+    """Every cell that prints a CHECK line is tagged "check" and folded in JupyterLab (source and outputs)."""
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        checks = [c for c in nb.cells if c.cell_type == "code" and PRINTS_CHECK.search(c.source)]
+        assert checks, f"{path.name} has no cell printing CHECK"
+        for cell in nb.cells:
+            prints = cell.cell_type == "code" and bool(PRINTS_CHECK.search(cell.source))
+            tagged = "check" in cell.metadata.get("tags", [])
+            assert prints == tagged, f"{path.name}: cell {cell.get('id')} prints CHECK: {prints}, tagged: {tagged}"
+            if prints:
+                hidden = cell.metadata.get("jupyter", {})
+                assert all(hidden.get(k) is True for k in HIDDEN), f"{path.name}: CHECK cell {cell.get('id')} not hidden"
+
+
+def test_course_structure():
+    """Notebook 0 explains the collapsed cells; notebooks 1-6 open with learning objectives and end with exercises
+    whose checks name exercises of that notebook; every exercise appears in its notebook."""
+    from chatvec_lab import exercises as ex
+
+    course = nbformat.read(NOTEBOOKS[0], as_version=4)
+    prose = "\n".join(c.source for c in course.cells if c.cell_type == "markdown")
+    assert "collapsed" in prose and "`check`" in prose and "nbstripout" in prose
+    assert "arxiv.org/abs/2310.04799" in prose and "aclanthology.org/2024.acl-long.590" in prose
+    used = set()
+    for path in COURSE:
+        nb = nbformat.read(path, as_version=4)
+        assert nb.cells[0].source.startswith("# ") and nb.cells[1].cell_type == "markdown"
+        assert "Learning objectives" in nb.cells[1].source, f"{path.name}: no learning objectives after the title"
+        starts = [i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and c.source.startswith("## Exercises")]
+        assert len(starts) == 1, f"{path.name}: needs one '## Exercises' section"
+        after = nb.cells[starts[0]:]
+        assert not any(c.cell_type == "code" and PRINTS_CHECK.search(c.source) for c in after), path.name
+        names = [m for c in after if c.cell_type == "code" for m in re.findall(r'ex\.check\("([a-z_]+)"', c.source)]
+        assert len(names) >= 2, f"{path.name}: needs at least 2 ex.check( calls in its Exercises section"
+        for name in names:
+            assert ex.EXERCISES[name].notebook == path.stem, f"{path.name} checks {name}, an exercise of another notebook"
+        assert not any("ex.solution(" in c.source for c in nb.cells if c.cell_type == "code"), path.name
+        used |= set(names)
+    assert used == set(ex.EXERCISES), f"exercises in no notebook: {sorted(set(ex.EXERCISES) - used)}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_offline(path, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    checks = run_notebook(path, tmp_path)
+    checks, executed = run_notebook(path, tmp_path)
     assert checks, f"{path.name} printed no CHECK line"
+    for cell in executed.cells:
+        text = _stream_text(cell)
+        if any(line.startswith("CHECK ") for line in text.splitlines()):
+            assert "check" in cell.metadata.get("tags", []), f"{path.name}: a cell printed CHECK but is not tagged"
+        if cell.cell_type == "code" and "ex.check(" in cell.source:  # blank exercises: no error, no verdict
+            assert "not answered yet" in text and "✗" not in text and "✓" not in text, (path.name, text)
     name = path.stem
-    if name.startswith("01"):
+    if name.startswith("00"):
+        assert checks["notebooks"] == 6 and checks["missing"] == [] and checks["models"]
+        assert checks["exercises"] >= 12 and all(2 <= len(v) <= 3 for v in checks["exercises_per_notebook"].values())
+    elif name.startswith("01"):
         assert checks["files"] and checks["lineage"] < 0.5
         assert checks["cpcv_ended"] > checks["cp_ended"]
     elif name.startswith("02"):
