@@ -4,10 +4,17 @@
     panel.widget   # display it in a notebook
 
 Thin wiring: every step is a method that works without a kernel (``run``, ``table_html``,
-``plot_png``), and widget values (``HTML``, ``Image``) are set directly, so tests can drive it.
+``plot_png``, ``snapshot_html``), and widget values (``HTML``, ``Image``) are set directly, so tests can drive it.
+
+A static snapshot travels with the display. ``panel.widget`` (and ``panel`` itself) displays as the live
+widget *and* a ``text/html`` picture of the panel as it is at that moment (the coefficients, the plot as
+an inline PNG, the replies table). A live front end (JupyterLab) draws the widget; a notebook exported
+without a kernel (``chatvec demo``, nbconvert) can show the snapshot instead of an empty widget area.
 """
 from __future__ import annotations
 
+import base64
+import functools
 import html
 import io
 from typing import Mapping, Sequence
@@ -38,6 +45,24 @@ def style_scores(df: pd.DataFrame):
         if "reply" in df.columns else styler
 
 
+@functools.lru_cache(maxsize=None)
+def _snapshot_box_class():
+    """A ``VBox`` whose display also carries ``text/html``: a static snapshot of the panel (made lazily:
+    ipywidgets is an optional dependency)."""
+    import ipywidgets as W
+
+    class PanelBox(W.VBox):
+        snapshot = None  # set by the panel: a callable returning the snapshot's HTML
+
+        def _repr_mimebundle_(self, **kwargs):
+            data = super()._repr_mimebundle_(**kwargs)
+            if data is not None and self.snapshot is not None:
+                data["text/html"] = self.snapshot()
+            return data
+
+    return PanelBox
+
+
 class CoefficientPanel:
     def __init__(self, model, tokenizer, vectors: Mapping[str, ChatVector], prompt_sets: Mapping[str, Sequence[str]],
                  sweep_df: pd.DataFrame | None = None, scorers: Sequence[str] = ("language", "refusal", "offensive"),
@@ -56,6 +81,7 @@ class CoefficientPanel:
         self.sweep_df = sweep_df
         self.metrics = [m for m in metrics if sweep_df is None or m in sweep_df.columns]
         self.last: pd.DataFrame | None = None
+        self.last_alphas: dict[str, float] | None = None  # the coefficients the replies in ``last`` came from
         lo, hi, step = slider_range
         self.sliders = {name: W.FloatSlider(value=0.0, min=lo, max=hi, step=step, description=f"α {name}",
                                             continuous_update=False, readout_format=".2f",
@@ -74,11 +100,13 @@ class CoefficientPanel:
         for s in self.sliders.values():
             s.observe(self._on_change, names="value")
         self.plot_vector.observe(lambda _: self.refresh_plot(), names="value")
+        self.prompt_set.observe(self._on_prompt_set, names="value")
         self.button.on_click(lambda _: self.update())
         self.auto_run = auto_run
         controls = W.VBox([*self.sliders.values(), self.plot_vector, self.prompt_set, self.prompt_box,
                            W.HBox([self.button]), self.message])
-        self.widget = W.VBox([W.HBox([controls, self.plot]), self.table])
+        self.widget = _snapshot_box_class()([W.HBox([controls, self.plot]), self.table])
+        self.widget.snapshot = self.snapshot_html
         self.refresh_plot()
 
     # ------------------------------------------------------------ pure steps
@@ -136,10 +164,51 @@ class CoefficientPanel:
                 df = df.assign(alpha=df[col])
             fig = plot_scores(df, self.metrics, current=current,
                               title=f"Scores against α ({self.plot_vector.value}); dashed: the slider")
+            self._mark_replies(fig.axes[0])
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
         plt.close(fig)
         return buf.getvalue()
+
+    def _mark_replies(self, ax) -> None:
+        """The replies in the table as stars on the sweep's lines: their mean score, at the α they came from."""
+        if self.last is None or self.last_alphas is None or not len(self.last):
+            return
+        from chatvec_lab.sweep import METRIC_LABELS
+
+        at = self.last_alphas.get(self.plot_vector.value)
+        colours = {line.get_label(): line.get_color() for line in ax.get_lines()}
+        marked = False
+        for m in self.metrics:
+            if m not in self.last.columns:
+                continue
+            mean = pd.to_numeric(self.last[m], errors="coerce").mean()
+            if at is None or pd.isna(mean):
+                continue
+            ax.plot([at], [mean], marker="*", markersize=14, linestyle="none", markeredgecolor="black",
+                    color=colours.get(METRIC_LABELS.get(m, m), "black"))
+            marked = True
+        if marked:
+            ax.plot([], [], marker="*", markersize=10, linestyle="none", color="0.5", markeredgecolor="black",
+                    label=f"the {len(self.last)} replies in the table ({self.prompt_set.value})")
+            ax.legend(fontsize=8, loc="best")
+
+    def snapshot_html(self) -> str:
+        """The panel as it is now, as static HTML: coefficients, prompts, the plot (inline PNG), the replies."""
+        alphas = ", ".join(f"α {html.escape(k)} = {v:.2f}" for k, v in self.alphas().items())
+        png = base64.b64encode(self.plot.value or self.plot_png()).decode("ascii")
+        table = self.table.value or "<p><i>No replies yet: move a slider or press Generate.</i></p>"
+        message = f"<div>{self.message.value}</div>" if self.message.value else ""
+        return ("<div class='chatvec-panel-snapshot' style='border:1px solid #ccc;padding:8px'>"
+                "<p style='margin:0 0 6px 0'><b>Coefficient panel: static snapshot</b> "
+                "<span style='color:#555'>(the live panel needs a running kernel; this is how it stood when "
+                f"displayed)</span><br>{alphas}; prompts: {html.escape(str(self.prompt_set.value))}; "
+                f"plot: α of {html.escape(str(self.plot_vector.value))}</p>{message}"
+                f"<img alt='scores against α' style='max-width:560px' src='data:image/png;base64,{png}'>"
+                f"{table}</div>")
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
 
     # ------------------------------------------------------------ wiring
     def refresh_plot(self) -> None:
@@ -151,11 +220,18 @@ class CoefficientPanel:
         except (ChatVecError, ValueError, KeyError, ScorerUnavailable) as e:
             self.message.value = f"<span style='color:#b00020'><b>error:</b> {html.escape(str(e))}</span>"
             return
-        self.last = df
+        self.last, self.last_alphas = df, self.alphas()
         self.message.value = (f"<span style='color:#555'>{len(df)} replies at "
                               + ", ".join(f"α {k} = {v:g}" for k, v in self.alphas().items()) + "</span>")
         self.table.value = self.table_html(df)
         self.refresh_plot()
+
+    def _on_prompt_set(self, change) -> None:
+        """Another prompt set: new replies (with ``auto_run``); an empty '(typed below)' box asks for prompts."""
+        if change["new"] == "(typed below)" and not self.prompt_box.value.strip():
+            self.message.value = "<span style='color:#555'>type one prompt a line, then press Generate</span>"
+        elif self.auto_run:
+            self.update()
 
     def _on_change(self, _change) -> None:
         if self.auto_run:

@@ -1,8 +1,9 @@
 """End to end in a real JupyterLab, driven by Playwright in Debian's headless Chromium.
 
 Opens the sweep notebook, runs all cells, moves the coefficient slider, and checks that the replies
-table and the plot change; saves screenshots. Skips, saying why, when chromium or playwright is absent
-(`.ci/run` installs chromium, so in CI it runs).
+table and the plot change; then picks the other prompt set in the panel's dropdown and checks that the
+table now holds those prompts' replies and the plot changed with it; saves screenshots. Skips, saying
+why, when chromium or playwright is absent (`.ci/run` installs chromium, so in CI it runs).
 """
 from __future__ import annotations
 
@@ -18,11 +19,16 @@ from pathlib import Path
 
 import pytest
 
+from chatvec_lab.toy.evaluate import prompt_sets
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(os.environ.get("CHATVEC_TEST_ARTIFACTS", ROOT / ".cache" / "browser"))
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+# the panel's prompt sets in notebook 4: the first six of each
+CHAT, OFFENSIVE = prompt_sets()["chat"][:6], prompt_sets()["offensive"][:6]
 
 
 def _free_port() -> int:
@@ -115,7 +121,27 @@ def test_sweep_notebook_slider_updates_table_and_plot(jupyterlab):
         panel = page.locator(".widget-vbox").filter(has=page.locator(".widget-slider")).first
         panel.scroll_into_view_if_needed()
         panel.screenshot(path=str(ARTIFACTS / "panel-after.png"))
+
+        # the prompt-set dropdown: choosing the insults regenerates the table, and the plot marks the new replies
+        dropdown = page.locator(".widget-dropdown").filter(has=page.locator("label", has_text="prompts"))
+        select = dropdown.locator("select").first
+        select.scroll_into_view_if_needed()
+        before_choice = select.input_value()
+        options = select.locator("option").all_inner_texts()
+        select.select_option("offensive")  # as a user's pick: the browser's input and change events
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if OFFENSIVE[0] in table.inner_text() and image.get_attribute("src") != after_image:
+                break
+            time.sleep(1)
+        insult_text = table.inner_text()
+        insult_image = image.get_attribute("src")
+        panel.screenshot(path=str(ARTIFACTS / "panel-offensive.png"))
         browser.close()
     assert after_table != before_table, "moving the slider did not change the replies table"
     assert after_image != before_image, "moving the slider did not change the plot"
     assert "<td" in after_table
+    assert before_choice == "chat" and "offensive" in options, options
+    assert OFFENSIVE[0] in insult_text, "choosing the insults in the dropdown did not change the replies table"
+    assert not any(p in insult_text for p in CHAT), "the table still shows the chat prompts' replies"
+    assert insult_image != after_image, "choosing the insults in the dropdown did not change the plot"

@@ -58,3 +58,71 @@ def test_plot_follows_the_chosen_vector(panel):
     panel.plot_vector.value = "chat-alt"
     png = panel.plot_png()
     assert png[:4] == b"\x89PNG"
+
+
+def test_prompt_set_dropdown_updates_table_and_plot(panel):
+    panel.plot_vector.value = "chat"
+    panel.prompt_set.value = "German chat"
+    panel.update()
+    table, plot = panel.table.value, panel.plot.value
+    assert "Erzähl mir etwas" in table and "Du bist ein Idiot" not in table
+    panel.prompt_set.value = "German insults"  # the dropdown alone regenerates (auto_run)
+    assert "Du bist ein Idiot" in panel.table.value and "Erzähl mir etwas" not in panel.table.value
+    assert len(panel.last) == 1 and panel.last_alphas == panel.alphas()
+    assert panel.plot.value != plot  # the plot marks the replies in the table, at their α
+    panel.prompt_box.value = ""
+    panel.prompt_set.value = "(typed below)"
+    assert "type one prompt a line" in panel.message.value  # a hint, not an error, and the table stays
+    assert "Du bist ein Idiot" in panel.table.value
+
+
+def test_display_carries_a_static_snapshot(panel):
+    import base64
+
+    bundle = panel.widget._repr_mimebundle_()
+    assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == panel.widget.model_id
+    snapshot = bundle["text/html"]
+    assert "chatvec-panel-snapshot" in snapshot and panel.table.value in snapshot
+    assert base64.b64encode(panel.plot.value).decode() in snapshot
+    assert "α chat = " in snapshot and "α chat-alt = " in snapshot
+    assert panel._repr_mimebundle_()["text/html"] == snapshot  # displaying the panel itself works too
+
+
+PANEL_CELL = """
+from chatvec_lab import ChatVector, toy
+from chatvec_lab.widgets import CoefficientPanel
+model, tok = toy.load("cp")
+cv = ChatVector.from_models(toy.path("base"), toy.path("chat"), hash_files=False).materialize()
+panel = CoefficientPanel(model, tok, {"chat": cv}, {"Liebe": ["Erzähl mir etwas über die Liebe."]},
+                         max_new_tokens=8)
+panel.sliders["chat"].value = 1.0
+panel.widget
+"""
+
+
+@pytest.mark.slow
+def test_exported_notebook_shows_the_panel_snapshot(tmp_path):
+    """Executed headless and exported to HTML (as `chatvec demo` does), a notebook that displays a panel
+    shows its snapshot: the coefficients, the plot and the replies, not an empty widget area."""
+    import copy
+
+    import nbformat
+    from nbclient import NotebookClient
+    from nbconvert import HTMLExporter
+
+    from chatvec_lab import demo
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(PANEL_CELL)]
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    (out,) = [o for o in nb.cells[0].outputs if o.output_type == "execute_result"]
+    assert {"application/vnd.jupyter.widget-view+json", "text/html"} <= set(out["data"])
+
+    plain, _ = HTMLExporter().from_notebook_node(copy.deepcopy(nb))  # nbconvert as is: a widget placeholder
+    assert "chatvec-panel-snapshot" not in plain.split("application/vnd.jupyter.widget-state+json")[0]
+
+    page = demo.export_html(nb)
+    assert page.count("chatvec-panel-snapshot") == 1
+    snapshot = page[page.index("chatvec-panel-snapshot"):]
+    assert "α chat = 1.00" in snapshot and "data:image/png;base64," in snapshot
+    assert "Erzähl mir etwas über die Liebe." in snapshot and "<table" in snapshot
