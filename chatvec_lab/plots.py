@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -186,4 +187,22 @@ def plot_atlas(summary: pd.DataFrame, metric: str = "ended_turn", design: str = 
     ax.set_title(f"{design}: {lead} {metric} per cell ({which})", fontsize=11)
     ax.set_xlabel("module kind")
     ax.set_ylabel("layer / part")
+    return fig
+
+
+def plot_scores(df: pd.DataFrame, metrics: Sequence[str] | None = None, ax=None, current: float | None = None,
+                title: str = "Scores against the coefficient"):
+    """Each metric's mean (with its 95% interval) against α; ``current`` marks the slider's α."""
+    from chatvec_lab.sweep import METRIC_LABELS, summarize
+
+    metrics = metrics or [m for m in ("ended_turn", "share_de", "refusal", "offensive") if m in df.columns]
+    summary = summarize(df, metrics)
+    fig, ax = new_axes(ax)
+    for m in metrics:
+        ax.plot(summary["alpha"], summary[m], marker="o", label=METRIC_LABELS.get(m, m))
+        ax.fill_between(summary["alpha"], summary[f"{m}_lo"], summary[f"{m}_hi"], alpha=0.15)
+    if current is not None:
+        ax.axvline(current, color="0.3", linestyle="--", linewidth=1, label=f"α = {current:g}")
+    style_axes(ax, title=title, xlabel="coefficient α", ylabel="mean over prompts and seeds")
+    ax.legend(fontsize=8, loc="best")
     return fig

@@ -1,7 +1,7 @@
 """Coefficient sweeps: generate and score replies for ``target + α·vector`` over a grid of α.
 
     df = sweep(toy.path("cp"), cv, [0, 0.5, 1.0], prompts, seeds=3)
-    plot_scores(df, ["ended_turn", "share_de"])
+    plots.plot_scores(df, ["ended_turn", "share_de"])   # from chatvec_lab import plots
 
 One tidy DataFrame: a row per (coefficient, prompt, seed) with the reply and every score. Results
 are cached on disk by their inputs, so re-running a notebook does not regenerate.
@@ -220,24 +220,6 @@ def summarize(df: pd.DataFrame, metrics: Sequence[str] | None = None, by: str | 
             row[f"{m}_lo"], row[f"{m}_hi"] = mean - half, mean + half
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def plot_scores(df: pd.DataFrame, metrics: Sequence[str] | None = None, ax=None, current: float | None = None,
-                title: str = "Scores against the coefficient"):
-    """Each metric's mean (with its 95% interval) against α; ``current`` marks the slider's α."""
-    from chatvec_lab.plots import new_axes, style_axes
-
-    metrics = metrics or [m for m in ("ended_turn", "share_de", "refusal", "offensive") if m in df.columns]
-    summary = summarize(df, metrics)
-    fig, ax = new_axes(ax)
-    for m in metrics:
-        ax.plot(summary["alpha"], summary[m], marker="o", label=METRIC_LABELS.get(m, m))
-        ax.fill_between(summary["alpha"], summary[f"{m}_lo"], summary[f"{m}_hi"], alpha=0.15)
-    if current is not None:
-        ax.axvline(current, color="0.3", linestyle="--", linewidth=1, label=f"α = {current:g}")
-    style_axes(ax, title=title, xlabel="coefficient α", ylabel="mean over prompts and seeds")
-    ax.legend(fontsize=8, loc="best")
-    return fig
 
 
 def run_sweep_cli(args) -> None:

@@ -25,7 +25,8 @@ from chatvec_lab.errors import ChatVecError
 from chatvec_lab.generation import generate
 from chatvec_lab.live import LiveModel
 from chatvec_lab.scoring import ScorerUnavailable, make_scorer, score_all
-from chatvec_lab.sweep import check_coefficients, plot_scores
+from chatvec_lab.plots import plot_scores
+from chatvec_lab.sweep import check_coefficients
 from chatvec_lab.vector import ChatVector
 
 COLOURED = {"ended_turn": "Greens", "share_de": "Blues", "refusal": "Purples", "offensive": "Reds"}

@@ -13,7 +13,8 @@ from chatvec_lab.generation import converse, generate
 from chatvec_lab.live import LiveModel
 from chatvec_lab.scoring import (DetoxifyScorer, LanguageScorer, OffensiveScorer, RefusalScorer, ScorerUnavailable,
                                  make_scorer, perplexity)
-from chatvec_lab.sweep import plot_scores, read_prompts, summarize, sweep
+from chatvec_lab.plots import plot_scores
+from chatvec_lab.sweep import read_prompts, summarize, sweep
 
 PROMPTS = ["Erzähl mir etwas über die Liebe.", "Du bist ein Idiot.", "Tell me something about money."]
 

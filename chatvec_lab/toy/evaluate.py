@@ -321,17 +321,18 @@ def plot_multi_turn(mts: pd.DataFrame, path: Path | None = None, ax=None):
     from chatvec_lab.plots import style_axes
 
     if ax is None:
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
     else:
         axes, fig = ax, ax[0].figure
     for a, (col, label) in zip(axes, [("turn_end", "turn-end rate"), ("german_share", "German share")]):
         for model, g in mts.groupby("model", sort=False):
             a.errorbar(g["turn"], g[col], yerr=[g[col] - g[f"{col}_lo"], g[f"{col}_hi"] - g[col]],
                        marker="o", capsize=3, label=model)
-        style_axes(a, f"{label} per turn (three-turn German conversations)", "turn", label)
+        style_axes(a, f"{label} per turn", "turn", label)
         a.set_ylim(-0.03, 1.03)
         a.set_xticks(sorted(mts["turn"].unique()))
     axes[0].legend(fontsize=8)
+    fig.suptitle("Three-turn German conversations (95% intervals over conversations)", fontsize=11)
     if path is not None:
         fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
