@@ -96,11 +96,15 @@ class LineageWarning(UserWarning):
 def coefficient_for(info: TensorInfo, alpha: Alpha) -> float:
     """The coefficient of one tensor: a number, ``{regex: α}`` rules (first match; unmatched → 0), or a function."""
     if callable(alpha):
-        return float(alpha(info))
+        return coefficient_for(info, alpha(info))  # what the function returns is checked like any number
     if isinstance(alpha, Mapping):
         for pattern, value in alpha.items():
-            if re.search(pattern, info.name):
-                return float(value)
+            try:
+                hit = re.search(pattern, info.name)
+            except (re.error, TypeError) as e:
+                raise UsageError(f"coefficient rule {pattern!r} is not a valid regular expression: {e}") from None
+            if hit:
+                return coefficient_for(info, value)
         return 0.0
     if isinstance(alpha, (str, bytes, bool)):
         raise UsageError(f"coefficient {alpha!r} is not a number")
@@ -863,6 +867,8 @@ def apply_to_model(target, vectors, *, options: ApplyOptions | None = None, inpl
     load_kwargs = {k: v for k, v in kwargs.items() if k not in fields}
     require_bool(inplace=inplace)
     embeddings = opts.embeddings
+    if embeddings in ("tokens", "union"):  # refused before a model is loaded or copied
+        raise UsageError(f"embeddings={embeddings!r} is for apply_vectors (a model folder out), not a model in memory")
     if isinstance(target, torch.nn.Module):
         model = target if inplace else copy.deepcopy(target)
     else:
@@ -884,8 +890,6 @@ def apply_to_model(target, vectors, *, options: ApplyOptions | None = None, inpl
     src.folder = model_folder(target) if not isinstance(target, torch.nn.Module) else src.folder
     if getattr(model, "config", None) is not None:
         src._config = model.config.to_dict()
-    if embeddings in ("tokens", "union"):
-        raise UsageError(f"embeddings={embeddings!r} is for apply_vectors (a model folder out), not a model in memory")
     prep = _prepare(src, vectors, dataclasses.replace(opts, allow_pickle=False))
     pairs, plans, notes, rows, shared_base = prep.pairs, prep.plans, prep.notes, prep.token_map, prep.shared_base
     base_src = prep.base if opts.check_lineage else None

@@ -54,7 +54,8 @@ class LiveModel:
                     d[name] = delta.to(self.params[name].device)
             self.deltas[key] = d
         self.coefficients: dict[str, Alpha] = {k: 0.0 for k in self.names}
-        self._applied: dict[str, tuple] = {n: () for n in self.plans}  # per tensor: the coefficients it holds
+        # per tensor: (the coefficients it holds, its torch version counter after our write), or () if unknown
+        self._applied: dict[str, tuple] = {n: ((), t._version) for n, t in self.params.items()}
         self.rewritten = 0  # tensors rewritten by the last set(): the cost of a change is theirs alone
 
     def _check(self, alphas: Mapping[str, Alpha]) -> dict[str, Alpha]:
@@ -76,12 +77,14 @@ class LiveModel:
             info = parse(name)
             coefs = [(key, coefficient_for(info, merged[key])) for key in self.names if name in self.deltas[key]]
             coefs = [(k, c) for k, c in coefs if c != 0]
-            if tuple(coefs) == self._applied[name]:
-                continue  # this tensor already holds these coefficients
-            self._applied[name] = tuple(coefs)
+            held = self._applied[name]
+            if held and held[0] == tuple(coefs) and held[1] == param._version:
+                continue  # holds these coefficients, and nothing wrote to it since (torch counts in-place writes)
+            self._applied[name] = ()  # until the write below completes
             self.rewritten += 1
             if not coefs:
                 param.copy_(self.original[name])
+                self._applied[name] = (tuple(coefs), param._version)
                 continue
             rows = self.plans[name].rows
             if param.dtype == torch.float32 and rows is None:
@@ -96,12 +99,14 @@ class LiveModel:
                         first = False
                     else:
                         param.add_(buf)
+                self._applied[name] = (tuple(coefs), param._version)
                 continue
             acc = self.original[name].to(torch.float32, copy=True)
             view = acc[:rows] if rows is not None else acc
             for key, c in coefs:
                 view.add_(self.deltas[key][name] * c)
             param.copy_(acc)
+            self._applied[name] = (tuple(coefs), param._version)
         self.coefficients = merged
 
     def _scratch(self, like: torch.Tensor) -> torch.Tensor:

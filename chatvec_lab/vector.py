@@ -565,6 +565,8 @@ class ChatVector:
         for matrices with both sides ≥ 2,048, see ``transforms.low_rank``); 1-D tensors are kept whole."""
         from chatvec_lab.transforms import low_rank
 
+        if method not in ("auto", "exact", "randomized"):
+            raise UsageError(f"method must be 'auto', 'exact' or 'randomized', not {method!r}")
         low_rank(torch.zeros(2, 2), rank, method)  # the arguments are checked now, not at the first tensor
         return self.transformed(lambda name, t: low_rank(t, rank, method, seed) if t.dim() == 2 else t.clone(),
                                 {"kind": "low_rank", "rank": rank, "method": method, "seed": seed})
@@ -640,7 +642,8 @@ def named_vectors(vectors) -> dict[str, "ChatVector"]:
     """The one rule for naming vectors: ``{name: vector}`` from a vector, a saved vector's folder, a list of
     either, or a dict (kept as given). A folder is named by its last component; two folders with the same
     last component (``/a/cv``, ``/b/cv``) are named by their whole paths, so no vector is ever dropped; a
-    vector object in a list is ``v1``, ``v2`` … by position. The same vector twice is an error."""
+    vector object in a list is ``v1``, ``v2`` … by position, a lone vector object ``vector``. The same folder
+    twice (however it is spelled) is an error."""
     if isinstance(vectors, (ChatVector, str, os.PathLike)):
         vectors = [vectors]
     if isinstance(vectors, dict):
@@ -656,6 +659,9 @@ def named_vectors(vectors) -> dict[str, "ChatVector"]:
     def names(whole: bool) -> list[str]:
         return [f"v{i + 1}" if isinstance(v, ChatVector) else
                 (str(v) if whole else Path(os.fspath(v)).name or str(v)) for i, v in enumerate(vectors)]
+    folders = [os.path.realpath(os.fspath(v)) for v in vectors if not isinstance(v, ChatVector)]
+    if len(set(folders)) < len(folders):
+        raise UsageError(f"the same vector folder is given twice: {[os.fspath(v) for v in vectors if not isinstance(v, ChatVector)]}")
     chosen = names(False)
     if len(set(chosen)) < len(chosen):
         chosen = names(True)

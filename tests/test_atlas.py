@@ -113,3 +113,29 @@ def test_cli_atlas_writes_its_folder_and_refuses_to_overwrite(cv, tmp_path):
     assert {"atlas.csv", "summary.csv", "ranking-keep-only.csv", "atlas-keep-only-ended_turn.png"} <= names
     assert len(pd.read_csv(out / "summary.csv")) == 2 + 31 * 2 * 2
     assert main(args) == 2  # exists: refused, one line
+
+
+def test_live_model_rewrites_a_tensor_someone_else_wrote_to(cv):
+    model, _ = toy.load("cp")
+    name = "model.layers.0.mlp.up_proj.weight"
+    param = dict(model.named_parameters())[name]
+    before = param.detach().clone()
+    live = LiveModel(model, {"v": cv})
+    with torch.no_grad():
+        param.add_(1.0)  # behind the live model's back
+    live.reset()
+    assert torch.equal(param.detach(), before)  # back to the target, bit for bit
+    live.set(v=1.0)
+    model.load_state_dict({name: before}, strict=False)  # another write it did not make
+    live.set(v=1.0)
+    torch.testing.assert_close(param.detach(), before + cv[name], rtol=0, atol=1e-7)
+
+
+def test_bad_coefficient_rules_are_usage_errors(cv):
+    from chatvec_lab.apply import coefficient_for
+    info = parse("model.layers.0.mlp.up_proj.weight")
+    for bad in ({"[": 1.0}, {".": "x"}, {".": float("nan")}, lambda i: float("inf")):
+        with pytest.raises(UsageError):
+            coefficient_for(info, bad)
+    with pytest.raises(UsageError, match="method"):
+        cv.low_rank(4, method="svd")
