@@ -51,12 +51,12 @@ def bench(label: str, folder_base: Path, folder_chat: Path, folder_target: Path,
     reapply = timed(lambda: apply_to_model(folder_target, [(cv, next(alphas))], dtype=torch.float32,
                                            check_lineage=False), max(2, repeat // 3))
     # the atlas moves from one cell (layer × module) to the next: only the two cells' tensors are rewritten
-    from chatvec_lab.atlas import _coefficient, cells_of
+    from chatvec_lab.atlas import cell_coefficient, cells_of
 
     cells = [c for c in cells_of(cv) if c.row.startswith("layer ")]
     order = iter(cells * 100)
-    live.set(chat=_coefficient(cells[-1], "keep-only", 1.0))
-    cell_move = timed(lambda: live.set(chat=_coefficient(next(order), "keep-only", 1.0)), repeat)
+    live.set(chat=cell_coefficient(cells[-1], "keep-only", 1.0))
+    cell_move = timed(lambda: live.set(chat=cell_coefficient(next(order), "keep-only", 1.0)), repeat)
     rewritten = live.rewritten
     params = sum(p.numel() for p in model.parameters())
     return {"model": label, "parameters": f"{params / 1e6:.1f} M", "size (float32)": f"{params * 4 / 1e9:.2f} GB",

@@ -100,7 +100,9 @@ def norm_matched_alpha(norms: pd.DataFrame, cell: Cell, design: str) -> float:
     return full * math.sqrt(t / v) if v > 0 else math.nan
 
 
-def _coefficient(cell: Cell | None, design: str, alpha: float):
+def cell_coefficient(cell: Cell | None, design: str, alpha: float):
+    """The coefficient rule of one design: α inside the cell only (keep-only), α everywhere but the cell
+    (knock-out), or α everywhere (``cell`` None: the full vector); for ``LiveModel.set``."""
     if cell is None:  # the full vector
         return alpha
     if design == "keep-only":
@@ -154,7 +156,7 @@ def atlas(target, vector: ChatVector, prompts: Sequence[str], *, alphas: Sequenc
             if math.isnan(alpha):
                 bar.update(seeds)
                 continue
-            live.set(v=_coefficient(cell, design, alpha))
+            live.set(v=cell_coefficient(cell, design, alpha))
             if cell is None:
                 share = 0.0 if design == "target" else 1.0
             else:

@@ -56,10 +56,6 @@ class VectorStats:
     names: list[str]
 
 
-def _open_all(vectors) -> dict[str, ChatVector]:
-    return named_vectors(vectors)
-
-
 @torch.no_grad()
 def vector_stats(vectors, base=None, include: str | None = None, sample: int = SAMPLE_PER_TENSOR,
                  seed: int = 0, progress: bool = False) -> VectorStats:
@@ -72,7 +68,7 @@ def vector_stats(vectors, base=None, include: str | None = None, sample: int = S
     import re
     from tqdm.auto import tqdm
 
-    vecs = _open_all(vectors)
+    vecs = named_vectors(vectors)
     keys = list(vecs)
     first = vecs[keys[0]]
     for k in keys[1:]:

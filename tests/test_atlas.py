@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from chatvec_lab import ChatVector, toy
-from chatvec_lab.atlas import (Cell, _coefficient, atlas, cell_norms, cell_of, cells_of, heatmap_table,
+from chatvec_lab.atlas import (Cell, cell_coefficient, atlas, cell_norms, cell_of, cells_of, heatmap_table,
                                norm_matched_alpha, rank_cells, summarize_atlas)
 from chatvec_lab.errors import UsageError
 from chatvec_lab.live import LiveModel
@@ -36,7 +36,7 @@ def test_each_design_changes_exactly_its_cell(cv):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     live = LiveModel(model, {"v": cv})
     cell = Cell("layer 2", "mlp_up")
-    live.set(v=_coefficient(cell, "keep-only", 0.7))
+    live.set(v=cell_coefficient(cell, "keep-only", 0.7))
     params = dict(model.named_parameters())
     for name in cv.names:
         inside = cell_of(parse(name)) == cell
@@ -44,9 +44,9 @@ def test_each_design_changes_exactly_its_cell(cv):
         torch.testing.assert_close(params[name].detach(), expected, rtol=0, atol=1e-7)
     assert live.rewritten == 1
     # the next cell rewrites the two cells involved only, not the model
-    live.set(v=_coefficient(Cell("layer 3", "attn_q"), "keep-only", 0.7))
+    live.set(v=cell_coefficient(Cell("layer 3", "attn_q"), "keep-only", 0.7))
     assert live.rewritten == 2
-    live.set(v=_coefficient(cell, "knock-out", 1.0))
+    live.set(v=cell_coefficient(cell, "knock-out", 1.0))
     for name in cv.names:
         inside = cell_of(parse(name)) == cell
         torch.testing.assert_close(params[name].detach(), before[name] + (0 if inside else cv[name]), rtol=0, atol=1e-7)

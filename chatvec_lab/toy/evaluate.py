@@ -79,8 +79,8 @@ def run(alphas=ALPHAS, seeds: int = 3, max_new_tokens: int | None = None, cache_
     The family's sampling runs the whole α grid and the base; other samplings run α = 0 and 1 and the chat
     model. ``max_new_tokens``: the family's own by default."""
     family = family_sampling()
-    max_new_tokens = max_new_tokens or family.pop("max_new_tokens")
-    family.pop("max_new_tokens", None)  # when max_new_tokens was given
+    budget = family.pop("max_new_tokens")
+    max_new_tokens = max_new_tokens or budget
     groups = {"tuning": prompt_sets()}
     if heldout_prompts:
         groups["held-out"] = prompt_sets(heldout=True)
@@ -123,9 +123,9 @@ def run_multi_turn(seeds: int = 3, vector: str = "chat", max_new_tokens: int | N
     from chatvec_lab.generation import converse_many
     from chatvec_lab.scoring import LanguageScorer
 
-    family = family_sampling()
-    max_new_tokens = max_new_tokens or family["max_new_tokens"]
-    settings = {k: v for k, v in family.items() if k != "max_new_tokens"}
+    settings = family_sampling()
+    budget = settings.pop("max_new_tokens")
+    max_new_tokens = max_new_tokens or budget
     convs = conversations()[:max_conversations] if max_conversations else conversations()
     cv = ChatVector.from_models(toy.path("base"), toy.path(vector), hash_files=False)
     from transformers import AutoModelForCausalLM, AutoTokenizer
