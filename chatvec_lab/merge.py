@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from chatvec_lab.errors import UsageError
-from chatvec_lab.transforms import bernoulli, magnitude, magnitude_outliers, sign_consensus
+from chatvec_lab.transforms import bernoulli, check_settings, magnitude, magnitude_outliers, sign_consensus
 from chatvec_lab.vector import ChatVector, Transformed, check_compatible, without_vocabulary
 
 METHODS = ("linear", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties")
@@ -65,9 +65,7 @@ def merge(vectors, method: str = "ties", density: float = 1.0, gamma: float = 0.
 
     settings = {"method": method, "density": density, "gamma": gamma, "seed": seed, "consensus": consensus,
                 "normalize": normalize, "rescale": rescale, "weights": [float(w) for _, w in pairs]}
-    magnitude_outliers(torch.zeros(1), density, gamma)  # the settings are checked now, not mid-apply
-    bernoulli(torch.zeros(1), density, seed, "", rescale)
-    sign_consensus(torch.zeros(1, 1), torch.ones(1), consensus)
+    check_settings(density, gamma, rescale, consensus)  # now, not mid-apply
     meta = {"format": first.metadata.get("format"), "merge": settings,
             "combination_of": [without_vocabulary(v.metadata) for v in vecs]}
     if first.vocabulary is not None:

@@ -21,6 +21,25 @@ import torch
 from chatvec_lab.errors import UsageError
 
 
+def check_settings(density: float = 1.0, gamma: float = 0.0, rescale: str | None = None,
+                   consensus: str = "sum") -> None:
+    """Refuse bad settings before any tensor is read (a lazy vector would otherwise fail mid-apply)."""
+    _check_density(density)
+    if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not 0 <= gamma < 1:
+        raise UsageError(f"gamma must be in [0, 1), not {gamma!r}")
+    if rescale not in RESCALES:
+        raise UsageError(f"rescale must be one of {RESCALES}, not {rescale!r}")
+    if consensus not in ("sum", "count"):
+        raise UsageError(f"consensus method must be 'sum' or 'count', not {consensus!r}")
+
+
+def check_rank(rank, method: str) -> None:
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+        raise UsageError(f"rank must be a non-negative integer, not {rank!r}")
+    if method not in ("auto", "exact", "randomized"):
+        raise UsageError(f"method must be 'auto', 'exact' or 'randomized', not {method!r}")
+
+
 def _check_density(density: float) -> None:
     if not isinstance(density, (int, float)) or isinstance(density, bool) or not 0 < density <= 1:
         raise UsageError(f"density must be a number in (0, 1], not {density!r}")
@@ -40,9 +59,7 @@ def magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
 
 
 def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float = 0.01) -> torch.Tensor:
-    _check_density(density)
-    if not 0 <= gamma < 1:
-        raise UsageError(f"gamma must be in [0, 1), not {gamma!r}")
+    check_settings(density, gamma)
     if density >= 1:
         return delta.clone()
     n = delta.numel()
@@ -65,9 +82,7 @@ RESCALES = ("l1", "inverse", None)
 
 
 def bernoulli(delta: torch.Tensor, density: float, seed: int, name: str, rescale: str | None = "l1") -> torch.Tensor:
-    _check_density(density)
-    if rescale not in RESCALES:
-        raise UsageError(f"rescale must be one of {RESCALES}, not {rescale!r}")
+    check_settings(density, rescale=rescale)
     if density >= 1:
         return delta.clone()
     gen = torch.Generator().manual_seed(tensor_seed(seed, name))
@@ -87,8 +102,7 @@ def sign_consensus(weighted: torch.Tensor, weights: torch.Tensor, method: str = 
     """TIES: ``weighted`` is (sources, …) of weight·delta. The elected sign of each entry is that of the sum
     (``sum``) or of the majority count (``count``), 0 counting as +; entries that disagree with it (or are
     0) are left out, and the rest summed, divided by the weights that took part (``normalize``)."""
-    if method not in ("sum", "count"):
-        raise UsageError(f"consensus method must be 'sum' or 'count', not {method!r}")
+    check_settings(consensus=method)
     sign = weighted.sign()
     total = weighted.sum(0) if method == "sum" else sign.sum(0)
     elected = torch.where(total >= 0, 1.0, -1.0)
@@ -107,8 +121,7 @@ def low_rank(matrix: torch.Tensor, rank: int, method: str = "auto", seed: int = 
     randomized (``torch.svd_lowrank``, 4 power iterations, seeded) above; a rank at or past full returns a copy."""
     if matrix.dim() != 2:
         raise UsageError(f"low_rank needs a matrix, got shape {tuple(matrix.shape)}")
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
-        raise UsageError(f"rank must be a non-negative integer, not {rank!r}")
+    check_rank(rank, method)
     if rank >= min(matrix.shape):
         return matrix.clone()
     if rank == 0:
@@ -117,8 +130,6 @@ def low_rank(matrix: torch.Tensor, rank: int, method: str = "auto", seed: int = 
     if method == "exact" or (method == "auto" and min(matrix.shape) < 2048):
         u, s, vh = torch.linalg.svd(m, full_matrices=False)
         return ((u[:, :rank] * s[:rank]) @ vh[:rank]).to(matrix.dtype)
-    if method not in ("auto", "randomized"):
-        raise UsageError(f"method must be 'auto', 'exact' or 'randomized', not {method!r}")
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
