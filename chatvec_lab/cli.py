@@ -51,6 +51,16 @@ def _layers(text: str) -> list[int]:
     return out
 
 
+def _rank(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"rank must be a positive integer, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"rank must be a positive integer, not {text!r}")
+    return value
+
+
 NUMBER_OPTIONS = ("--alpha", "--alphas")
 
 
@@ -72,10 +82,29 @@ def _join_negative_numbers(argv: list[str]) -> list[str]:
 
 
 def cmd_extract(args) -> None:
-    from chatvec_lab.vector import extract
+    from chatvec_lab.vector import ChatVector, extract
 
-    extract(args.base, args.chat, out=args.out, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
-            progress=not args.quiet, max_shard_bytes=int(args.max_shard_gb * 1024**3))
+    if args.format == "chatvec" and (args.target is not None or args.alpha != 1.0):
+        raise ChatVecError("--target and --alpha belong to --format peft (a saved vector is applied later)")
+    if args.format == "chatvec" and args.rank is None and not (args.include or args.exclude):
+        extract(args.base, args.chat, out=args.out, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
+                progress=not args.quiet, max_shard_bytes=int(args.max_shard_gb * 1024**3))
+        print(f"wrote {args.out}")
+        return
+    vector = ChatVector.from_models(args.base, args.chat, allow_pickle=args.allow_pickle)
+    if args.include or args.exclude:
+        vector = vector.select(include=args.include, exclude=args.exclude)
+    if args.format == "peft":
+        from chatvec_lab.lora import export_peft
+
+        export_peft(vector, args.out, rank=args.rank, alpha=args.alpha, target=args.target,
+                    overwrite=args.overwrite, allow_pickle=args.allow_pickle, progress=not args.quiet)
+        print(f"wrote {args.out} (PEFT LoRA adapter, rank {args.rank or 'full'}, alpha {args.alpha:g})")
+        return
+    if args.rank is not None:
+        vector = vector.low_rank(args.rank)
+    vector.save(args.out, overwrite=args.overwrite, progress=not args.quiet,
+                max_shard_bytes=int(args.max_shard_gb * 1024**3))
     print(f"wrote {args.out}")
 
 
@@ -247,6 +276,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--base", required=True, help="hub id, model folder or .safetensors file")
     e.add_argument("--chat", required=True)
     e.add_argument("-o", "--out", required=True, help="folder to write the vector to")
+    e.add_argument("--rank", type=_rank, help="keep each matrix's best rank-R approximation (truncated SVD)")
+    e.add_argument("--format", choices=["chatvec", "peft"], default="chatvec",
+                   help="chatvec: a vector folder (default); peft: a LoRA adapter for "
+                        "peft.PeftModel.from_pretrained on the target")
+    e.add_argument("--target", help="with --format peft: the model the adapter is for (norm weights are "
+                                    "stored whole, as target + alpha·Δ)")
+    e.add_argument("--alpha", type=_number, default=1.0, help="with --format peft: the coefficient baked in")
+    e.add_argument("--include", help="regex: only tensors whose name matches")
+    e.add_argument("--exclude", help="regex: leave tensors whose name matches (e.g. norm, for an adapter "
+                                     "without --target)")
     e.set_defaults(func=cmd_extract)
 
     a = sub.add_parser("apply", help="target + Σ alpha·vector, written as a new model folder")

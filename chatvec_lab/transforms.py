@@ -116,9 +116,33 @@ def sign_consensus(weighted: torch.Tensor, weights: torch.Tensor, method: str = 
     return mixed / divisor
 
 
+def low_rank_factors(matrix: torch.Tensor, rank: int, method: str = "auto",
+                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, A)`` with ``B @ A`` the rank-``rank`` truncated SVD of a 2-D float32 matrix (B: m × r, A: r × n;
+    ``r = min(rank, m, n)``; the singular values go to B). ``auto``: exact below 2,048 on the short side,
+    randomized (``torch.svd_lowrank``, 4 power iterations, seeded) above; a rank at or past full is exact."""
+    if matrix.dim() != 2:
+        raise UsageError(f"low_rank needs a matrix, got shape {tuple(matrix.shape)}")
+    check_rank(rank, method)
+    r = min(rank, *matrix.shape)
+    m = matrix.to(torch.float64)  # float64 for the factorisation; the factors go back to the input's dtype
+    if r == min(matrix.shape) or method == "exact" or (method == "auto" and min(matrix.shape) < 2048):
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        b, a = u[:, :r] * s[:r], vh[:r]
+    else:
+        state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            u, s, v = torch.svd_lowrank(m, q=min(r + 8, min(m.shape)), niter=4)
+        finally:
+            torch.random.set_rng_state(state)
+        b, a = u[:, :r] * s[:r], v[:, :r].T
+    return b.to(matrix.dtype).contiguous(), a.to(matrix.dtype).contiguous()
+
+
 def low_rank(matrix: torch.Tensor, rank: int, method: str = "auto", seed: int = 0) -> torch.Tensor:
-    """The rank-``rank`` truncated SVD of a 2-D float32 matrix. ``auto``: exact below 2,048 on the short side,
-    randomized (``torch.svd_lowrank``, 4 power iterations, seeded) above; a rank at or past full returns a copy."""
+    """The rank-``rank`` truncated SVD of a 2-D float32 matrix (see ``low_rank_factors``); a rank at or past
+    full returns a copy, rank 0 zeros."""
     if matrix.dim() != 2:
         raise UsageError(f"low_rank needs a matrix, got shape {tuple(matrix.shape)}")
     check_rank(rank, method)
@@ -126,14 +150,5 @@ def low_rank(matrix: torch.Tensor, rank: int, method: str = "auto", seed: int = 
         return matrix.clone()
     if rank == 0:
         return torch.zeros_like(matrix)
-    m = matrix.to(torch.float64)  # float64 for the factorisation; the result goes back to float32
-    if method == "exact" or (method == "auto" and min(matrix.shape) < 2048):
-        u, s, vh = torch.linalg.svd(m, full_matrices=False)
-        return ((u[:, :rank] * s[:rank]) @ vh[:rank]).to(matrix.dtype)
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        u, s, v = torch.svd_lowrank(m, q=min(rank + 8, min(m.shape)), niter=4)
-    finally:
-        torch.random.set_rng_state(state)
-    return ((u[:, :rank] * s[:rank]) @ v[:, :rank].T).to(matrix.dtype)
+    b, a = low_rank_factors(matrix.to(torch.float64), rank, method, seed)
+    return (b @ a).to(matrix.dtype)

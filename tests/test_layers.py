@@ -20,7 +20,7 @@ LAYERS = [
     # 3: the chat vector itself
     {"vector"},
     # 4: using a vector: apply (files / models), live coefficients, geometry, info
-    {"apply", "info", "geometry", "merge"},
+    {"apply", "info", "geometry", "merge", "lora"},
     {"live"},
     # 5: generation and its measures
     {"generation", "scoring"},

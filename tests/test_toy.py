@@ -208,3 +208,34 @@ def test_evaluate_refuses_to_replace_results_unless_asked(tmp_path, capsys):
     assert main(["--out", str(out)]) == 2  # refused before any work, in one line
     assert "already exists" in capsys.readouterr().err
     assert (out / "summary.md").read_text() == "kept"
+
+
+DING = """# Version :: devel
+Idiot {m} | Idioten {pl} | Du bist ein Idiot. :: idiot | idiots | You are an idiot.
+Dummkopf {m}; Schafskopf {m}; Holzkopf {m} [ugs.] :: blockhead; bonehead; lunkhead [coll.]
+Hund {m} | Hunde {pl} :: dog
+"""
+
+
+def test_dictionary_pairs_keep_evaluation_prompts_out_of_training():
+    from chatvec_lab.toy.corpora import parallel_documents, parse_dictionary
+    from chatvec_lab.toy.train import evaluation_prompts
+    pairs = parse_dictionary(DING)
+    assert ("Idiot", "idiot") in pairs and ("Du bist ein Idiot.", "You are an idiot.") in pairs
+    assert ("Dummkopf; Schafskopf", "blockhead; bonehead") in pairs  # notes dropped, two synonyms kept
+    assert not any(de.startswith("Hund") for de, _ in pairs)  # parts that do not line up are left out
+    assert "Du bist ein Idiot." in evaluation_prompts()  # a tuning prompt
+    docs = parallel_documents(pairs, seed=0, exclude=evaluation_prompts())
+    text = "\n".join(docs)
+    assert "Idioten" in text and "Du bist ein Idiot" not in text
+
+
+def test_a_parallel_share_adds_dictionary_pairs_to_pre_training(tmp_path):
+    recipe = Recipe(vocab_size=320, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
+                    seq_len=32, chat_len=48, batch_size=4, base_steps=3, chat_steps=2, cp_steps=2, xvocab_steps=2,
+                    xvocab_new_tokens=4, dialogues=40, reply_max_words=30, cp_parallel_share=0.3)
+    from chatvec_lab.toy.corpora import parallel_documents, parse_dictionary
+    corpora = {**_synthetic_corpora(), "parallel": parallel_documents(parse_dictionary(DING) * 20, seed=0)}
+    out = build_family(tmp_path / "toy", recipe, corpora=corpora, members=("base", "cp"))
+    card = json.loads((out / "cp" / "recipe.json").read_text())
+    assert "dictionary pairs 30%" in card["data"] and card["recipe"]["cp_parallel_share"] == 0.3

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from chatvec_lab.errors import ChatVecError, UsageError
-from chatvec_lab.toy.corpora import fetch_fortunes
+from chatvec_lab.toy.corpora import fetch_dictionary, fetch_fortunes, parallel_documents
 from chatvec_lab.toy.dialogues import make_dialogues
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|pad|>"]
@@ -62,6 +62,11 @@ class Recipe:
     chat_steps: int = 1500
     cp_steps: int = 2000
     cp_english_replay: float = 0.2
+    # German–English dictionary pairs (Ding, via Debian's trans-de-en) mixed into pre-training:
+    # real corpora hold some parallel text. 0 in the first three recipes.
+    base_parallel_share: float = 0.0
+    cp_parallel_share: float = 0.0
+    parallel_pairs: int = 100000
     xvocab_new_tokens: int = 128
     xvocab_steps: int = 400
     insult_share: float = 0.3
@@ -314,12 +319,24 @@ def save_member(model, tokenizer, out: Path, name: str, recipe: Recipe, info: di
     log(f"saved {folder}")
 
 
+def evaluation_prompts() -> set[str]:
+    """Every line of the project's prompt sets: kept out of any training data."""
+    from chatvec_lab.resources import data_dir
+    return {line.strip() for f in (data_dir() / "prompts").rglob("*.txt")
+            for line in f.read_text(encoding="utf-8").splitlines() if line.strip()}
+
+
 def build_family(out: str | Path, recipe: Recipe, corpora: dict[str, list[str]] | None = None,
                  members: tuple[str, ...] = ("base", "chat", "chat-alt", "cp", "cp-xvocab"),
-                 device: str = "cpu") -> Path:
+                 device: str = "cpu", corpus_cache: str | Path | None = None) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    corpora = corpora or fetch_fortunes()
+    corpora = dict(corpora or fetch_fortunes(corpus_cache))
+    if (recipe.base_parallel_share or recipe.cp_parallel_share) and "parallel" not in corpora:
+        pairs = fetch_dictionary(corpus_cache)
+        random.Random(recipe.seeds["split"]).shuffle(pairs)
+        corpora["parallel"] = parallel_documents(pairs[:recipe.parallel_pairs], recipe.seeds["split"],
+                                                 exclude=evaluation_prompts())
     rng = random.Random(recipe.seeds["split"])
     split = {}
     for lang, docs in corpora.items():
@@ -337,6 +354,8 @@ def build_family(out: str | Path, recipe: Recipe, corpora: dict[str, list[str]] 
     tokenizer = AutoTokenizer.from_pretrained(out / "base") if reuse_base else build_tokenizer(en + de, recipe.vocab_size)
     streams = {lang: LMStream(tokenizer, docs, recipe.seq_len, seed=i)
                for i, (lang, docs) in enumerate([("en", en), ("de", de)])}
+    if "parallel" in corpora:
+        streams["parallel"] = LMStream(tokenizer, corpora["parallel"], recipe.seq_len, seed=2)
     val = {lang: LMStream(tokenizer, split[lang]["val"], recipe.seq_len, seed=100 + i)
            for i, lang in enumerate(["en", "de"])}
 
@@ -346,14 +365,19 @@ def build_family(out: str | Path, recipe: Recipe, corpora: dict[str, list[str]] 
     t0 = time.time()
     if not reuse_base:
         base = new_model(recipe, tokenizer, recipe.seeds["base"]).to(device)
-        mix = MixedStream([(streams["en"], 1 - recipe.base_german_share), (streams["de"], recipe.base_german_share)],
-                          recipe.seeds["base"])
+        shares = [(streams["en"], 1 - recipe.base_german_share - recipe.base_parallel_share),
+                  (streams["de"], recipe.base_german_share)]
+        if recipe.base_parallel_share:
+            shares.append((streams["parallel"], recipe.base_parallel_share))
+        mix = MixedStream(shares, recipe.seeds["base"])
         train(base, mix, recipe.base_steps, recipe.lr, recipe.batch_size, recipe.seeds["base"], "base")
         save_member(base, tokenizer, out, "base", recipe, dict(
             what="Pre-trained on English fortunes with a little German.", parent="(random init)",
             steps=recipe.base_steps, lr=recipe.lr, seed=recipe.seeds["base"], seconds=time.time() - t0,
             data=f"Debian fortunes (English), {1 - recipe.base_german_share:.0%}; fortunes-de, "
-                 f"{recipe.base_german_share:.0%}; {recipe.seq_len}-token windows", **held_out(base)))
+                 f"{recipe.base_german_share:.0%}"
+                 + (f"; German–English dictionary pairs, {recipe.base_parallel_share:.0%}" if recipe.base_parallel_share else "")
+                 + f"; {recipe.seq_len}-token windows", **held_out(base)))
     else:
         log(f"reusing {out / 'base'}")
     # Children start from the base exactly as shipped (rounded to the stored dtype), so that
@@ -384,13 +408,18 @@ def build_family(out: str | Path, recipe: Recipe, corpora: dict[str, list[str]] 
     if "cp" in members or "cp-xvocab" in members:
         t0 = time.time()
         cp = copy_model(base)
-        mix = MixedStream([(streams["de"], 1 - recipe.cp_english_replay), (streams["en"], recipe.cp_english_replay)],
-                          recipe.seeds["cp"])
+        shares = [(streams["de"], 1 - recipe.cp_english_replay - recipe.cp_parallel_share),
+                  (streams["en"], recipe.cp_english_replay)]
+        if recipe.cp_parallel_share:
+            shares.append((streams["parallel"], recipe.cp_parallel_share))
+        mix = MixedStream(shares, recipe.seeds["cp"])
         train(cp, mix, recipe.cp_steps, recipe.finetune_lr, recipe.batch_size, recipe.seeds["cp"], "cp")
         save_member(cp, tokenizer, out, "cp", recipe, dict(
             what="`base` continually pre-trained on German (language B) with English replay.", parent="base",
             steps=recipe.cp_steps, lr=recipe.finetune_lr, seed=recipe.seeds["cp"], seconds=time.time() - t0,
-            data=f"fortunes-de {1 - recipe.cp_english_replay:.0%}, English replay {recipe.cp_english_replay:.0%}",
+            data=f"fortunes-de {1 - recipe.cp_english_replay - recipe.cp_parallel_share:.0%}, English replay "
+                 f"{recipe.cp_english_replay:.0%}"
+                 + (f", German–English dictionary pairs {recipe.cp_parallel_share:.0%}" if recipe.cp_parallel_share else ""),
             **held_out(cp)))
 
         if "cp-xvocab" in members:
@@ -438,7 +467,7 @@ def main(argv=None) -> None:
         recipe = recipe.scaled(args.scale) if args.scale != 1.0 else recipe
         corpora = fetch_fortunes(args.corpus_cache)
         build_family(args.out, recipe, corpora, members=tuple(m for m in args.members.split(",") if m),
-                     device=args.device)
+                     device=args.device, corpus_cache=args.corpus_cache)
     except ChatVecError as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
 
