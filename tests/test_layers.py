@@ -20,11 +20,11 @@ LAYERS = [
     # 3: the chat vector itself
     {"vector"},
     # 4: using a vector: apply (files / models), live coefficients, geometry, info
-    {"apply", "info", "geometry", "merge", "lora"},
+    {"apply", "info", "geometry", "merge", "lora", "interference"},
     {"live"},
     # 5: generation and its measures
     {"generation", "scoring"},
-    {"sweep", "atlas"},
+    {"sweep", "atlas", "ablations"},
     # 6: pictures and widgets of what the layers below compute
     {"plots"},
     {"widgets", "exercises", "_solutions"},

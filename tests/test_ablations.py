@@ -1,0 +1,73 @@
+"""Rank curves, merge sweeps and interference between sources: the tables say what they claim."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chatvec_lab import ChatVector, toy
+from chatvec_lab.ablations import compare_variants, merge_sweep, rank_curve, summarize
+from chatvec_lab.errors import UsageError
+from chatvec_lab.interference import interference
+from chatvec_lab.merge import merge
+
+PROMPTS = ["Erzähl mir was über Geld.", "Was weißt du über Liebe?"]
+FAST = dict(scorers=["turn_end"], max_new_tokens=6, progress=False)
+
+
+@pytest.fixture(scope="module")
+def cv():
+    return ChatVector.from_models(toy.path("base"), toy.path("chat"), hash_files=False)
+
+
+def test_interference_of_a_vector_with_itself_and_its_negative():
+    a = ChatVector.from_tensors({"model.layers.0.mlp.up_proj.weight": torch.randn(8, 8, generator=torch.Generator().manual_seed(0))})
+    same = interference(a, a * 2.0, density=0.5).set_index("layer")
+    assert same.loc["all", "cosine"] == pytest.approx(1.0)
+    assert same.loc["all", "sign_conflict"] == 0 and same.loc["all", "trimmed_conflict"] == 0
+    assert same.loc["all", "trimmed_overlap"] == pytest.approx(0.5)
+    assert same.loc["all", "kept_a"] == pytest.approx(1.0)
+    opposite = interference(a, a * -0.5, density=0.5).set_index("layer")
+    assert opposite.loc["all", "cosine"] == pytest.approx(-1.0) and opposite.loc["all", "sign_conflict"] == 1
+    # the larger source wins every sign election: TIES keeps all of it and none of the other
+    assert opposite.loc["all", "kept_a"] == 1 and opposite.loc["all", "kept_b"] == 0
+
+
+def test_interference_of_two_random_vectors_is_near_chance():
+    g = torch.Generator().manual_seed(1)
+    a, b = (ChatVector.from_tensors({"lm_head.weight": torch.randn(64, 64, generator=g)}) for _ in range(2))
+    row = interference(a, b, density=0.3).set_index("layer").loc["all"]
+    assert abs(row["cosine"]) < 0.05 and 0.45 < row["sign_conflict"] < 0.55
+    assert 0.07 < row["trimmed_overlap"] < 0.11  # 0.3 × 0.3 kept by both
+
+
+def test_interference_on_the_toy_family_rows_cover_every_cell(cv):
+    alt = ChatVector.from_models(toy.path("base"), toy.path("chat-alt"), hash_files=False)
+    table = interference(cv, alt)
+    assert len(table) == 4 * 8 + 3 + 1  # 4 layers × (7 modules + norm), embed, lm_head, final norm, all
+    assert table[["cosine", "sign_conflict", "kept_a"]].notna().all().all()
+
+
+def test_rank_curve_marks_ranks_bytes_and_reaches_the_full_vector(cv):
+    df = rank_curve(toy.path("cp"), cv, [2, 1000], PROMPTS, **FAST)
+    s = summarize(df).set_index("variant")
+    assert set(s.index) == {"rank 2", "rank 1000", "full"}
+    assert s.loc["rank 2", "stored_bytes"] < s.loc["full", "stored_bytes"]
+    # past every matrix's rank the low-rank vector is the vector: same replies for the same seeds
+    assert (df[df.variant == "rank 1000"]["reply"].tolist() == df[df.variant == "full"]["reply"].tolist())
+    with pytest.raises(UsageError, match="ranks"):
+        rank_curve(toy.path("cp"), cv, [0], PROMPTS, **FAST)
+
+
+def test_merge_sweep_puts_sources_and_methods_side_by_side(cv):
+    alt = ChatVector.from_models(toy.path("base"), toy.path("chat-alt"), hash_files=False)
+    df = merge_sweep(toy.path("cp"), {"chat": cv, "chat-alt": alt}, PROMPTS, alphas=[0.5, 1.0],
+                     methods=["linear", "ties"], **FAST)
+    assert set(df["variant"]) == {"chat", "chat-alt", "linear", "ties"}
+    assert set(df["alpha"]) == {0.5, 1.0} and len(df) == 4 * 2 * len(PROMPTS)
+    # rows are labelled by the state the model was in: the same replies as that merge swept alone
+    summed = compare_variants(toy.path("cp"), {"sum": merge([(cv, 1.0), (alt, 1.0)], "linear")}, [0.5], PROMPTS, **FAST)
+    assert df[(df.variant == "linear") & (df.alpha == 0.5)]["reply"].tolist() == summed["reply"].tolist()
+    with pytest.raises(UsageError, match="two sources"):
+        merge_sweep(toy.path("cp"), {"chat": cv}, PROMPTS, **FAST)
+    with pytest.raises(UsageError, match="unknown merge"):
+        merge_sweep(toy.path("cp"), {"chat": cv, "alt": alt}, PROMPTS, methods=["average"], **FAST)
