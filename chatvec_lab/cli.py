@@ -61,6 +61,10 @@ def _rank(text: str) -> int:
     return value
 
 
+def _ranks(text: str) -> list[int]:
+    return [_rank(part) for part in text.split(",") if part.strip()] or [_rank(text)]
+
+
 NUMBER_OPTIONS = ("--alpha", "--alphas")
 
 
@@ -209,32 +213,62 @@ def cmd_atlas(args) -> None:
     import matplotlib.pyplot as plt
 
     from chatvec_lab import plots
+    from chatvec_lab.ablations import merge_sweep, rank_curve, summarize
     from chatvec_lab.atlas import atlas, rank_cells, summarize_atlas
+    from chatvec_lab.interference import interference
     from chatvec_lab.output import atomic_folder, check_output_path, source_paths
     from chatvec_lab.sources import open_weights
-    from chatvec_lab.sweep import read_prompts
+    from chatvec_lab.sweep import load_target, read_prompts
     from chatvec_lab.vector import ChatVector
 
+    if args.skip_map and not (args.ranks or args.second_vector):
+        raise ChatVecError("--skip-map leaves nothing to do: add --ranks and/or --second-vector")
     vector = ChatVector.load(args.vector)
-    inputs = [*source_paths(open_weights(args.target)), Path(args.prompts), *vector.input_paths()]
+    second = ChatVector.load(args.second_vector) if args.second_vector else None
+    inputs = [*source_paths(open_weights(args.target)), Path(args.prompts), *vector.input_paths(),
+              *(second.input_paths() if second else [])]
     check_output_path(args.out, args.overwrite, inputs)  # before the work, not after
     prompts = read_prompts(args.prompts)
     if args.quick:
         prompts = prompts[:8]
-    df = atlas(args.target, vector, prompts, alphas=args.alphas, seeds=args.seeds,
-               max_new_tokens=args.max_new_tokens, language=args.language, progress=not args.quiet)
-    s = summarize_atlas(df)
-    with atomic_folder(args.out, args.overwrite, inputs=inputs) as tmp:
-        df.to_csv(tmp / "atlas.csv", index=False)
-        s.to_csv(tmp / "summary.csv", index=False)
+    model, tokenizer = load_target(args.target)
+    common = dict(tokenizer=tokenizer, seeds=args.seeds, max_new_tokens=args.max_new_tokens, language=args.language,
+                  progress=not args.quiet)
+    tables, figures = {}, {}
+    if not args.skip_map:
+        df = atlas(model, vector, prompts, alphas=args.alphas, **common)
+        s = summarize_atlas(df)
+        tables |= {"atlas.csv": df, "summary.csv": s}
         for design in ("keep-only", "knock-out"):
-            rank_cells(s, design=design).to_csv(tmp / f"ranking-{design}.csv", index=False)
+            tables[f"ranking-{design}.csv"] = rank_cells(s, design=design)
             for metric in ("ended_turn", "share_de"):
-                fig = plots.plot_atlas(s, metric, design, "norm-matched")
-                fig.savefig(tmp / f"atlas-{design}-{metric}.png", dpi=110, bbox_inches="tight")
-                plt.close(fig)
-    print(rank_cells(s).head(10).to_string(index=False))
-    print(f"wrote {args.out} ({len(df)} replies)")
+                figures[f"atlas-{design}-{metric}.png"] = plots.plot_atlas(s, metric, design, "norm-matched")
+        print(rank_cells(s).head(10).to_string(index=False))
+    if args.ranks:
+        curve = rank_curve(model, vector, args.ranks, prompts, alphas=args.alphas, **common)
+        rs = summarize(curve)
+        tables |= {"rank-curve.csv": curve, "rank-summary.csv": rs}
+        for alpha in args.alphas:
+            for x in ("rank", "stored_bytes"):
+                figures[f"rank-curve-{x}-alpha{alpha:g}.png"] = plots.plot_rank_curve(rs, x=x, alpha=alpha)
+        print(rs[[c for c in rs.columns if not c.endswith(("_lo", "_hi"))]].round(3).to_string(index=False))
+    if second is not None:
+        names = {Path(args.vector).name or "first": vector}
+        names[Path(args.second_vector).name if Path(args.second_vector).name not in names else "second"] = second
+        conflicts = interference(vector, second, density=args.density)
+        merges = merge_sweep(model, names, prompts, alphas=args.alphas, **common)
+        ms = summarize(merges)
+        tables |= {"interference.csv": conflicts, "merges.csv": merges, "merge-summary.csv": ms}
+        figures["interference.png"] = plots.plot_interference(conflicts, "trimmed_conflict")
+        figures["merges.png"] = plots.plot_merges(ms, "ended_turn")
+        print(ms[[c for c in ms.columns if not c.endswith(("_lo", "_hi"))]].round(3).to_string(index=False))
+    with atomic_folder(args.out, args.overwrite, inputs=inputs) as tmp:
+        for name, table in tables.items():
+            table.to_csv(tmp / name, index=False)
+        for name, fig in figures.items():
+            fig.savefig(tmp / name, dpi=110, bbox_inches="tight")
+            plt.close(fig)
+    print(f"wrote {args.out} ({', '.join(tables)})")
 
 
 def cmd_sweep(args) -> None:
@@ -352,6 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-new-tokens", type=int, default=64)
     t.add_argument("--language", default="de")
     t.add_argument("--quick", action="store_true", help="8 prompts")
+    t.add_argument("--ranks", type=_ranks, help="also a low-rank curve: these ranks of every matrix, e.g. 1,4,16,64")
+    t.add_argument("--second-vector", help="also interference with this vector and merges of the two (each method)")
+    t.add_argument("--density", type=_number, default=0.2, help="TIES' trim density for the interference table")
+    t.add_argument("--skip-map", action="store_true", help="no layer × module map (only --ranks / --second-vector)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     t.set_defaults(func=cmd_atlas)
 

@@ -206,3 +206,58 @@ def plot_scores(df: pd.DataFrame, metrics: Sequence[str] | None = None, ax=None,
     style_axes(ax, title=title, xlabel="coefficient α", ylabel="mean over prompts and seeds")
     ax.legend(fontsize=8, loc="best")
     return fig
+
+
+def plot_rank_curve(summary: pd.DataFrame, metrics: Sequence[str] = ("ended_turn", "share_de"), x: str = "rank",
+                    alpha: float = 1.0, ax=None):
+    """Behaviour of the low-rank vector against its rank (``x="rank"``) or the bytes its factors take
+    (``x="stored_bytes"``), with 95% intervals; the full vector as a dashed line per metric."""
+    from chatvec_lab.sweep import METRIC_LABELS
+
+    rows = summary[summary["alpha"] == alpha]
+    low, full = rows[rows["rank"] > 0].sort_values("rank"), rows[rows["rank"] == 0]
+    fig, ax = new_axes(ax)
+    for m in metrics:
+        line, = ax.plot(low[x], low[m], marker="o", label=METRIC_LABELS.get(m, m))
+        ax.fill_between(low[x], low[f"{m}_lo"], low[f"{m}_hi"], alpha=0.15, color=line.get_color())
+        if len(full):
+            ax.axhline(float(full[m].iloc[0]), color=line.get_color(), linestyle="--", linewidth=1)
+    ax.set_xscale("log", base=2 if x == "rank" else 10)
+    label = "rank r of every matrix" if x == "rank" else "bytes stored (float32 factors)"
+    style_axes(ax, f"Low-rank chat vector at α = {alpha:g} (dashed: full vector)", label, "mean over prompts and seeds")
+    ax.legend(fontsize=8, loc="best")
+    return fig
+
+
+def plot_merges(summary: pd.DataFrame, metric: str = "ended_turn", ax=None):
+    """One line per source and merge method: the metric (95% interval as error bars) against α."""
+    from chatvec_lab.sweep import METRIC_LABELS
+
+    fig, ax = new_axes(ax)
+    variants = list(dict.fromkeys(summary["variant"]))
+    width = 0.8 / max(1, len(variants))
+    alphas = sorted(summary["alpha"].unique())
+    for i, variant in enumerate(variants):
+        rows = summary[summary["variant"] == variant].set_index("alpha").reindex(alphas)
+        xs = np.arange(len(alphas)) + (i - (len(variants) - 1) / 2) * width
+        err = np.vstack([rows[metric] - rows[f"{metric}_lo"], rows[f"{metric}_hi"] - rows[metric]]).clip(min=0)
+        ax.bar(xs, rows[metric], width=width, yerr=err, capsize=2, label=variant)
+    ax.set_xticks(range(len(alphas)), [f"α = {a:g}" for a in alphas])
+    style_axes(ax, f"Two sources, one vector: {METRIC_LABELS.get(metric, metric)}", "", METRIC_LABELS.get(metric, metric))
+    ax.legend(fontsize=8, loc="best", ncols=2)
+    return fig
+
+
+def plot_interference(table: pd.DataFrame, value: str = "trimmed_conflict", ax=None):
+    """A heatmap of one ``interference`` column: layers (rows, the outer parts below) × module kinds."""
+    cells = table[table["layer"] != "all"]
+    grid = cells.pivot_table(index="layer", columns="module", values=value, aggfunc="first")
+    order = [m for m in MODULE_ORDER if m in grid.columns]
+    layers = sorted([r for r in grid.index if r != "outer"], key=int) + (["outer"] if "outer" in grid.index else [])
+    grid = grid.reindex(index=layers, columns=order)
+    fig, ax = new_axes(ax, figsize=(0.9 * grid.shape[1] + 3, 0.45 * grid.shape[0] + 1.8))
+    _heatmap(ax, grid, CMAP, annotate=True, vmin=0, vmax=1 if value != "cosine" else None, label=value)
+    ax.set_title(f"Interference between the two sources: {value.replace('_', ' ')}", fontsize=11)
+    ax.set_xlabel("module kind")
+    ax.set_ylabel("layer")
+    return fig

@@ -71,3 +71,27 @@ def test_merge_sweep_puts_sources_and_methods_side_by_side(cv):
         merge_sweep(toy.path("cp"), {"chat": cv}, PROMPTS, **FAST)
     with pytest.raises(UsageError, match="unknown merge"):
         merge_sweep(toy.path("cp"), {"chat": cv, "alt": alt}, PROMPTS, methods=["average"], **FAST)
+
+
+def test_cli_atlas_writes_rank_curve_interference_and_merges(tmp_path, cv):
+    from chatvec_lab.cli import main as cli
+    a, b = tmp_path / "cv", tmp_path / "cv-alt"
+    cv.save(a)
+    ChatVector.from_models(toy.path("base"), toy.path("chat-alt"), hash_files=False).save(b)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    out = tmp_path / "out"
+    args = ["atlas", "--target", str(toy.path("cp")), "--vector", str(a), "--prompts", str(prompts), "-o", str(out),
+            "--skip-map", "--ranks", "2,8", "--second-vector", str(b), "--max-new-tokens", "4", "-q"]
+    assert cli(args) == 0
+    written = {p.name for p in out.iterdir()}
+    assert {"rank-curve.csv", "rank-summary.csv", "interference.csv", "merges.csv", "merge-summary.csv",
+            "interference.png", "merges.png", "rank-curve-rank-alpha1.png"} <= written
+    assert "atlas.csv" not in written
+    import pandas as pd
+    assert set(pd.read_csv(out / "merge-summary.csv")["variant"]) == {"cv", "cv-alt", "linear", "ties", "dare_linear",
+                                                                      "dare_ties", "breadcrumbs", "breadcrumbs_ties"}
+    assert cli(args) == 2  # the folder exists now: kept unless --overwrite
+    nothing = ["atlas", "--target", str(toy.path("cp")), "--vector", str(a), "--prompts", str(prompts),
+               "-o", str(tmp_path / "new"), "--skip-map", "-q"]
+    assert cli(nothing) == 2 and not (tmp_path / "new").exists()
