@@ -32,9 +32,13 @@ from chatvec_lab.resources import notebook_dir
 
 NOTEBOOK_DIR = notebook_dir()  # the checkout's notebooks/, or the installed package's copy
 
+ATLAS_QUICK_ROWS = ("layer 3", "embeddings", "lm_head", "norms")
 # What --quick measures: fewer prompts, one seed, one sampling, no multi-turn conversations.
-QUICK = {"max_prompts": 8, "seeds": 1, "samplings": ("family",), "multi_turn": False}
-FULL = {"max_prompts": None, "seeds": 3, "samplings": None, "multi_turn": True}  # None: every sampling
+QUICK = {"max_prompts": 8, "seeds": 1, "samplings": ("family",), "multi_turn": False, "atlas_rows": ATLAS_QUICK_ROWS}
+FULL = {"max_prompts": None, "seeds": 3, "samplings": None, "multi_turn": True,  # None: every sampling
+        "atlas_rows": None}  # None: every cell
+ATLAS_FIGURE = "atlas_knock_out.png"
+ATLAS_PROMPTS = 16
 
 HEADLINE_FIGURE = "toy_effect.png"
 MULTI_TURN_FIGURE = "toy_multiturn.png"
@@ -50,6 +54,11 @@ FIGURES = {
         "Three-turn German conversations (held-out): turn-end rate and German share at each turn, for CP, "
         "the chat model and CP + 1·CV, with 95% intervals over conversations. A model that never ends its "
         "turn leaves the next turn to continue its own text."),
+    ATLAS_FIGURE: (
+        "The ablation atlas (knock-out, α = 1): the change in CP + 1·CV's turn-end rate when one cell of the vector "
+        "(a layer × module kind, or the embeddings, the lm_head, all norms) is left out, on 16 German chat prompts. "
+        "Strongly negative: the behaviour needs that cell. `atlas.csv` holds every cell, both designs (keep-only, "
+        "knock-out) and the norm-matched α; notebook 6 reads the map."),
     "toy_perplexity.png": (
         "What the addition costs: perplexity of held-out German and English text under CP + α·CV "
         "(lower is better), for each α of the grid."),
@@ -154,6 +163,26 @@ def geometry_figures(folder: Path) -> list[Path]:
     return paths + [folder / "relative_norms_chat.png", folder / "spectra_chat.png"]
 
 
+def atlas_figure(folder: Path, figures: Path, rows) -> None:
+    """The atlas of the chat vector on CP (``rows``: the atlas rows to map, None for every cell): atlas.csv,
+    and the knock-out heatmap at α = 1."""
+    import matplotlib.pyplot as plt
+    from chatvec_lab import plots, toy
+    from chatvec_lab.atlas import atlas, cells_of, summarize_atlas
+    from chatvec_lab.toy import evaluate
+    from chatvec_lab.vector import ChatVector
+
+    cv = ChatVector.from_models(toy.path("base"), toy.path("chat"), hash_files=False)
+    cells = [c for c in cells_of(cv) if rows is None or c.row in rows]
+    prompts = evaluate.prompt_sets()["chat"][:ATLAS_PROMPTS]
+    df = atlas(toy.path("cp"), cv, prompts, alphas=[1.0], cells=cells, progress=False)
+    df.to_csv(folder / "atlas.csv", index=False)
+    fig = plots.plot_atlas(summarize_atlas(df), "ended_turn", design="knock-out", alpha_kind="grid", alpha=1.0)
+    figures.mkdir(exist_ok=True)
+    fig.savefig(figures / ATLAS_FIGURE, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 STATIC = ("text/html", "image/png", "image/svg+xml")
 
@@ -230,6 +259,9 @@ def run_demo(out="chatvec-report", overwrite: bool = False, notebooks: bool = Tr
                 mts.to_csv(tmp / "multiturn_summary.csv", index=False)
         with clock.phase("figures of the effect"):
             evaluate.figures(df, figures, mt)
+        print("the ablation atlas ...", flush=True)
+        with clock.phase("the ablation atlas (keep-only and knock-out per cell)"):
+            atlas_figure(tmp, figures, plan["atlas_rows"])
         print("vector geometry ...", flush=True)
         with clock.phase("vector geometry"):
             geometry_figures(figures)
@@ -433,9 +465,35 @@ def narrative(summary: pd.DataFrame, replies: pd.DataFrame | None, quick: bool, 
     return blocks
 
 
+def atlas_blocks(atlas: pd.DataFrame) -> list[tuple]:
+    """The atlas paragraph, from the run's own atlas table: the reference rates, the strongest knock-out, and
+    whether any cell alone ends turns."""
+    from chatvec_lab.atlas import summarize_atlas
+
+    s = summarize_atlas(atlas)
+    full = s[(s["design"] == "full") & (s["alpha"] == 1.0)]
+    knock = s[(s["design"] == "knock-out") & (s["alpha_kind"] == "grid") & (s["alpha"] == 1.0)]
+    keep = s[s["design"] == "keep-only"]
+    if not len(full) or not len(knock):
+        return []
+    f = full.iloc[0]
+    worst = knock.sort_values("ended_turn").iloc[0]
+    best_keep = keep.sort_values("ended_turn").iloc[-1] if len(keep) else None
+    cells = atlas.loc[atlas["design"] == "knock-out", "cell"].nunique()
+    text = (f"{cells} cells of the chat vector, each left out in turn (knock-out) and kept alone (keep-only), on "
+            f"{int(f['replies'])} German chat prompts. The full vector at α = 1 ends "
+            f"{_pct_ci(f, 'ended_turn')} "
+            f"of its turns; without `{worst['cell']}` it ends {_pct(worst['ended_turn'])}.")
+    if best_keep is not None:
+        text += (" No cell alone ends any turn, at α = 1 or at its norm-matched α." if best_keep["ended_turn"] == 0
+                 else f" The strongest cell alone, `{best_keep['cell']}`, ends {_pct(best_keep['ended_turn'])}.")
+    return [("p", text)]
+
+
 def report_blocks(summary: pd.DataFrame, nb_results, quick: bool, clock: Clock | None = None,
                   replies: pd.DataFrame | None = None, multi_turn: pd.DataFrame | None = None,
-                  notebooks: bool = True, figures: list[str] = (), cosine: pd.DataFrame | None = None) -> list[tuple]:
+                  notebooks: bool = True, figures: list[str] = (), cosine: pd.DataFrame | None = None,
+                  atlas: pd.DataFrame | None = None) -> list[tuple]:
     from chatvec_lab.toy import evaluate
 
     blocks: list[tuple] = [("h1", "The chat vector on a toy model family: a chatvec_lab report")]
@@ -494,7 +552,15 @@ def report_blocks(summary: pd.DataFrame, nb_results, quick: bool, clock: Clock |
     else:
         blocks.append(("p", "Not measured: a quick run skips them; `chatvec demo` without `--quick` adds them."))
 
-    rest = [f for f in FIGURES if f in figures and f not in (HEADLINE_FIGURE, MULTI_TURN_FIGURE)]
+    placed = [HEADLINE_FIGURE, MULTI_TURN_FIGURE]
+    if atlas is not None and len(atlas):
+        blocks.append(("h2", "Where in the vector chat lives"))
+        blocks += atlas_blocks(atlas)
+        if ATLAS_FIGURE in figures:
+            blocks.append(("fig", ATLAS_FIGURE, FIGURES[ATLAS_FIGURE]))
+            placed.append(ATLAS_FIGURE)
+
+    rest = [f for f in FIGURES if f in figures and f not in placed]
     rest += sorted(f for f in figures if f not in FIGURES)
     blocks.append(("h2", "More figures: the cost, and the vectors' geometry"))
     if cosine is not None and len(cosine) > 1:
@@ -527,6 +593,7 @@ def report_blocks(summary: pd.DataFrame, nb_results, quick: bool, clock: Clock |
     blocks.append(("h2", "Files"))
     files = ["`summary.csv`: one row per model, sampling and prompt group (the tables above)",
              "`replies.csv`: every reply with its scores", "`cosine.csv`: cosines between the three vectors",
+             "`atlas.csv`: the ablation atlas, a row per cell × design × α × prompt",
              "`figures/`: the figures above"]
     if multi_turn is not None:
         files.insert(2, "`multiturn.csv`, `multiturn_summary.csv`: the conversations, and per model and turn")
@@ -612,8 +679,9 @@ def write_report(folder: Path, summary: pd.DataFrame, nb_results, quick: bool, c
     """index.html and README.md: the same report, from the same blocks."""
     figures = sorted(p.name for p in (folder / "figures").glob("*.png"))
     cosine = pd.read_csv(folder / "cosine.csv", index_col=0) if (folder / "cosine.csv").is_file() else None
+    atlas = pd.read_csv(folder / "atlas.csv") if (folder / "atlas.csv").is_file() else None
     blocks = report_blocks(summary, nb_results, quick, clock=clock, replies=replies, multi_turn=multi_turn,
-                           notebooks=notebooks, figures=figures, cosine=cosine)
+                           notebooks=notebooks, figures=figures, cosine=cosine, atlas=atlas)
     (folder / "README.md").write_text(render_markdown(blocks), encoding="utf-8")
     (folder / "index.html").write_text(render_html(blocks), encoding="utf-8")
 

@@ -157,6 +157,7 @@ def test_the_full_report_shows_the_multi_turn_figure_and_table(tmp_path):
 def test_every_figure_the_demo_writes_has_a_caption(tmp_path):
     folder = tmp_path / "figures"
     written = evaluate.figures(replies(), folder, multi_turn()) + demo.geometry_figures(folder)
+    demo.atlas_figure(tmp_path, folder, rows=("lm_head",))  # one cell: the figure, not the map, is tested here
     names = {p.name for p in written} | {p.name for p in folder.glob("*.png")}
     assert names <= set(demo.FIGURES), f"give these a caption in demo.FIGURES: {sorted(names - set(demo.FIGURES))}"
     assert set(demo.FIGURES) <= names, f"captions for figures nobody writes: {sorted(set(demo.FIGURES) - names)}"
@@ -174,3 +175,10 @@ def test_quick_demo_writes_a_report_from_its_own_numbers(tmp_path):
     assert f"**{demo._pct_ci(head, 'turn_end')}**" in md and f"{head['ppl_de']:.1f}" in md  # read back from the CSV
     assert re.search(r"It took \*\*\d+ s\*\* wall-clock and \*\*\d+ s of CPU time\*\*", md)
     assert "Not executed (`--no-notebooks`)" in md
+    # the atlas section: its sentence reads the run's own atlas.csv (every quick row, both designs)
+    from chatvec_lab.atlas import summarize_atlas
+    atlas = pd.read_csv(out / "atlas.csv")
+    assert set(atlas["row"]) >= set(demo.ATLAS_QUICK_ROWS) - {"layer 3"} and set(atlas["design"]) >= {"keep-only", "knock-out"}
+    full = summarize_atlas(atlas).query("design == 'full'").iloc[0]
+    assert "## Where in the vector chat lives" in md and demo._pct_ci(full, "ended_turn") in md
+    assert "figures/atlas_knock_out.png" in md
