@@ -77,4 +77,8 @@ def merge_sweep(target, sources: Mapping[str, ChatVector], prompts: Sequence[str
 def summarize(df: pd.DataFrame, metrics: Sequence[str] | None = None) -> pd.DataFrame:
     """Mean and 95% interval of each metric per variant and α (keeping ``rank``/``stored_bytes`` if there)."""
     keys = [k for k in ("variant", "rank", "stored_bytes", "alpha") if k in df.columns]
-    return summarize_sweep(df, metrics, by=keys)
+    out = summarize_sweep(df, metrics, by=keys)
+    if "rank" in out.columns:  # the full vector (rank 0) last, the ranks in numeric order
+        out = out.assign(_order=out["rank"].replace(0, float("inf"))).sort_values(["_order", "alpha"])
+        out = out.drop(columns="_order").reset_index(drop=True)
+    return out
