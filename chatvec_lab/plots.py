@@ -11,6 +11,7 @@ import pandas as pd
 from chatvec_lab.naming import MODULE_ORDER
 
 CMAP = "viridis"
+RATES = ("ended_turn", "share_de", "refusal")
 DIVERGING = "RdBu_r"
 
 
@@ -183,8 +184,13 @@ def plot_atlas(summary: pd.DataFrame, metric: str = "ended_turn", design: str = 
     _heatmap(ax, table, DIVERGING if effect else CMAP, annotate=True, vmin=-span if effect else 0,
              vmax=span if effect else 1, label=value)
     which = f"α = {alpha:g}" if alpha is not None and alpha_kind == "grid" else "norm-matched α"
-    lead = "effect on" if effect else ""
-    ax.set_title(f"{design}: {lead} {metric} per cell ({which})", fontsize=11)
+    if not effect:
+        title = f"{design}: {metric} per cell ({which})"
+    elif design == "knock-out":
+        title = f"knock-out: {metric} lost from the full vector without the cell ({which})"
+    else:
+        title = f"keep-only: {metric} gained over the target by the cell alone ({which})"
+    ax.set_title(title, fontsize=11)
     ax.set_xlabel("module kind")
     ax.set_ylabel("layer / part")
     return fig
@@ -219,7 +225,10 @@ def plot_rank_curve(summary: pd.DataFrame, metrics: Sequence[str] = ("ended_turn
     fig, ax = new_axes(ax)
     for m in metrics:
         line, = ax.plot(low[x], low[m], marker="o", label=METRIC_LABELS.get(m, m))
-        ax.fill_between(low[x], low[f"{m}_lo"], low[f"{m}_hi"], alpha=0.15, color=line.get_color())
+        lo, hi = low[f"{m}_lo"], low[f"{m}_hi"]
+        if m in RATES:  # a normal-approximation interval of a rate can reach past [0, 1]
+            lo, hi = lo.clip(0, 1), hi.clip(0, 1)
+        ax.fill_between(low[x], lo, hi, alpha=0.15, color=line.get_color())
         if len(full):
             ax.axhline(float(full[m].iloc[0]), color=line.get_color(), linestyle="--", linewidth=1)
     ax.set_xscale("log", base=2 if x == "rank" else 10)
@@ -240,7 +249,10 @@ def plot_merges(summary: pd.DataFrame, metric: str = "ended_turn", ax=None):
     for i, variant in enumerate(variants):
         rows = summary[summary["variant"] == variant].set_index("alpha").reindex(alphas)
         xs = np.arange(len(alphas)) + (i - (len(variants) - 1) / 2) * width
-        err = np.vstack([rows[metric] - rows[f"{metric}_lo"], rows[f"{metric}_hi"] - rows[metric]]).clip(min=0)
+        lo, hi = rows[f"{metric}_lo"], rows[f"{metric}_hi"]
+        if metric in RATES:
+            lo, hi = lo.clip(0, 1), hi.clip(0, 1)
+        err = np.vstack([rows[metric] - lo, hi - rows[metric]]).clip(min=0)
         ax.bar(xs, rows[metric], width=width, yerr=err, capsize=2, label=variant)
     ax.set_xticks(range(len(alphas)), [f"α = {a:g}" for a in alphas])
     style_axes(ax, f"Two sources, one vector: {METRIC_LABELS.get(metric, metric)}", "", METRIC_LABELS.get(metric, metric))
