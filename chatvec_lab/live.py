@@ -14,9 +14,9 @@ from typing import Mapping
 
 import torch
 
-from chatvec_lab.apply import Alpha, coefficient_for, layer_filter, plan_apply
 from chatvec_lab.errors import MismatchError, UnknownName, UsageError
 from chatvec_lab.naming import parse
+from chatvec_lab.plan import Alpha, coefficient_for, layer_filter, plan_apply
 from chatvec_lab.sources import module_state, open_weights
 from chatvec_lab.vector import ChatVector
 

@@ -18,10 +18,10 @@ import pandas as pd
 import torch
 
 from chatvec_lab.errors import NotFound, UsageError
-from chatvec_lab.generation import generate
+from chatvec_lab.engines import EngineSpec, TransformersEngine, load_target
+from chatvec_lab.grid import CellCache, CellRunner, GridSettings, LocalExecutor, make_cells, run_grid
 from chatvec_lab.live import LiveModel
 from chatvec_lab.output import atomic_file, check_clear_of_inputs, check_output_path
-from chatvec_lab.scoring import make_scorer, perplexity, score_all
 from chatvec_lab.vector import ChatVector, named_vectors
 
 DEFAULT_SCORERS = ("turn_end", "language", "refusal", "offensive")
@@ -122,26 +122,19 @@ def _vector_key(vec: ChatVector) -> dict:
             "names": sorted(vec.names), "files": _files_key(vec.input_paths()), "tensors": in_memory.hexdigest()}
 
 
-def load_target(target, dtype=torch.float32):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(str(target), dtype=dtype)
-    return model.eval(), AutoTokenizer.from_pretrained(str(target))
-
-
 def sweep(target, vectors, coefficients, prompts: Sequence[str], *, tokenizer=None, scorers=DEFAULT_SCORERS,
           seeds: int | Sequence[int] = 1, max_new_tokens: int = 64, language: str = "de",
           heldout: Mapping[str, Sequence[str]] | None = None, cache_dir=None, progress: bool = True,
-          live: LiveModel | None = None, **gen_kwargs) -> pd.DataFrame:
+          live: LiveModel | None = None, executor=None, **gen_kwargs) -> pd.DataFrame:
     """Generate and score for every coefficient point; returns the tidy table.
 
     ``target``: a model folder (loaded once) or a model (with ``tokenizer=``); ``vectors``: a vector or
     ``{name: vector}``; ``coefficients``: numbers (the same α for every vector) or ``{name: α}`` dicts;
-    ``heldout``: ``{language: texts}`` for perplexity columns ``ppl_<language>``.
+    ``heldout``: ``{language: texts}`` for perplexity columns ``ppl_<language>``. ``executor``: where the
+    grid's cells run (``grid.LocalExecutor``, the default, or ``grid.RayExecutor``; see ``grid``); with
+    ``cache_dir`` each finished cell is kept there, so an interrupted sweep resumes with the missing cells.
     The model is left exactly as it was found.
     """
-    from tqdm.auto import tqdm
-
     prompts = [p for p in prompts]
     if not prompts:
         raise UsageError("the prompt list is empty")
@@ -165,40 +158,47 @@ def sweep(target, vectors, coefficients, prompts: Sequence[str], *, tokenizer=No
         if cache_file.is_file():
             return pd.read_json(cache_file, orient="records", lines=True)
 
-    if live is None:
-        if isinstance(target, (str, Path)):
-            model, tokenizer = load_target(target)
-        else:
-            model = target
-            if tokenizer is None:
-                raise UsageError("pass tokenizer= with an in-memory model")
-        live = LiveModel(model, vectors)
-    elif tokenizer is None:
+    settings = GridSettings(tuple(prompts), tuple(scorer_names), max_new_tokens, language,
+                            tuple((k, tuple(v)) for k, v in (heldout or {}).items()), tuple(gen_kwargs.items()))
+    cells = make_cells(points, seed_list)
+    cell_cache = None
+    if cache_dir is not None and key_target is not None:
+        cell_cache = CellCache(cache_dir, {"target": key_target, "vectors": {k: _vector_key(v) for k, v in vectors.items()},
+                                           **settings.key()})
+    executor = executor if executor is not None else LocalExecutor()
+    engine, saved = None, {}
+
+    def make_runner() -> CellRunner:  # the local executor's runner: the model already here, or loaded once
+        nonlocal engine, saved, live, tokenizer
+        if live is None:
+            if isinstance(target, (str, Path)):
+                model, tokenizer = load_target(target)
+            else:
+                model = target
+            live = LiveModel(model, vectors)
+        engine = TransformersEngine(live.model, tokenizer, live=live)
+        saved = dict(live.coefficients)
+        return CellRunner(engine, settings, scorers=list(scorers))
+
+    if live is None and not isinstance(target, (str, Path)) and tokenizer is None:
+        raise UsageError("pass tokenizer= with an in-memory model")
+    if live is not None and tokenizer is None:
         raise UsageError("pass tokenizer= with a LiveModel")
-    built = [make_scorer(s, language=language) if isinstance(s, str) and s != "turn_end" else s
-             for s in scorers if s != "turn_end"]
-    saved = dict(live.coefficients)
-    frames = []
-    bar = tqdm(total=len(points) * len(seed_list), desc="sweep", disable=not progress)
+    spec = None
+    if not isinstance(executor, LocalExecutor):
+        if live is not None or not isinstance(target, (str, Path)):
+            raise UsageError("a distributed sweep loads the model in each worker: give the target as a folder or hub id")
+        if any(not isinstance(sc, str) for sc in scorers):
+            raise UsageError("a distributed sweep builds its scorers in each worker: give scorers by name")
+        spec = EngineSpec.of(target, vectors)
     try:
-        for point in points:
-            live.set(point)
-            ppl = {f"ppl_{lang}": perplexity(live.model, tokenizer, texts) for lang, texts in (heldout or {}).items()}
-            for seed in seed_list:
-                gen = generate(live.model, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed, **gen_kwargs)
-                scores = score_all(gen["reply"].tolist(), built)
-                df = pd.concat([gen.reset_index(drop=True), scores], axis=1)
-                for name, value in point.items():
-                    df.insert(0, f"alpha_{name}", value)
-                df.insert(0, "alpha", point[next(iter(point))])
-                for k, v in ppl.items():
-                    df[k] = v
-                frames.append(df)
-                bar.update()
+        result = run_grid(executor, make_runner, spec, settings, cells, cache=cell_cache, progress=progress)
     finally:
-        live.set(saved)
-        bar.close()
-    result = pd.concat(frames, ignore_index=True)
+        if engine is not None:
+            engine.set_coefficients(saved)  # the model is left exactly as it was found
+    for lang, _ in settings.heldout:  # measured once per point (its first seed): every row of the point shows it
+        column = f"ppl_{lang}"
+        result[column] = result.groupby([f"alpha_{n}" for n in vectors], sort=False)[column].transform("first")
     if cache_file is not None:  # concurrent runs write the same content: whichever is last replaces it whole
         with atomic_file(cache_file, overwrite=True) as tmp:
             result.to_json(tmp, orient="records", lines=True)

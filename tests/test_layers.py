@@ -17,13 +17,16 @@ LAYERS = [
     {"paging", "vocab", "output", "resources"},
     # 2: where weights come from
     {"sources"},
-    # 3: the chat vector itself
+    # 3: the chat vector itself, then the plan of how vectors meet a target
     {"vector"},
+    {"plan"},
     # 4: using a vector: apply (files / models), live coefficients, geometry, info
     {"apply", "info", "geometry", "merge", "lora", "interference"},
     {"live"},
     # 5: generation and its measures
     {"generation", "scoring"},
+    {"engines"},
+    {"grid"},
     {"sweep", "atlas", "ablations"},
     # 6: pictures and widgets of what the layers below compute
     {"plots"},

@@ -178,8 +178,8 @@ def test_sweep_table_cache_and_model_untouched(cp, cv, tmp_path, monkeypatch):
     assert fig.axes[0].get_xlabel() == "coefficient α"
 
     first = sweep(toy.path("cp"), cv, [0.5], PROMPTS[:2], max_new_tokens=8, cache_dir=tmp_path, progress=False)
-    import chatvec_lab.sweep as sw
-    monkeypatch.setattr(sw, "generate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("regenerated")))
+    import chatvec_lab.engines as engines
+    monkeypatch.setattr(engines, "generate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("regenerated")))
     again = sweep(toy.path("cp"), cv, [0.5], PROMPTS[:2], max_new_tokens=8, cache_dir=tmp_path, progress=False)
     pd.testing.assert_frame_equal(first.reset_index(drop=True), again.reset_index(drop=True), check_dtype=False)
 
@@ -233,7 +233,7 @@ def test_sweep_cache_is_keyed_by_content_not_by_when_the_vector_was_built(tmp_pa
     import os
     import shutil
 
-    import chatvec_lab.sweep as sw
+    import chatvec_lab.engines as sw  # where the grid's cells generate
 
     models = tmp_path / "models"
     for name in ("base", "chat", "cp"):

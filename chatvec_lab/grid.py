@@ -1,0 +1,271 @@
+"""A sweep as a grid of independent cells, run here or on Ray, with nothing lost.
+
+A cell is one coefficient point × one sampling seed over all prompts (the same batches as a local run, so
+the same numerics). ``CellRunner`` turns a cell into rows (generate, score, perplexity); an executor decides
+where runners live:
+
+- ``LocalExecutor`` (the default): one runner in this process, cells in order;
+- ``RayExecutor``: one runner per Ray actor, each built from an ``EngineSpec`` (paths only: every actor
+  opens the target and the vectors itself, once) and moved between cells by in-place coefficient changes.
+  An actor that dies has its cell given to another (a fresh one if needed); each cell's rows are kept
+  once, whoever finished it.
+
+With ``cache_dir``, each finished cell is written there at once (``cells/<key>.jsonl``, the key a hash of
+everything the cell's rows depend on), so a grid interrupted as a whole resumes with the missing cells only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import pandas as pd
+
+from chatvec_lab.errors import Unavailable, UsageError
+from chatvec_lab.output import atomic_file
+from chatvec_lab.scoring import make_scorer, score_all
+
+
+@dataclass(frozen=True)
+class GridCell:
+    index: int
+    point: tuple[tuple[str, float], ...]  # ((vector name, α), …)
+    seed: int
+    perplexity: bool  # the point's first seed also measures held-out perplexity
+
+    @property
+    def coefficients(self) -> dict[str, float]:
+        return dict(self.point)
+
+
+@dataclass(frozen=True)
+class GridSettings:
+    """Everything but the model that a cell's rows depend on (picklable: shipped to each worker once)."""
+    prompts: tuple[str, ...]
+    scorers: tuple[str, ...]
+    max_new_tokens: int
+    language: str
+    heldout: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    gen_kwargs: tuple[tuple[str, object], ...] = ()
+
+    def key(self) -> dict:
+        return {"prompts": list(self.prompts), "scorers": list(self.scorers), "max_new_tokens": self.max_new_tokens,
+                "language": self.language, "heldout": [[k, list(v)] for k, v in self.heldout],
+                "gen": [list(kv) for kv in self.gen_kwargs]}
+
+
+def make_cells(points: Sequence[Mapping[str, float]], seeds: Sequence[int]) -> list[GridCell]:
+    cells = []
+    for point in points:
+        for j, seed in enumerate(seeds):
+            cells.append(GridCell(len(cells), tuple(point.items()), int(seed), perplexity=j == 0))
+    return cells
+
+
+class CellRunner:
+    """Turns cells into rows on one engine; the scorers are built once per runner."""
+
+    def __init__(self, engine, settings: GridSettings, scorers: Sequence | None = None):
+        self.engine, self.settings = engine, settings
+        wanted = scorers if scorers is not None else settings.scorers
+        self.scorers = [make_scorer(s, language=settings.language) if isinstance(s, str) else s
+                        for s in wanted if s != "turn_end"]
+
+    def run(self, cell: GridCell) -> pd.DataFrame:
+        s = self.settings
+        self.engine.set_coefficients(cell.coefficients)
+        gen = self.engine.generate(list(s.prompts), seed=cell.seed, max_new_tokens=s.max_new_tokens,
+                                   **dict(s.gen_kwargs))
+        df = pd.concat([gen.reset_index(drop=True), score_all(gen["reply"].tolist(), self.scorers)], axis=1)
+        for name, value in cell.point:
+            df.insert(0, f"alpha_{name}", value)
+        df.insert(0, "alpha", cell.point[0][1])
+        if cell.perplexity:
+            for lang, texts in s.heldout:
+                df[f"ppl_{lang}"] = self.engine.perplexity(list(texts))
+        df["cell"] = cell.index
+        return df
+
+
+class CellCache:
+    """One JSONL file per finished cell, named by the hash of what its rows depend on."""
+
+    def __init__(self, folder, grid_key: dict):
+        self.folder = Path(folder) / "cells"
+        self.grid_key = grid_key
+
+    def path(self, cell: GridCell) -> Path:
+        key = json.dumps({**self.grid_key, "point": list(cell.point), "seed": cell.seed,
+                          "perplexity": cell.perplexity, "version": 1}, sort_keys=True, default=str)
+        return self.folder / f"cell-{hashlib.sha256(key.encode()).hexdigest()[:24]}.jsonl"
+
+    def get(self, cell: GridCell) -> pd.DataFrame | None:
+        path = self.path(cell)
+        if not path.is_file():
+            return None
+        df = pd.read_json(path, orient="records", lines=True)
+        df["cell"] = cell.index  # the same cell may sit at another index in another grid
+        return df
+
+    def put(self, cell: GridCell, df: pd.DataFrame) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with atomic_file(self.path(cell), overwrite=True) as tmp:
+            df.to_json(tmp, orient="records", lines=True)
+
+
+@dataclass
+class Progress:
+    """One bar over the whole grid: cells done / total, replies per second."""
+    total: int
+    enabled: bool = True
+    replies: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self):
+        from tqdm.auto import tqdm
+        self.bar = tqdm(total=self.total, desc="grid", unit="cell", disable=not self.enabled)
+
+    def done(self, rows: int) -> None:
+        self.replies += rows
+        rate = self.replies / max(time.perf_counter() - self.started, 1e-9)
+        self.bar.set_postfix_str(f"{rate:.1f} replies/s", refresh=False)
+        self.bar.update()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class LocalExecutor:
+    """Cells in order, in this process, on one runner."""
+
+    def run(self, make_runner: Callable[[], CellRunner], spec, settings: GridSettings, cells: list[GridCell],
+            on_result: Callable[[GridCell, pd.DataFrame], None]) -> None:
+        runner = make_runner()
+        for cell in cells:
+            on_result(cell, runner.run(cell))
+
+
+def _remote_runner_class():
+    import ray
+
+    @ray.remote
+    class RemoteRunner:
+        def __init__(self, spec, settings):
+            self.runner = CellRunner(spec.open(), settings)
+
+        def ready(self) -> bool:
+            return True
+
+        def run(self, cell):
+            return self.runner.run(cell)
+
+    return RemoteRunner
+
+
+class RayExecutor:
+    """Cells spread over ``actors`` Ray actors, one model each; a lost actor's cell goes to another.
+
+    ``address``: None or "local" starts a Ray instance on this machine (``num_cpus``: its CPUs); otherwise
+    the address of a running cluster ("auto", "ray://host:10001"). ``threads_per_actor``: torch threads in
+    each actor. ``on_result(cell, rows, actor_index)``: called as each cell finishes (progress, tests)."""
+
+    def __init__(self, address: str | None = None, actors: int = 2, threads_per_actor: int | None = 1,
+                 num_cpus: int | None = None, max_replacements: int = 3, on_result=None):
+        if not isinstance(actors, int) or isinstance(actors, bool) or actors < 1:
+            raise UsageError(f"actors must be a positive integer, not {actors!r}")
+        self.address, self.n_actors, self.threads = address, actors, threads_per_actor
+        self.num_cpus, self.max_replacements, self.on_result = num_cpus, max_replacements, on_result
+        self.actors: list = []
+        self.replaced = 0
+
+    def _init(self):
+        try:
+            import ray
+        except ImportError:
+            raise Unavailable("the Ray executor needs ray: pip install 'chatvec_lab[distributed]'") from None
+        if not ray.is_initialized():
+            if self.address in (None, "local"):
+                ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False,
+                         configure_logging=False)
+            else:
+                ray.init(address=self.address, log_to_driver=False, configure_logging=False)
+        return ray
+
+    def run(self, make_runner, spec, settings: GridSettings, cells: list[GridCell], on_result) -> None:
+        if spec is None:
+            raise UsageError("the Ray executor needs the target and vectors as folders or hub ids")
+        ray = self._init()
+        from dataclasses import replace
+
+        spec = replace(spec, threads=self.threads or spec.threads)
+        remote = _remote_runner_class().options(num_cpus=self.threads or 1)
+        self.actors = [remote.remote(spec, settings) for _ in range(min(self.n_actors, len(cells)))]
+        queue = list(cells)
+        running: dict = {}  # future → (cell, actor index)
+        idle = list(range(len(self.actors)))
+        try:
+            while queue or running:
+                while queue and idle:
+                    i = idle.pop(0)
+                    cell = queue.pop(0)
+                    running[self.actors[i].run.remote(cell)] = (cell, i)
+                ready, _ = ray.wait(list(running), num_returns=1)
+                future = ready[0]
+                cell, i = running.pop(future)
+                try:
+                    rows = ray.get(future)
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError,
+                        ray.exceptions.ActorUnavailableError):
+                    if self.replaced >= self.max_replacements:
+                        raise Unavailable(f"Ray actors kept dying ({self.replaced} replaced); cell {cell.index} "
+                                          "not run") from None
+                    self.replaced += 1
+                    self.actors[i] = remote.remote(spec, settings)  # a fresh actor in the dead one's place
+                    queue.insert(0, cell)
+                    idle.append(i)
+                    continue
+                on_result(cell, rows)
+                if self.on_result is not None:
+                    self.on_result(cell, rows, i)
+                idle.append(i)
+        finally:
+            for actor in self.actors:
+                ray.kill(actor)
+            self.actors = []
+
+
+def run_grid(executor, make_runner, spec, settings: GridSettings, cells: list[GridCell],
+             cache: CellCache | None = None, progress: bool = True) -> pd.DataFrame:
+    """Run every cell not already in ``cache``; returns all cells' rows in cell order, each cell once."""
+    results: dict[int, pd.DataFrame] = {}
+    todo = []
+    for cell in cells:
+        cached = cache.get(cell) if cache is not None else None
+        if cached is not None:
+            results[cell.index] = cached
+        else:
+            todo.append(cell)
+    bar = Progress(total=len(cells), enabled=progress)
+    for df in results.values():
+        bar.done(len(df))
+
+    def keep(cell: GridCell, rows: pd.DataFrame) -> None:
+        if cell.index in results:  # a cell finished twice (a resubmitted one whose first run came back): once
+            return
+        results[cell.index] = rows
+        if cache is not None:
+            cache.put(cell, rows)
+        bar.done(len(rows))
+
+    try:
+        if todo:
+            executor.run(make_runner, spec, settings, todo, keep)
+    finally:
+        bar.close()
+    missing = [c.index for c in cells if c.index not in results]
+    if missing:
+        raise Unavailable(f"cells {missing[:5]} did not finish")
+    return pd.concat([results[c.index] for c in cells], ignore_index=True).drop(columns="cell")
