@@ -374,6 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--csv", required=True)
     s.add_argument("--cache-dir", help="reuse results cached here")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --csv file")
+    s.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run the grid's cells on Ray actors: 'local' (default) starts Ray here, or a cluster "
+                        "address ('auto', 'ray://host:10001'); needs pip install 'chatvec_lab[distributed]'")
+    s.add_argument("--actors", type=int, default=2, help="with --ray: actors, one model each")
+    s.add_argument("--threads-per-actor", type=int, default=1, help="with --ray: torch threads per actor")
     s.set_defaults(func=cmd_sweep)
 
     t = sub.add_parser("atlas", help="map where a vector's behaviour lives: keep-only and knock-out per layer × module")

@@ -234,9 +234,16 @@ def run_sweep_cli(args) -> None:
     prompts = read_prompts(args.prompts)
     vectors = named_vectors(args.vector)
     scorers = [s.strip() for s in args.scorers.split(",") if s.strip()]
+    executor = None
+    if getattr(args, "ray", None):
+        from chatvec_lab.grid import RayExecutor
+
+        executor = RayExecutor(address=args.ray, actors=args.actors, threads_per_actor=args.threads_per_actor)
+    elif getattr(args, "actors", 2) != 2 or getattr(args, "threads_per_actor", 1) != 1:
+        raise UsageError("--actors and --threads-per-actor go with --ray")
     df = sweep(args.target, vectors, args.alphas, prompts, scorers=scorers, seeds=args.seeds,
                max_new_tokens=args.max_new_tokens, language=args.language, cache_dir=args.cache_dir,
-               progress=not args.quiet)
+               progress=not args.quiet, executor=executor)
     out = Path(args.csv)
     with atomic_file(out, args.overwrite, inputs) as tmp:
         df.to_csv(tmp, index=False)

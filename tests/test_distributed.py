@@ -1,0 +1,115 @@
+"""A sweep's grid on Ray: the same table as a local run, every cell once when an actor dies, and a resumable
+per-cell cache. Ray runs on this machine (``ray.init(num_cpus=2)``), started by the tests themselves."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+import chatvec_lab.engines as engines
+from chatvec_lab import toy
+from chatvec_lab.errors import UsageError
+from chatvec_lab.grid import RayExecutor
+from chatvec_lab.sweep import sweep
+from chatvec_lab.vector import ChatVector
+
+PROMPTS = ["Erzähl mir was über Geld.", "Was weißt du über Liebe?", "Sag etwas über Arbeit."]
+GRID = dict(coefficients=[0.0, 0.5, 1.0], prompts=PROMPTS, seeds=2, max_new_tokens=8, scorers=["language"],
+            progress=False)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray  # in the test extra (pyproject.toml): CI's fresh venv has it
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def vectors():
+    return {"chat": ChatVector.from_models(toy.path("base"), toy.path("chat"), hash_files=False)}
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the actors run one torch thread each: the same kernels, the same numbers
+    yield
+    torch.set_num_threads(before)
+
+
+def _local(vectors, **kw):
+    return sweep(toy.path("cp"), vectors, **{**GRID, **kw})
+
+
+def test_two_actors_give_the_local_table(ray_local, vectors, one_thread):
+    local = _local(vectors)
+    remote = sweep(toy.path("cp"), vectors, executor=RayExecutor(actors=2, threads_per_actor=1), **GRID)
+    pd.testing.assert_frame_equal(local, remote)
+    assert len(remote) == 3 * 2 * len(PROMPTS)
+
+
+def test_a_killed_actor_loses_no_cell(ray_local, vectors, one_thread):
+    killed = []
+
+    def kill_the_other(cell, rows, actor):
+        if not killed:  # after the first finished cell, kill the other actor mid-grid
+            other = 1 - actor
+            ray_local.kill(executor.actors[other])
+            killed.append(other)
+
+    executor = RayExecutor(actors=2, threads_per_actor=1, on_result=kill_the_other)
+    remote = sweep(toy.path("cp"), vectors, executor=executor, **GRID)
+    assert killed and executor.replaced >= 1
+    pd.testing.assert_frame_equal(_local(vectors), remote)  # every cell exactly once, in order
+    assert remote.groupby(["alpha", "seed"]).size().eq(len(PROMPTS)).all()
+
+
+def test_ray_needs_paths_not_objects(ray_local, vectors):
+    model, tokenizer = toy.load("cp")
+    with pytest.raises(UsageError, match="folder or hub id"):
+        sweep(model, vectors, tokenizer=tokenizer, executor=RayExecutor(actors=1), **GRID)
+    computed = {"half": vectors["chat"] * 0.5}
+    with pytest.raises(UsageError, match="saved vector folders"):
+        sweep(toy.path("cp"), computed, executor=RayExecutor(actors=1), **GRID)
+    with pytest.raises(UsageError, match="actors"):
+        RayExecutor(actors=0)
+
+
+def test_an_interrupted_grid_resumes_with_the_missing_cells(tmp_path, vectors, monkeypatch):
+    real = engines.generate
+    calls = []
+
+    def failing_after_two(*a, **k):
+        calls.append(1)
+        if len(calls) > 2:
+            raise KeyboardInterrupt  # the whole grid stops: a Ctrl-C, a lost driver
+        return real(*a, **k)
+
+    monkeypatch.setattr(engines, "generate", failing_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        _local(vectors, cache_dir=tmp_path)
+    assert len(list((tmp_path / "cells").glob("cell-*.jsonl"))) == 2  # the two finished cells were kept
+
+    calls.clear()
+    monkeypatch.setattr(engines, "generate", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    resumed = _local(vectors, cache_dir=tmp_path)
+    assert len(calls) == 6 - 2  # only the missing cells ran
+    monkeypatch.setattr(engines, "generate", real)
+    pd.testing.assert_frame_equal(resumed, _local(vectors), check_dtype=False)
+
+
+def test_cli_sweep_on_ray_writes_the_local_csv(ray_local, tmp_path, one_thread):
+    from chatvec_lab.cli import main as cli
+    cv = tmp_path / "cv"
+    ChatVector.from_models(toy.path("base"), toy.path("chat"), hash_files=False).save(cv)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    common = ["sweep", "--target", str(toy.path("cp")), "--vector", str(cv), "--alphas", "0,1", "--prompts",
+              str(prompts), "--scorers", "turn_end,language", "--max-new-tokens", "6", "-q"]
+    assert cli(common + ["--csv", str(tmp_path / "local.csv")]) == 0
+    assert cli(common + ["--csv", str(tmp_path / "ray.csv"), "--ray", "--actors", "2"]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "local.csv"), pd.read_csv(tmp_path / "ray.csv"))
+    assert cli(common + ["--csv", str(tmp_path / "x.csv"), "--actors", "3"]) == 2  # --actors without --ray
