@@ -21,49 +21,26 @@ whose coefficient changes.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
+from chatvec_lab.engines import EngineSpec, TransformersEngine, load_target
 from chatvec_lab.errors import UsageError
-from chatvec_lab.generation import generate
-from chatvec_lab.live import LiveModel
-from chatvec_lab.naming import MODULE_ORDER, TensorInfo, parse
-from chatvec_lab.scoring import make_scorer, score_all
-from chatvec_lab.sources import module_state
+from chatvec_lab.grid import (CellCache, CellRunner, GridCell, GridSettings, LocalExecutor, files_key, run_grid,
+                              vector_key)
+from chatvec_lab.naming import MODULE_ORDER, parse
+from chatvec_lab.plan import Cell, cell_coefficient, cell_of  # the regions live with the coefficient rules
+from chatvec_lab.sources import module_state, open_weights
 from chatvec_lab.vector import ChatVector
 
+__all__ = ["Cell", "cell_of", "cells_of", "cell_norms", "norm_matched_alpha", "cell_coefficient", "atlas",
+           "summarize_atlas", "rank_cells", "heatmap_table", "OUTER_ROWS", "DESIGNS", "METRICS"]
 OUTER_ROWS = ("embeddings", "lm_head", "norms")
 DESIGNS = ("keep-only", "knock-out")
 METRICS = ("ended_turn", "share_de", "refusal")
-
-
-@dataclass(frozen=True)
-class Cell:
-    row: str  # "layer 3", or one of OUTER_ROWS
-    module: str  # a module kind (attn_q …), or "all" for an outer row
-
-    @property
-    def label(self) -> str:
-        return self.row if self.module == "all" else f"{self.row} · {self.module}"
-
-    def contains(self, info: TensorInfo) -> bool:
-        return cell_of(info) == self
-
-
-def cell_of(info: TensorInfo) -> Cell:
-    if info.module == "embed" or info.module == "pos_embed":
-        return Cell("embeddings", "all")
-    if info.module == "lm_head":
-        return Cell("lm_head", "all")
-    if info.group == "norm":
-        return Cell("norms", "all")
-    if info.layer is None:
-        return Cell("other", "all")
-    return Cell(f"layer {info.layer}", info.module)
 
 
 def cells_of(vector: ChatVector) -> list[Cell]:
@@ -100,30 +77,18 @@ def norm_matched_alpha(norms: pd.DataFrame, cell: Cell, design: str) -> float:
     return full * math.sqrt(t / v) if v > 0 else math.nan
 
 
-def cell_coefficient(cell: Cell | None, design: str, alpha: float):
-    """The coefficient rule of one design: α inside the cell only (keep-only), α everywhere but the cell
-    (knock-out), or α everywhere (``cell`` None: the full vector); for ``LiveModel.set``."""
-    if cell is None:  # the full vector
-        return alpha
-    if design == "keep-only":
-        return lambda info: alpha if cell_of(info) == cell else 0.0
-    return lambda info: 0.0 if cell_of(info) == cell else alpha
-
-
 def atlas(target, vector: ChatVector, prompts: Sequence[str], *, alphas: Sequence[float] = (1.0,),
           designs: Sequence[str] = DESIGNS, norm_matched: bool = True, cells: Sequence[Cell] | None = None,
           seeds: int = 1, max_new_tokens: int = 64, language: str = "de", tokenizer=None,
           scorers: Sequence[str] = ("language", "refusal"), batch_size: int = 32, progress: bool = True,
-          **gen_kwargs) -> pd.DataFrame:
+          executor=None, cache_dir=None, **gen_kwargs) -> pd.DataFrame:
     """The tidy atlas: one row per cell × design × α × prompt × seed (and the references: ``design`` =
     ``target`` at α = 0, ``full`` at each α), with ``ended_turn`` and the scorers' columns.
 
     ``target``: a model folder (loaded in float32) or a model (with ``tokenizer=``). ``alpha_kind`` says whether
-    a row's α is from the grid or norm-matched; ``norm_share`` is the share of ‖v‖² the design keeps."""
-    from tqdm.auto import tqdm
-
-    from chatvec_lab.sweep import load_target
-
+    a row's α is from the grid or norm-matched; ``norm_share`` is the share of ‖v‖² the design keeps.
+    ``executor`` / ``cache_dir``: as for ``sweep`` (``grid.RayExecutor`` spreads the cells over Ray actors, each
+    with its own model; a per-cell cache lets an interrupted atlas resume)."""
     prompts = list(prompts)
     if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
         raise UsageError("the atlas needs non-empty prompts")
@@ -131,55 +96,72 @@ def atlas(target, vector: ChatVector, prompts: Sequence[str], *, alphas: Sequenc
     if unknown:
         raise UsageError(f"unknown design(s) {sorted(unknown)}: choose from {DESIGNS}")
     alphas = [float(a) for a in alphas]
+    executor = executor if executor is not None else LocalExecutor()
+    local = isinstance(executor, LocalExecutor)
     if isinstance(target, torch.nn.Module):
-        model = target
         if tokenizer is None:
             raise UsageError("pass tokenizer= with an in-memory model")
+        if not local:
+            raise UsageError("a distributed atlas loads the model in each worker: give the target as a folder or hub id")
+        state = {n: t.detach() for n, t in module_state(target).items()}
     else:
-        model, tokenizer = load_target(target)
+        state = open_weights(target)
+    spec = None if local else EngineSpec.of(target, {"v": vector})
     vector = ChatVector.open(vector)
-    live = LiveModel(model, {"v": vector})
-    norms = cell_norms(vector, {n: t.detach() for n, t in module_state(model).items()})
+    norms = cell_norms(vector, state)
     cells = list(cells) if cells is not None else cells_of(vector)
-    built = [make_scorer(s, language=language) for s in scorers]
     runs = [("target", None, "grid", 0.0)] + [("full", None, "grid", a) for a in alphas]
     for cell in cells:
         for design in designs:
             runs += [(design, cell, "grid", a) for a in alphas]
             if norm_matched:
                 runs.append((design, cell, "norm-matched", norm_matched_alpha(norms, cell, design)))
-    frames = []
-    saved = dict(live.coefficients)
-    bar = tqdm(total=len(runs) * seeds, desc="atlas", unit="cell", disable=not progress)
+    runs = [r for r in runs if not math.isnan(r[3])]
+    grid_cells = []
+    for design, cell, kind, alpha in runs:
+        for seed in range(seeds):
+            grid_cells.append(GridCell(len(grid_cells), (("v", alpha),), seed, perplexity=False,
+                                       region=(design, cell.row if cell else None, cell.module if cell else None)))
+    settings = GridSettings(tuple(prompts), tuple(scorers), max_new_tokens, language,
+                            gen_kwargs=tuple({"batch_size": batch_size, **gen_kwargs}.items()))
+    cache = None
+    if cache_dir is not None and not isinstance(target, torch.nn.Module):
+        cache = CellCache(cache_dir, {"atlas": 1, "target": files_key([target]), "vector": vector_key(vector),
+                                      **settings.key()})
+    engine = None
+
+    def make_runner() -> CellRunner:
+        nonlocal engine, tokenizer
+        model = target
+        if not isinstance(target, torch.nn.Module):
+            model, tokenizer = load_target(target)
+        engine = TransformersEngine(model, tokenizer, {"v": vector})
+        return CellRunner(engine, settings)
+
     try:
-        for design, cell, kind, alpha in runs:
-            if math.isnan(alpha):
-                bar.update(seeds)
-                continue
-            live.set(v=cell_coefficient(cell, design, alpha))
-            if cell is None:
-                share = 0.0 if design == "target" else 1.0
-            else:
-                here = (norms["row"] == cell.row) & (norms["module"] == cell.module)
-                kept = norms.loc[here, "norm_share"].sum()
-                share = kept if design == "keep-only" else 1.0 - kept
-            for seed in range(seeds):
-                gen = generate(live.model, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed,
-                               batch_size=batch_size, **gen_kwargs)
-                df = pd.concat([gen.reset_index(drop=True), score_all(gen["reply"].tolist(), built)], axis=1)
-                df.insert(0, "rewritten_tensors", live.rewritten)
-                df.insert(0, "norm_share", share)
-                df.insert(0, "alpha_kind", kind)
-                df.insert(0, "alpha", alpha)
-                df.insert(0, "design", design)
-                df.insert(0, "module", cell.module if cell else "all")
-                df.insert(0, "row", cell.row if cell else "all")
-                df.insert(0, "cell", cell.label if cell else design)
-                frames.append(df)
-                bar.update()
+        rows = run_grid(executor, make_runner, spec, settings, grid_cells, cache=cache, progress=progress)
     finally:
-        live.set(saved)
-        bar.close()
+        if engine is not None:
+            engine.live.reset()  # an in-memory target is left exactly as it was found
+    frames = []
+    per_cell = len(prompts)
+    for gc, (design, cell, kind, alpha) in zip(grid_cells, (r for r in runs for _ in range(seeds))):
+        df = rows.iloc[gc.index * per_cell:(gc.index + 1) * per_cell].drop(columns=["alpha", "alpha_v"])
+        df = df.reset_index(drop=True)
+        if cell is None:
+            share = 0.0 if design == "target" else 1.0
+        else:
+            here = (norms["row"] == cell.row) & (norms["module"] == cell.module)
+            kept = norms.loc[here, "norm_share"].sum()
+            share = kept if design == "keep-only" else 1.0 - kept
+        df.insert(0, "norm_share", share)
+        df.insert(0, "alpha_kind", kind)
+        df.insert(0, "alpha", alpha)
+        df.insert(0, "design", design)
+        df.insert(0, "module", cell.module if cell else "all")
+        df.insert(0, "row", cell.row if cell else "all")
+        df.insert(0, "cell", cell.label if cell else design)
+        frames.append(df)
     return pd.concat(frames, ignore_index=True)
 
 

@@ -23,10 +23,13 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import pandas as pd
+import torch
 
 from chatvec_lab.errors import Unavailable, UsageError
 from chatvec_lab.output import atomic_file
+from chatvec_lab.plan import Cell, cell_coefficient
 from chatvec_lab.scoring import make_scorer, score_all
+from chatvec_lab.vector import ChatVector
 
 
 @dataclass(frozen=True)
@@ -35,10 +38,15 @@ class GridCell:
     point: tuple[tuple[str, float], ...]  # ((vector name, α), …)
     seed: int
     perplexity: bool  # the point's first seed also measures held-out perplexity
+    region: tuple | None = None  # an atlas cell: (design, row, module); the point's α applies by design
 
     @property
-    def coefficients(self) -> dict[str, float]:
-        return dict(self.point)
+    def coefficients(self) -> dict:
+        if self.region is None:
+            return dict(self.point)
+        design, row, module = self.region
+        cell = Cell(row, module) if row is not None else None
+        return {name: cell_coefficient(cell, design, alpha) for name, alpha in self.point}
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,9 @@ class CellRunner:
         for name, value in cell.point:
             df.insert(0, f"alpha_{name}", value)
         df.insert(0, "alpha", cell.point[0][1])
+        live = getattr(self.engine, "live", None)
+        if cell.region is not None and live is not None:
+            df.insert(0, "rewritten_tensors", live.rewritten)  # what the move to this cell cost
         if cell.perplexity:
             for lang, texts in s.heldout:
                 df[f"ppl_{lang}"] = self.engine.perplexity(list(texts))
@@ -99,7 +110,8 @@ class CellCache:
 
     def path(self, cell: GridCell) -> Path:
         key = json.dumps({**self.grid_key, "point": list(cell.point), "seed": cell.seed,
-                          "perplexity": cell.perplexity, "version": 1}, sort_keys=True, default=str)
+                          "perplexity": cell.perplexity, "region": cell.region, "version": 1},
+                         sort_keys=True, default=str)
         return self.folder / f"cell-{hashlib.sha256(key.encode()).hexdigest()[:24]}.jsonl"
 
     def get(self, cell: GridCell) -> pd.DataFrame | None:
@@ -269,3 +281,34 @@ def run_grid(executor, make_runner, spec, settings: GridSettings, cells: list[Gr
     if missing:
         raise Unavailable(f"cells {missing[:5]} did not finish")
     return pd.concat([results[c.index] for c in cells], ignore_index=True).drop(columns="cell")
+
+
+# ---------------------------------------------------------------- cache keys
+
+def files_key(paths) -> list:
+    """Files as make sees them: path, size and modification time of every weights file under ``paths``."""
+    files = set()
+    for p in paths:
+        p = Path(p)
+        for f in ([p] if p.is_file() else sorted(p.glob("*.safetensors")) if p.is_dir() else []):
+            st = f.stat()
+            files.add((str(f.resolve()), st.st_size, st.st_mtime_ns))
+    return sorted(files)
+
+
+def vector_key(vec: ChatVector) -> dict:
+    """What a vector's deltas depend on, without when it was built: its recorded provenance (minus the creation
+    time), its terms' coefficients, the files it reads, and the bytes of tensors it holds in memory."""
+    def stable(meta):
+        if isinstance(meta, dict):
+            return {k: stable(v) for k, v in meta.items() if k != "created"}
+        return [stable(m) for m in meta] if isinstance(meta, list) else meta
+
+    in_memory = hashlib.sha256()
+    for _, term in vec.terms:
+        for src in term.sources().values():
+            for name, tensor in sorted(getattr(src, "tensors", {}).items()):
+                in_memory.update(name.encode())
+                in_memory.update(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return {"metadata": stable(vec.metadata), "coefficients": [c for c, _ in vec.terms],
+            "names": sorted(vec.names), "files": files_key(vec.input_paths()), "tensors": in_memory.hexdigest()}

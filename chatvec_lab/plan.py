@@ -281,3 +281,41 @@ def _check_filters(target: WeightSource, plans: dict[str, TensorPlan], keep) -> 
 
 def _ranges(values: list[int]) -> str:
     return ", ".join(str(v) for v in values[:8]) + (" …" if len(values) > 8 else "")
+
+
+# ---------------------------------------------------------------- regions: the ablation atlas's cells
+
+@dataclass(frozen=True)
+class Cell:
+    """A region of the model: a layer × module kind, or an outer row (``embeddings``, ``lm_head``, ``norms``)."""
+    row: str  # "layer 3", or one of OUTER_ROWS
+    module: str  # a module kind (attn_q …), or "all" for an outer row
+
+    @property
+    def label(self) -> str:
+        return self.row if self.module == "all" else f"{self.row} · {self.module}"
+
+    def contains(self, info: TensorInfo) -> bool:
+        return cell_of(info) == self
+
+
+def cell_of(info: TensorInfo) -> Cell:
+    if info.module == "embed" or info.module == "pos_embed":
+        return Cell("embeddings", "all")
+    if info.module == "lm_head":
+        return Cell("lm_head", "all")
+    if info.group == "norm":
+        return Cell("norms", "all")
+    if info.layer is None:
+        return Cell("other", "all")
+    return Cell(f"layer {info.layer}", info.module)
+
+
+def cell_coefficient(cell: Cell | None, design: str, alpha: float):
+    """The coefficient rule of one design: α inside the cell only (keep-only), α everywhere but the cell
+    (knock-out), or α everywhere (``cell`` None: the full vector); for ``LiveModel.set``."""
+    if cell is None:  # the full vector
+        return alpha
+    if design == "keep-only":
+        return lambda info: alpha if cell_of(info) == cell else 0.0
+    return lambda info: 0.0 if cell_of(info) == cell else alpha

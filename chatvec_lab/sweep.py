@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import pandas as pd
-import torch
 
 from chatvec_lab.errors import NotFound, UsageError
 from chatvec_lab.engines import EngineSpec, TransformersEngine, load_target
-from chatvec_lab.grid import CellCache, CellRunner, GridSettings, LocalExecutor, make_cells, run_grid
+from chatvec_lab.grid import CellCache, files_key, vector_key, CellRunner, GridSettings, LocalExecutor, make_cells, run_grid
 from chatvec_lab.live import LiveModel
 from chatvec_lab.output import atomic_file, check_clear_of_inputs, check_output_path
 from chatvec_lab.vector import ChatVector, named_vectors
@@ -89,37 +88,8 @@ def _fingerprint(obj) -> str:
 
 def _model_fingerprint(target) -> object:
     if isinstance(target, (str, Path)):
-        return _files_key([Path(target)])
+        return files_key([Path(target)])
     return None
-
-
-def _files_key(paths) -> list:
-    """Files as make sees them: path, size and modification time of every weights file under ``paths``."""
-    files = set()
-    for p in paths:
-        p = Path(p)
-        for f in ([p] if p.is_file() else sorted(p.glob("*.safetensors")) if p.is_dir() else []):
-            st = f.stat()
-            files.add((str(f.resolve()), st.st_size, st.st_mtime_ns))
-    return sorted(files)
-
-
-def _vector_key(vec: ChatVector) -> dict:
-    """What a vector's deltas depend on, without when it was built: its recorded provenance (minus the creation
-    time), its terms' coefficients, the files it reads, and the bytes of tensors it holds in memory."""
-    def stable(meta):
-        if isinstance(meta, dict):
-            return {k: stable(v) for k, v in meta.items() if k != "created"}
-        return [stable(m) for m in meta] if isinstance(meta, list) else meta
-
-    in_memory = hashlib.sha256()
-    for _, term in vec.terms:
-        for src in term.sources().values():
-            for name, tensor in sorted(getattr(src, "tensors", {}).items()):
-                in_memory.update(name.encode())
-                in_memory.update(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
-    return {"metadata": stable(vec.metadata), "coefficients": [c for c, _ in vec.terms],
-            "names": sorted(vec.names), "files": _files_key(vec.input_paths()), "tensors": in_memory.hexdigest()}
 
 
 def sweep(target, vectors, coefficients, prompts: Sequence[str], *, tokenizer=None, scorers=DEFAULT_SCORERS,
@@ -150,7 +120,7 @@ def sweep(target, vectors, coefficients, prompts: Sequence[str], *, tokenizer=No
     cache_file = None
     key_target = _model_fingerprint(target)
     if cache_dir is not None and key_target is not None:
-        key = _fingerprint({"target": key_target, "vectors": {k: _vector_key(v) for k, v in vectors.items()},
+        key = _fingerprint({"target": key_target, "vectors": {k: vector_key(v) for k, v in vectors.items()},
                             "points": points, "prompts": prompts, "scorers": scorer_names, "seeds": seed_list,
                             "max_new_tokens": max_new_tokens, "language": language, "heldout": heldout,
                             "gen": gen_kwargs, "version": 3})
@@ -163,7 +133,7 @@ def sweep(target, vectors, coefficients, prompts: Sequence[str], *, tokenizer=No
     cells = make_cells(points, seed_list)
     cell_cache = None
     if cache_dir is not None and key_target is not None:
-        cell_cache = CellCache(cache_dir, {"target": key_target, "vectors": {k: _vector_key(v) for k, v in vectors.items()},
+        cell_cache = CellCache(cache_dir, {"target": key_target, "vectors": {k: vector_key(v) for k, v in vectors.items()},
                                            **settings.key()})
     executor = executor if executor is not None else LocalExecutor()
     engine, saved = None, {}
