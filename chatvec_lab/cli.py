@@ -61,6 +61,16 @@ def _rank(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
+    return value
+
+
 def _ranks(text: str) -> list[int]:
     return [_rank(part) for part in text.split(",") if part.strip()] or [_rank(text)]
 
@@ -231,12 +241,15 @@ def cmd_atlas(args) -> None:
     prompts = read_prompts(args.prompts)
     if args.quick:
         prompts = prompts[:8]
-    model, tokenizer = load_target(args.target)
+    executor = _executor(args)
+    if executor is not None and (args.ranks or second is not None):
+        raise ChatVecError("--ray runs the layer × module map; leave out --ranks / --second-vector, or --ray")
+    model, tokenizer = load_target(args.target) if executor is None else (args.target, None)
     common = dict(tokenizer=tokenizer, seeds=args.seeds, max_new_tokens=args.max_new_tokens, language=args.language,
                   progress=not args.quiet)
     tables, figures = {}, {}
     if not args.skip_map:
-        df = atlas(model, vector, prompts, alphas=args.alphas, **common)
+        df = atlas(model, vector, prompts, alphas=args.alphas, executor=executor, **common)
         s = summarize_atlas(df)
         tables |= {"atlas.csv": df, "summary.csv": s}
         for design in ("keep-only", "knock-out"):
@@ -271,10 +284,21 @@ def cmd_atlas(args) -> None:
     print(f"wrote {args.out} ({', '.join(tables)})")
 
 
+def _executor(args):
+    """``--ray [ADDRESS]`` → a ``RayExecutor``; without it, None (the local executor)."""
+    if getattr(args, "ray", None):
+        from chatvec_lab.grid import RayExecutor
+
+        return RayExecutor(address=args.ray, actors=args.actors, threads_per_actor=args.threads_per_actor)
+    if args.actors != 2 or args.threads_per_actor != 1:
+        raise ChatVecError("--actors and --threads-per-actor go with --ray")
+    return None
+
+
 def cmd_sweep(args) -> None:
     from chatvec_lab.sweep import run_sweep_cli
 
-    run_sweep_cli(args)
+    run_sweep_cli(args, executor=_executor(args))
 
 
 def cmd_demo(args) -> None:
@@ -374,11 +398,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--csv", required=True)
     s.add_argument("--cache-dir", help="reuse results cached here")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --csv file")
-    s.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
-                   help="run the grid's cells on Ray actors: 'local' (default) starts Ray here, or a cluster "
-                        "address ('auto', 'ray://host:10001'); needs pip install 'chatvec_lab[distributed]'")
-    s.add_argument("--actors", type=int, default=2, help="with --ray: actors, one model each")
-    s.add_argument("--threads-per-actor", type=int, default=1, help="with --ray: torch threads per actor")
     s.set_defaults(func=cmd_sweep)
 
     t = sub.add_parser("atlas", help="map where a vector's behaviour lives: keep-only and knock-out per layer × module")
@@ -416,6 +435,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--overwrite", action="store_true")
     for sp in (e, a, i, c, s, t, d):
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    for sp in (s, t):
+        sp.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                        help="run the grid's cells on Ray actors: 'local' (the default) starts Ray here, or a "
+                             "cluster's address ('auto', 'ray://host:10001'); pip install 'chatvec_lab[distributed]'")
+        sp.add_argument("--actors", type=_positive, default=2, help="with --ray: actors, one model each")
+        sp.add_argument("--threads-per-actor", type=_positive, default=1, help="with --ray: torch threads per actor")
     return p
 
 

@@ -192,7 +192,7 @@ def summarize(df: pd.DataFrame, metrics: Sequence[str] | None = None, by: str | 
     return pd.DataFrame(rows)
 
 
-def run_sweep_cli(args) -> None:
+def run_sweep_cli(args, executor=None) -> None:
     from chatvec_lab.output import source_paths
     from chatvec_lab.sources import open_weights
 
@@ -204,13 +204,6 @@ def run_sweep_cli(args) -> None:
     prompts = read_prompts(args.prompts)
     vectors = named_vectors(args.vector)
     scorers = [s.strip() for s in args.scorers.split(",") if s.strip()]
-    executor = None
-    if getattr(args, "ray", None):
-        from chatvec_lab.grid import RayExecutor
-
-        executor = RayExecutor(address=args.ray, actors=args.actors, threads_per_actor=args.threads_per_actor)
-    elif getattr(args, "actors", 2) != 2 or getattr(args, "threads_per_actor", 1) != 1:
-        raise UsageError("--actors and --threads-per-actor go with --ray")
     df = sweep(args.target, vectors, args.alphas, prompts, scorers=scorers, seeds=args.seeds,
                max_new_tokens=args.max_new_tokens, language=args.language, cache_dir=args.cache_dir,
                progress=not args.quiet, executor=executor)

@@ -113,3 +113,14 @@ def test_cli_sweep_on_ray_writes_the_local_csv(ray_local, tmp_path, one_thread):
     assert cli(common + ["--csv", str(tmp_path / "ray.csv"), "--ray", "--actors", "2"]) == 0
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "local.csv"), pd.read_csv(tmp_path / "ray.csv"))
     assert cli(common + ["--csv", str(tmp_path / "x.csv"), "--actors", "3"]) == 2  # --actors without --ray
+
+
+def test_atlas_on_two_actors_gives_the_local_atlas(ray_local, vectors, one_thread):
+    from chatvec_lab.atlas import atlas, cells_of
+    cv = vectors["chat"]
+    cells = [c for c in cells_of(cv) if c.row in ("lm_head", "norms")]
+    kw = dict(alphas=[1.0], cells=cells, max_new_tokens=6, progress=False)
+    local = atlas(toy.path("cp"), cv, PROMPTS, **kw)
+    remote = atlas(toy.path("cp"), cv, PROMPTS, executor=RayExecutor(actors=2, threads_per_actor=1), **kw)
+    pd.testing.assert_frame_equal(local.drop(columns="rewritten_tensors"), remote.drop(columns="rewritten_tensors"))
+    assert set(local["cell"]) == {"target", "full", "lm_head", "norms"}
