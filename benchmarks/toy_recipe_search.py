@@ -46,7 +46,17 @@ ROUND2 = {
     "R2-g01-chat2000-head": ("g01", SHORT + ["chat_steps=2000", "chat_head_lr_scale=0.5"]),
     "R2-g03-8words": ("g03", COMMON + ["reply_max_words=8"]),
 }
-ROUNDS = {"1": ROUND1, "2": ROUND2}
+# Round 3 (CPU, 2026-11-26; results/toy_recipe_search_round3_cpu.csv, family sampling only, CP / chat / CP + CV):
+# the shipped recipe plus German–English dictionary pairs (Debian's trans-de-en) in CP, and in base + CP, to see
+# whether parallel text lets the refusal transfer. It did not: CP + 1·CV refused 0.07–0.14 of the tuning insults,
+# the shipped recipe 0.10 on the same CPU evaluation; the refusals stayed mostly English.
+BASES["g005-dict5"] = ["base_german_share=0.005", "base_parallel_share=0.05"]
+ROUND3 = {
+    "R3-cp-dict10": ("g005", ["cp_parallel_share=0.1"]),
+    "R3-cp-dict30": ("g005", ["cp_parallel_share=0.3"]),
+    "R3-base-dict5-cp-dict10": ("g005-dict5", ["base_parallel_share=0.05", "cp_parallel_share=0.1"]),
+}
+ROUNDS = {"1": ROUND1, "2": ROUND2, "3": ROUND3}
 SAMPLING = {"family": dict(temperature=0.7, top_k=40), "t0.8-p0.9": dict(temperature=0.8, top_k=None, top_p=0.9)}
 MODELS = ("CP", "chat", "CP+1CV", "CP+1.25CV")
 
