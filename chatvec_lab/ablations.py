@@ -66,6 +66,9 @@ def merge_sweep(target, sources: Mapping[str, ChatVector], prompts: Sequence[str
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise UsageError(f"unknown merge method(s) {sorted(unknown)}: choose from {METHODS}")
+    clash = set(sources) & set(methods)
+    if clash:
+        raise UsageError(f"source name(s) {sorted(clash)} are merge methods' names too: rename the source(s)")
     settings = {**MERGE_SETTINGS, **(settings or {})}
     opened = {name: ChatVector.open(v) for name, v in sources.items()}
     variants: dict[str, ChatVector] = dict(opened)

@@ -21,6 +21,7 @@ whose coefficient changes.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -29,8 +30,8 @@ import torch
 
 from chatvec_lab.engines import EngineSpec, TransformersEngine, load_target
 from chatvec_lab.errors import UsageError
-from chatvec_lab.grid import (CellCache, CellRunner, GridCell, GridSettings, LocalExecutor, files_key, run_grid,
-                              vector_key)
+from chatvec_lab.grid import (CellCache, CellRunner, GridCell, GridSettings, LocalExecutor, check_cache_dir, files_key,
+                              run_grid, vector_key)
 from chatvec_lab.naming import MODULE_ORDER, parse
 from chatvec_lab.plan import Cell, cell_coefficient, cell_of  # the regions live with the coefficient rules
 from chatvec_lab.sources import module_state, open_weights
@@ -126,8 +127,9 @@ def atlas(target, vector: ChatVector, prompts: Sequence[str], *, alphas: Sequenc
                             gen_kwargs=tuple({"batch_size": batch_size, **gen_kwargs}.items()))
     cache = None
     if cache_dir is not None and not isinstance(target, torch.nn.Module):
+        check_cache_dir(cache_dir, [Path(target), *vector.input_paths()])
         cache = CellCache(cache_dir, {"atlas": 1, "target": files_key([target]), "vector": vector_key(vector),
-                                      **settings.key()})
+                                      **settings.key()}, prompts)
     engine = None
 
     def make_runner() -> CellRunner:
@@ -145,6 +147,8 @@ def atlas(target, vector: ChatVector, prompts: Sequence[str], *, alphas: Sequenc
             engine.live.reset()  # an in-memory target is left exactly as it was found
     frames = []
     per_cell = len(prompts)
+    if len(rows) != per_cell * len(grid_cells):  # every cell is the prompts' rows, cached or fresh
+        raise RuntimeError(f"the atlas grid returned {len(rows)} rows for {len(grid_cells)} cells × {per_cell} prompts")
     for gc, (design, cell, kind, alpha) in zip(grid_cells, (r for r in runs for _ in range(seeds))):
         df = rows.iloc[gc.index * per_cell:(gc.index + 1) * per_cell].drop(columns=["alpha", "alpha_v"])
         df = df.reset_index(drop=True)

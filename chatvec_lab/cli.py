@@ -234,7 +234,17 @@ def cmd_atlas(args) -> None:
     if args.skip_map and not (args.ranks or args.second_vector):
         raise ChatVecError("--skip-map leaves nothing to do: add --ranks and/or --second-vector")
     vector = ChatVector.load(args.vector)
-    second = ChatVector.load(args.second_vector) if args.second_vector else None
+    second = names = None
+    if args.second_vector:
+        from chatvec_lab.merge import METHODS
+        from chatvec_lab.transforms import check_settings
+        from chatvec_lab.vector import check_compatible, named_vectors
+
+        check_settings(args.density)  # before the work, not after it
+        names = named_vectors([args.vector, args.second_vector])  # the same folder twice is refused here
+        names = {(f"{k} (source)" if k in METHODS else k): v for k, v in names.items()}
+        second = list(names.values())[1]
+        check_compatible(vector, second)
     inputs = [*source_paths(open_weights(args.target)), Path(args.prompts), *vector.input_paths(),
               *(second.input_paths() if second else [])]
     check_output_path(args.out, args.overwrite, inputs)  # before the work, not after
@@ -266,8 +276,6 @@ def cmd_atlas(args) -> None:
                 figures[f"rank-curve-{x}-alpha{alpha:g}.png"] = plots.plot_rank_curve(rs, x=x, alpha=alpha)
         print(rs[[c for c in rs.columns if not c.endswith(("_lo", "_hi"))]].round(3).to_string(index=False))
     if second is not None:
-        names = {Path(args.vector).name or "first": vector}
-        names[Path(args.second_vector).name if Path(args.second_vector).name not in names else "second"] = second
         conflicts = interference(vector, second, density=args.density)
         merges = merge_sweep(model, names, prompts, alphas=args.alphas, **common)
         ms = summarize(merges)

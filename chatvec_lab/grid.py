@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from chatvec_lab.errors import Unavailable, UsageError
-from chatvec_lab.output import atomic_file
+from chatvec_lab.output import atomic_file, check_clear_of_inputs
 from chatvec_lab.plan import Cell, cell_coefficient
 from chatvec_lab.scoring import make_scorer, score_all
 from chatvec_lab.vector import ChatVector
@@ -101,31 +101,62 @@ class CellRunner:
         return df
 
 
-class CellCache:
-    """One JSONL file per finished cell, named by the hash of what its rows depend on."""
+def write_table(path: Path, df: pd.DataFrame) -> None:
+    """A table as JSON that reads back equal: exact floats (Python's repr), strings kept strings, dtypes kept."""
+    payload = {"columns": [str(c) for c in df.columns], "dtypes": {str(c): str(t) for c, t in df.dtypes.items()},
+               "rows": df.astype(object).where(df.notna(), None).values.tolist()}
+    with atomic_file(path, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(payload, default=float), encoding="utf-8")
 
-    def __init__(self, folder, grid_key: dict):
+
+def read_table(path: Path) -> pd.DataFrame | None:
+    """What ``write_table`` wrote, or None when the file is missing, unreadable or not such a table."""
+    try:
+        payload = json.loads(Path(path).read_text(encoding="utf-8"))
+        df = pd.DataFrame(payload["rows"], columns=payload["columns"])
+        for column, dtype in payload["dtypes"].items():
+            df[column] = df[column].astype(dtype) if dtype != "object" else df[column]
+        return df
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_cache_dir(cache_dir, inputs) -> Path:
+    """A cache folder may not be a file, nor sit in (or hold) an input: refused before any work."""
+    path = Path(cache_dir)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"cache_dir {cache_dir} exists and is not a folder")
+    check_clear_of_inputs(path, inputs)
+    return path
+
+
+class CellCache:
+    """One file per finished cell, named by the hash of what its rows depend on. A file that is damaged or does
+    not hold the cell's rows (wrong count, prompts or seed) counts as missing: the cell runs again."""
+
+    def __init__(self, folder, grid_key: dict, prompts: Sequence[str] = ()):
         self.folder = Path(folder) / "cells"
         self.grid_key = grid_key
+        self.prompts = list(prompts)
 
     def path(self, cell: GridCell) -> Path:
         key = json.dumps({**self.grid_key, "point": list(cell.point), "seed": cell.seed,
-                          "perplexity": cell.perplexity, "region": cell.region, "version": 1},
+                          "perplexity": cell.perplexity, "region": cell.region, "version": 2},
                          sort_keys=True, default=str)
-        return self.folder / f"cell-{hashlib.sha256(key.encode()).hexdigest()[:24]}.jsonl"
+        return self.folder / f"cell-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
 
     def get(self, cell: GridCell) -> pd.DataFrame | None:
-        path = self.path(cell)
-        if not path.is_file():
+        df = read_table(self.path(cell))
+        if df is None or not {"prompt", "reply", "seed"} <= set(df.columns):
             return None
-        df = pd.read_json(path, orient="records", lines=True)
+        if len(df) != len(self.prompts) or df["prompt"].tolist() != self.prompts or (df["seed"] != cell.seed).any():
+            return None
         df["cell"] = cell.index  # the same cell may sit at another index in another grid
         return df
 
     def put(self, cell: GridCell, df: pd.DataFrame) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        with atomic_file(self.path(cell), overwrite=True) as tmp:
-            df.to_json(tmp, orient="records", lines=True)
+        write_table(self.path(cell), df)
 
 
 @dataclass
@@ -188,6 +219,9 @@ class RayExecutor:
                  num_cpus: int | None = None, max_replacements: int = 3, on_result=None):
         if not isinstance(actors, int) or isinstance(actors, bool) or actors < 1:
             raise UsageError(f"actors must be a positive integer, not {actors!r}")
+        if threads_per_actor is not None and (not isinstance(threads_per_actor, int) or isinstance(threads_per_actor, bool)
+                                              or threads_per_actor < 1):
+            raise UsageError(f"threads_per_actor must be a positive integer or None, not {threads_per_actor!r}")
         self.address, self.n_actors, self.threads = address, actors, threads_per_actor
         self.num_cpus, self.max_replacements, self.on_result = num_cpus, max_replacements, on_result
         self.actors: list = []
@@ -213,6 +247,10 @@ class RayExecutor:
         from dataclasses import replace
 
         spec = replace(spec, threads=self.threads or spec.threads)
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if (self.threads or 1) > cpus:  # such an actor could never be placed: Ray would wait for ever
+            raise Unavailable(f"an actor asks for {self.threads or 1} CPUs but the Ray cluster has {cpus:g}: "
+                              "lower --threads-per-actor")
         remote = _remote_runner_class().options(num_cpus=self.threads or 1)
         self.actors = [remote.remote(spec, settings) for _ in range(min(self.n_actors, len(cells)))]
         queue = list(cells)
@@ -286,11 +324,13 @@ def run_grid(executor, make_runner, spec, settings: GridSettings, cells: list[Gr
 # ---------------------------------------------------------------- cache keys
 
 def files_key(paths) -> list:
-    """Files as make sees them: path, size and modification time of every weights file under ``paths``."""
+    """Files as make sees them: path, size and modification time of each file, or of every file directly in each
+    folder (weights, config, tokenizer, chat template: a change to any of them changes the replies)."""
     files = set()
     for p in paths:
         p = Path(p)
-        for f in ([p] if p.is_file() else sorted(p.glob("*.safetensors")) if p.is_dir() else []):
+        for f in ([p] if p.is_file() else sorted(x for x in p.iterdir() if x.is_file() and not x.name.startswith("."))
+                  if p.is_dir() else []):
             st = f.stat()
             files.add((str(f.resolve()), st.st_size, st.st_mtime_ns))
     return sorted(files)

@@ -21,6 +21,7 @@ place (``output.atomic_folder``): an interrupted export leaves nothing behind.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +95,14 @@ def plan_adapter(vector: ChatVector, rank: int | None, have_target: bool) -> lis
     return parts
 
 
+def _refuse_tied(config: dict | None, what: str, parts: list[AdapterPart]) -> None:
+    """PEFT's embedding LoRA changes the input side only; a tied lm_head would not see the change until merged."""
+    if config and config.get("tie_word_embeddings") and any(p.kind == "embedding" for p in parts):
+        raise UsageError(f"{what} ties its input embeddings to the lm_head: a LoRA adapter on the embeddings would "
+                         "change the input side only (unmerged output differs from target + α·vector); leave the "
+                         "embeddings out (exclude='embed_tokens', --exclude embed_tokens) or apply the vector")
+
+
 def adapter_config(parts: list[AdapterPart], rank: int, base_model: str | None) -> dict:
     """PEFT's ``adapter_config.json``: exact module paths as targets, every scaling ``lora_alpha / r = 1``."""
     lora = [p for p in parts if p.kind != "whole"]
@@ -125,16 +134,18 @@ def export_peft(vector: ChatVector, out, rank: int | None = None, alpha: float =
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise UsageError(f"alpha must be a finite number, not {alpha!r}")
     parts = plan_adapter(vector, rank, target is not None)
+    _refuse_tied(vector.base_config, "the vector's base", parts)
     target_weights = open_weights(target, allow_pickle=allow_pickle) if target is not None else None
     try:
         if target_weights is not None:
+            _refuse_tied(target_weights.config, "the target", parts)
             for p in parts:
-                if p.kind == "whole":
-                    if p.name not in target_weights:
-                        raise MismatchError(f"tensor {p.name!r} is in the vector but not in the target")
-                    if tuple(target_weights.shape(p.name)) != p.shape:
-                        raise MismatchError(f"tensor {p.name!r}: the vector's shape {p.shape} differs from the "
-                                            f"target's {tuple(target_weights.shape(p.name))}")
+                if p.name not in target_weights:
+                    raise MismatchError(f"tensor {p.name!r} is in the vector but not in the target")
+                if tuple(target_weights.shape(p.name)) != p.shape:
+                    raise MismatchError(f"tensor {p.name!r}: the vector's shape {p.shape} differs from the "
+                                        f"target's {tuple(target_weights.shape(p.name))} (a grown vocabulary? "
+                                        "apply the vector with embeddings='shared' instead)")
         r = max((p.rank for p in parts), default=1) if rank is None else rank
         plan = [(n, s, torch.float32) for p in parts for n, s in p.entries()]
         kept: dict[str, float] = {}
@@ -159,7 +170,8 @@ def export_peft(vector: ChatVector, out, rank: int | None = None, alpha: float =
             except BaseException:
                 writer.abort()
                 raise
-            base_model = str(target) if target is not None else None
+            base_model = None if target is None else (
+                os.path.abspath(target) if os.path.exists(target) else str(target))  # a hub id stays as given
             write_json(tmp / "adapter_config.json", adapter_config(parts, r, base_model))
             write_json(tmp / "chatvec.json", {
                 "kind": "peft_lora", "rank": rank, "alpha": alpha, "method": method, "seed": seed,

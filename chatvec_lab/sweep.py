@@ -18,7 +18,7 @@ import pandas as pd
 
 from chatvec_lab.errors import NotFound, UsageError
 from chatvec_lab.engines import EngineSpec, TransformersEngine, load_target
-from chatvec_lab.grid import CellCache, files_key, vector_key, CellRunner, GridSettings, LocalExecutor, make_cells, run_grid
+from chatvec_lab.grid import CellCache, check_cache_dir, files_key, read_table, vector_key, write_table, CellRunner, GridSettings, LocalExecutor, make_cells, run_grid
 from chatvec_lab.live import LiveModel
 from chatvec_lab.output import atomic_file, check_clear_of_inputs, check_output_path
 from chatvec_lab.vector import ChatVector, named_vectors
@@ -118,15 +118,19 @@ def sweep(target, vectors, coefficients, prompts: Sequence[str], *, tokenizer=No
     scorer_names = [s if isinstance(s, str) else s.name for s in scorers]
 
     cache_file = None
+    if cache_dir is not None:
+        check_cache_dir(cache_dir, [*([Path(target)] if isinstance(target, (str, Path)) else []),
+                                    *(p for v in vectors.values() for p in v.input_paths())])
     key_target = _model_fingerprint(target)
     if cache_dir is not None and key_target is not None:
         key = _fingerprint({"target": key_target, "vectors": {k: vector_key(v) for k, v in vectors.items()},
                             "points": points, "prompts": prompts, "scorers": scorer_names, "seeds": seed_list,
                             "max_new_tokens": max_new_tokens, "language": language, "heldout": heldout,
                             "gen": gen_kwargs, "version": 3})
-        cache_file = Path(cache_dir) / f"sweep-{key}.jsonl"
-        if cache_file.is_file():
-            return pd.read_json(cache_file, orient="records", lines=True)
+        cache_file = Path(cache_dir) / f"sweep-{key}.json"
+        cached = read_table(cache_file)
+        if cached is not None and len(cached) == len(points) * len(seed_list) * len(prompts):
+            return cached
 
     settings = GridSettings(tuple(prompts), tuple(scorer_names), max_new_tokens, language,
                             tuple((k, tuple(v)) for k, v in (heldout or {}).items()), tuple(gen_kwargs.items()))
@@ -134,7 +138,7 @@ def sweep(target, vectors, coefficients, prompts: Sequence[str], *, tokenizer=No
     cell_cache = None
     if cache_dir is not None and key_target is not None:
         cell_cache = CellCache(cache_dir, {"target": key_target, "vectors": {k: vector_key(v) for k, v in vectors.items()},
-                                           **settings.key()})
+                                           **settings.key()}, prompts)
     executor = executor if executor is not None else LocalExecutor()
     engine, saved = None, {}
 
@@ -170,8 +174,7 @@ def sweep(target, vectors, coefficients, prompts: Sequence[str], *, tokenizer=No
         column = f"ppl_{lang}"
         result[column] = result.groupby([f"alpha_{n}" for n in vectors], sort=False)[column].transform("first")
     if cache_file is not None:  # concurrent runs write the same content: whichever is last replaces it whole
-        with atomic_file(cache_file, overwrite=True) as tmp:
-            result.to_json(tmp, orient="records", lines=True)
+        write_table(cache_file, result)
     return result
 
 

@@ -130,3 +130,25 @@ def test_the_readmes_rank_and_merge_figures_are_the_shipped_results():
               f"cosine {embed['cosine']:.2f}, conflict {embed['trimmed_conflict']:.2f}"]
     for text in stated:
         assert text in readme, text
+
+
+def test_sources_named_like_merge_methods_are_not_replaced(cv):
+    with pytest.raises(UsageError, match="merge methods' names"):
+        merge_sweep(toy.path("cp"), {"ties": cv, "alt": cv * 0.5}, PROMPTS, methods=["ties"], **FAST)
+
+
+def test_cli_atlas_checks_the_second_vector_before_any_work(tmp_path, cv, capsys):
+    from chatvec_lab.cli import main as cli
+    (tmp_path / "ties").mkdir()
+    cv.save(tmp_path / "ties" / "v")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    base = ["atlas", "--target", str(toy.path("cp")), "--prompts", str(prompts), "--skip-map", "--ranks", "1",
+            "--max-new-tokens", "2", "-q"]
+    v = str(tmp_path / "ties" / "v")
+    assert cli(base + ["--vector", v, "--second-vector", v, "-o", str(tmp_path / "o1")]) == 2
+    assert "twice" in capsys.readouterr().err
+    assert cli(base + ["--vector", v, "--second-vector", v + "/", "--density", "1.5", "-o", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert "density" in err or "twice" in err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()

@@ -91,7 +91,7 @@ def test_an_interrupted_grid_resumes_with_the_missing_cells(tmp_path, vectors, m
     monkeypatch.setattr(engines, "generate", failing_after_two)
     with pytest.raises(KeyboardInterrupt):
         _local(vectors, cache_dir=tmp_path)
-    assert len(list((tmp_path / "cells").glob("cell-*.jsonl"))) == 2  # the two finished cells were kept
+    assert len(list((tmp_path / "cells").glob("cell-*.json"))) == 2  # the two finished cells were kept
 
     calls.clear()
     monkeypatch.setattr(engines, "generate", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
@@ -124,3 +124,59 @@ def test_atlas_on_two_actors_gives_the_local_atlas(ray_local, vectors, one_threa
     remote = atlas(toy.path("cp"), cv, PROMPTS, executor=RayExecutor(actors=2, threads_per_actor=1), **kw)
     pd.testing.assert_frame_equal(local.drop(columns="rewritten_tensors"), remote.drop(columns="rewritten_tensors"))
     assert set(local["cell"]) == {"target", "full", "lm_head", "norms"}
+
+
+def test_a_damaged_cache_cell_is_run_again_and_the_cache_reads_back_exactly(tmp_path, vectors):
+    fresh = _local(vectors, cache_dir=tmp_path)
+    cells = sorted((tmp_path / "cells").glob("cell-*.json"))
+    cells[0].write_text("")  # emptied
+    cells[1].write_text('{"columns": ["prompt"], "dtypes": {}, "rows": [["x"]]}')  # another table
+    cells[2].write_text(cells[2].read_text()[:50])  # cut
+    for f in (tmp_path).glob("sweep-*.json"):
+        f.unlink()  # the whole-grid copy too: only the cells answer now
+    again = _local(vectors, cache_dir=tmp_path)
+    pd.testing.assert_frame_equal(fresh, again)  # exact: dtypes and every float bit
+    assert _local(vectors, cache_dir=tmp_path).equals(fresh)  # and from the whole-grid copy
+
+
+def test_table_files_keep_strings_and_floats(tmp_path):
+    from chatvec_lab.grid import read_table, write_table
+    df = pd.DataFrame({"reply": ["007", "1e5", ""], "x": [128.330261023326, float("nan"), 1 / 3], "ok": [True, False, True]})
+    write_table(tmp_path / "t.json", df)
+    pd.testing.assert_frame_equal(read_table(tmp_path / "t.json"), df)
+    assert read_table(tmp_path / "missing.json") is None
+
+
+def test_cache_dir_is_checked_before_any_work(tmp_path, vectors):
+    from chatvec_lab.errors import OutputError
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UsageError, match="not a folder"):
+        _local(vectors, cache_dir=tmp_path / "afile")
+    with pytest.raises(OutputError):
+        _local(vectors, cache_dir=toy.path("cp") / "cache")
+    assert not (toy.path("cp") / "cache").exists()
+
+
+def test_a_changed_chat_template_invalidates_the_cache(tmp_path, vectors):
+    import shutil
+    cp = tmp_path / "cp"
+    shutil.copytree(toy.path("cp"), cp)
+    grid = dict(GRID, coefficients=[1.0], seeds=1)
+    first = sweep(cp, vectors, cache_dir=tmp_path / "c", **grid)
+    template = cp / "chat_template.jinja"
+    template.write_text("Hallo! " + template.read_text())  # weights unchanged, the prompts' tokens not
+    again = sweep(cp, vectors, cache_dir=tmp_path / "c", **grid)
+    assert again["prompt_tokens"].tolist() != first["prompt_tokens"].tolist()
+
+
+def test_ray_executor_settings_are_checked():
+    with pytest.raises(UsageError, match="threads_per_actor"):
+        RayExecutor(threads_per_actor=0)
+    with pytest.raises(UsageError, match="threads_per_actor"):
+        RayExecutor(threads_per_actor=-1)
+
+
+def test_an_actor_asking_for_more_cpus_than_the_cluster_has_is_refused(ray_local, vectors):
+    from chatvec_lab.errors import Unavailable
+    with pytest.raises(Unavailable, match="lower --threads-per-actor"):
+        sweep(toy.path("cp"), vectors, executor=RayExecutor(actors=1, threads_per_actor=64), **GRID)

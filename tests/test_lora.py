@@ -97,3 +97,20 @@ def test_cli_extract_peft_and_low_rank_vector(tmp_path, capsys):
     saved = ChatVector.load(tmp_path / "lr")
     assert torch.linalg.matrix_rank(saved["model.layers.1.mlp.up_proj.weight"], rtol=1e-4) == 3
     assert cli(["extract", "--base", base, "--chat", chat, "-o", str(tmp_path / "x"), "--target", cp, "-q"]) == 2
+
+
+def test_tied_embeddings_and_grown_vocabularies_are_refused_before_writing(tmp_path, cv):
+    from chatvec_lab.errors import MismatchError
+    with pytest.raises(MismatchError, match="grown vocabulary"):  # cp-xvocab has 128 more rows
+        export_peft(cv, tmp_path / "a", rank=4, target=toy.path("cp-xvocab"))
+    assert not (tmp_path / "a").exists()
+    tied = ChatVector(cv.terms, cv.shapes, cv.metadata, base_config={**(cv.base_config or {}), "tie_word_embeddings": True})
+    with pytest.raises(UsageError, match="ties its input embeddings"):
+        export_peft(tied, tmp_path / "b", rank=4, target=toy.path("cp"))
+    export_peft(tied.select(exclude="embed_tokens"), tmp_path / "c", rank=4, target=toy.path("cp"))  # as it says
+
+
+def test_adapter_records_the_targets_absolute_path(tmp_path, cv, monkeypatch):
+    monkeypatch.chdir(toy.path("cp").parent)
+    out = export_peft(cv, tmp_path / "a", rank=2, target="cp")
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(toy.path("cp"))

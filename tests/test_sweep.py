@@ -252,4 +252,4 @@ def test_sweep_cache_is_keyed_by_content_not_by_when_the_vector_was_built(tmp_pa
     with pytest.raises(AssertionError, match="regenerated"):
         sweep(models / "cp", build(), [0.5], PROMPTS[:2], max_new_tokens=6, cache_dir=tmp_path / "c", progress=False)
     monkeypatch.setattr(sw, "generate", real_generate)
-    assert len(list((tmp_path / "c").glob("sweep-*.jsonl"))) == 1
+    assert len(list((tmp_path / "c").glob("sweep-*.json"))) == 1
