@@ -136,4 +136,6 @@ def test_notebook_runs_offline(path, tmp_path, monkeypatch):
     elif name.startswith("05"):
         assert checks["refusal_1"] >= checks["refusal_0"] and checks["turns"] == 6
     elif name.startswith("06"):
-        assert checks["variants"] == 10 and checks["full"] > checks["none"]
+        assert checks["full"] > checks["none"] == 0 and checks["keep_only_max"] == 0 and checks["knock_out_lm_head"] == 0
+        assert checks["rank"]["rank 1"] < checks["rank"]["rank 64"]
+        assert {"chat", "chat-alt", "linear", "ties", "dare_ties", "breadcrumbs_ties"} == set(checks["merges_at_1"])
