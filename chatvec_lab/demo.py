@@ -175,7 +175,8 @@ def atlas_figure(folder: Path, figures: Path, rows) -> None:
     cv = ChatVector.from_models(toy.path("base"), toy.path("chat"), hash_files=False)
     cells = [c for c in cells_of(cv) if rows is None or c.row in rows]
     prompts = evaluate.prompt_sets()["chat"][:ATLAS_PROMPTS]
-    df = atlas(toy.path("cp"), cv, prompts, alphas=[1.0], cells=cells, progress=False)
+    sampling = evaluate.family_sampling()  # the family's own settings and budget, as the tables above
+    df = atlas(toy.path("cp"), cv, prompts, alphas=[1.0], cells=cells, progress=False, **sampling)
     df.to_csv(folder / "atlas.csv", index=False)
     fig = plots.plot_atlas(summarize_atlas(df), "ended_turn", design="knock-out", alpha_kind="grid", alpha=1.0)
     figures.mkdir(exist_ok=True)
