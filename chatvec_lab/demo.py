@@ -15,6 +15,7 @@ Every number in the report's text is read from this run's own summary.
 """
 from __future__ import annotations
 
+
 import html
 import os
 import re
@@ -234,6 +235,32 @@ def execute_notebooks(folder: Path, workdir: Path) -> list[tuple[str, str]]:
 
 
 def run_demo(out="chatvec-report", overwrite: bool = False, notebooks: bool = True, quick: bool = False) -> Path:
+    with one_torch_thread():
+        return _run_demo(out, overwrite, notebooks, quick)
+
+
+@contextmanager
+def one_torch_thread():
+    """The toy's matrices are small: one torch thread generates as fast as two on an idle 2-core machine and
+    about 3× faster beside other work, where OpenMP's waiting threads spin (``benchmarks/bench_threads.py``).
+    So the demo, and the notebook kernels it starts (they inherit the environment), use one, unless
+    ``OMP_NUM_THREADS`` says otherwise. Both are restored afterwards."""
+    import torch
+
+    if "OMP_NUM_THREADS" in os.environ:
+        yield
+        return
+    threads = torch.get_num_threads()
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        os.environ.pop("OMP_NUM_THREADS", None)
+        torch.set_num_threads(threads)
+
+
+def _run_demo(out, overwrite: bool, notebooks: bool, quick: bool) -> Path:
     from chatvec_lab import resources, toy
     from chatvec_lab.toy import evaluate
 

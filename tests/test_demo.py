@@ -182,3 +182,17 @@ def test_quick_demo_writes_a_report_from_its_own_numbers(tmp_path):
     full = summarize_atlas(atlas).query("design == 'full'").iloc[0]
     assert "## Where in the vector chat lives" in md and demo._pct_ci(full, "ended_turn") in md
     assert "figures/atlas_knock_out.png" in md
+
+
+def test_the_demo_runs_torch_on_one_thread_unless_told_and_restores_it(monkeypatch):
+    import os
+
+    import torch
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    with demo.one_torch_thread():
+        assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"  # kernels inherit it
+    assert torch.get_num_threads() == before and "OMP_NUM_THREADS" not in os.environ
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    with demo.one_torch_thread():
+        assert os.environ["OMP_NUM_THREADS"] == "2"
