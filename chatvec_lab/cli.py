@@ -454,11 +454,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from chatvec_lab.output import Interrupted
+    from chatvec_lab.threads import one_torch_thread
 
     argv = _join_negative_numbers(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        if args.command in ("extract", "apply"):  # streaming, I/O-bound: one thread is as fast, and steady under load
+            with one_torch_thread():
+                args.func(args)
+        else:
+            args.func(args)
         sys.stdout.flush()
     except BrokenPipeError:  # e.g. `chatvec info … | head -1`: the reader has what it wanted
         with contextlib.suppress(OSError):

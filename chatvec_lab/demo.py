@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from chatvec_lab.output import atomic_folder
+from chatvec_lab.threads import one_torch_thread
 from chatvec_lab.resources import notebook_dir
 
 NOTEBOOK_DIR = notebook_dir()  # the checkout's notebooks/, or the installed package's copy
@@ -235,29 +236,10 @@ def execute_notebooks(folder: Path, workdir: Path) -> list[tuple[str, str]]:
 
 
 def run_demo(out="chatvec-report", overwrite: bool = False, notebooks: bool = True, quick: bool = False) -> Path:
+    """The whole lab on the toy family, into a report folder; torch on one thread (``threads.one_torch_thread``:
+    the notebook kernels it starts inherit that)."""
     with one_torch_thread():
         return _run_demo(out, overwrite, notebooks, quick)
-
-
-@contextmanager
-def one_torch_thread():
-    """The toy's matrices are small: one torch thread generates as fast as two on an idle 2-core machine and
-    about 3× faster beside other work, where OpenMP's waiting threads spin (``benchmarks/bench_threads.py``).
-    So the demo, and the notebook kernels it starts (they inherit the environment), use one, unless
-    ``OMP_NUM_THREADS`` says otherwise. Both are restored afterwards."""
-    import torch
-
-    if "OMP_NUM_THREADS" in os.environ:
-        yield
-        return
-    threads = torch.get_num_threads()
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        os.environ.pop("OMP_NUM_THREADS", None)
-        torch.set_num_threads(threads)
 
 
 def _run_demo(out, overwrite: bool, notebooks: bool, quick: bool) -> Path:

@@ -190,7 +190,7 @@ def test_the_demo_runs_torch_on_one_thread_unless_told_and_restores_it(monkeypat
     import torch
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     before = torch.get_num_threads()
-    with demo.one_torch_thread():
+    with demo.one_torch_thread():  # threads.one_torch_thread, as the demo uses it
         assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"  # kernels inherit it
     assert torch.get_num_threads() == before and "OMP_NUM_THREADS" not in os.environ
     monkeypatch.setenv("OMP_NUM_THREADS", "2")

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "chatvec_lab"
 
 LAYERS = [
     # 0: facts and parsing, no model logic
-    {"errors", "version", "naming", "kernels", "formats", "transforms"},
+    {"errors", "version", "naming", "kernels", "formats", "transforms", "threads"},
     # 1: bytes to memory, vocabularies, writing outputs, finding the shipped data
     {"paging", "vocab", "output", "resources"},
     # 2: where weights come from
