@@ -18,14 +18,17 @@ def one_torch_thread():
     kernels), unless ``OMP_NUM_THREADS`` is set already; both restored afterwards."""
     import torch
 
-    if "OMP_NUM_THREADS" in os.environ:
+    if os.environ.get("OMP_NUM_THREADS", "").strip():  # set by the user (an empty value counts as unset)
         yield
         return
-    threads = torch.get_num_threads()
+    threads, before = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     try:
         yield
     finally:
-        os.environ.pop("OMP_NUM_THREADS", None)
+        if before is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = before
         torch.set_num_threads(threads)

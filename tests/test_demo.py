@@ -196,3 +196,7 @@ def test_the_demo_runs_torch_on_one_thread_unless_told_and_restores_it(monkeypat
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     with demo.one_torch_thread():
         assert os.environ["OMP_NUM_THREADS"] == "2"
+    monkeypatch.setenv("OMP_NUM_THREADS", "")  # empty: as if unset
+    with demo.one_torch_thread():
+        assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+    assert os.environ["OMP_NUM_THREADS"] == "" and torch.get_num_threads() == before
