@@ -51,24 +51,18 @@ def _layers(text: str) -> list[int]:
     return out
 
 
-def _rank(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"rank must be a positive integer, not {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"rank must be a positive integer, not {text!r}")
-    return value
-
-
-def _positive(text: str) -> int:
+def _positive(text: str, what: str = "expected a positive integer") -> int:
     try:
         value = int(text)
     except ValueError:
         value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
+        raise argparse.ArgumentTypeError(f"{what}, not {text!r}")
     return value
+
+
+def _rank(text: str) -> int:
+    return _positive(text, "rank must be a positive integer")
 
 
 def _ranks(text: str) -> list[int]:
