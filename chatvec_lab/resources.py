@@ -48,7 +48,7 @@ def notebook_dir() -> Path:
 def inputs() -> list[Path]:
     """What the demo and the evaluation read: an output of theirs may not be, contain or sit inside any of it."""
     data = data_dir()
-    return [data / "toy", data / "prompts", data / "heldout", notebook_dir()]
+    return [data / "toy", data / "toy-bilingual", data / "prompts", data / "heldout", notebook_dir()]
 
 
 def notebooks() -> list[Path]:
