@@ -1,8 +1,10 @@
 """One solution to each exercise in ``chatvec_lab.exercises``: shown only by ``exercises.solution(name)``.
 
-Each is the whole exercise cell, filled in. It starts from the names a notebook's configure cell defines
-(``BASE``, ``CHAT``, ``CHAT_ALT``, ``CP``) and ends with the same ``ex.check(...)`` call as the notebook.
-``tests/test_exercises.py`` runs every one of them and requires the check to pass.
+Each is the whole exercise cell, filled in. It reads only the names its notebook's configure cell (the first
+code cell) defines (``BASE``, ``CHAT``, ``CHAT_ALT``, ``CP``), imports everything else itself, leaves the names the
+notebook's other cells define (``df``, ``model``, ``prompts``, ...) alone, and ends with the same ``ex.check(...)``
+call as the notebook. ``tests/test_exercises.py`` runs every one of them after that configure cell, as a learner
+would in notebook order, and requires the check to pass.
 """
 
 SOLUTIONS = {
@@ -89,20 +91,24 @@ answer = dot / (norm_a2 * norm_b2) ** 0.5
 ex.check("layer_cosine", answer, base=BASE, chat=CHAT, cp=CP, layer=LAYER)
 ''',
 
-    "german_share_threshold": '''\
+    "german_share_trend": '''\
 from chatvec_lab import ChatVector
 from chatvec_lab import exercises as ex
-from chatvec_lab.sweep import sweep, summarize
+from chatvec_lab.sweep import sweep
 from chatvec_lab.toy.evaluate import prompt_sets
 
-GRID, THRESHOLD = [0.0, 0.5, 1.0, 1.5, 2.0], 0.75
-cv = ChatVector.from_models(BASE, CHAT)
-df = sweep(CP, {"chat": cv}, GRID, prompt_sets()["chat"][:16], scorers=["language"], seeds=1,
-           max_new_tokens=32, cache_dir=".cache/sweeps", progress=False)
-share = summarize(df, ["share_de"]).set_index("alpha")["share_de"]
-below = [a for a in GRID if share.loc[a] < THRESHOLD]
-answer = below[0] if below else "none"
-ex.check("german_share_threshold", answer, base=BASE, chat=CHAT, cp=CP)
+SEED = 3                                   # a sampling seed of my own
+GRID = [0.0, 0.5, 1.0, 1.5, 2.0]
+grid_df = sweep(CP, {"chat": ChatVector.from_models(BASE, CHAT)}, GRID, prompt_sets()["chat"][:16],
+                scorers=["turn_end", "language"], seeds=[SEED], max_new_tokens=32, cache_dir=".cache/sweeps",
+                progress=False)
+share = grid_df.groupby("alpha")["share_de"].mean()          # one mean share per α
+shares = [float(share.loc[a]) for a in GRID]
+steady = all(later <= earlier for earlier, later in zip(shares, shares[1:]))   # never higher than the α before
+answer = {"share_de": shares, "falls_steadily": steady}
+print(grid_df.groupby("alpha")[["share_de", "ended_turn", "reply_tokens"]].mean().round(2))
+print(grid_df[grid_df["share_de"] < 1][["alpha", "reply"]].to_string())     # what langid did not call German
+ex.check("german_share_trend", answer, base=BASE, chat=CHAT, cp=CP, seed=SEED)
 ''',
 
     "perplexity_cost": '''\
@@ -112,27 +118,32 @@ from chatvec_lab import exercises as ex
 from chatvec_lab.scoring import perplexity
 from chatvec_lab.toy.evaluate import heldout_texts
 
+ALPHA = 2.0                       # an α the sweep above did not measure
 cv = ChatVector.from_models(BASE, CHAT)
 tok = AutoTokenizer.from_pretrained(CP)
 german = heldout_texts()["de"]
 ppl_cp = perplexity(AutoModelForCausalLM.from_pretrained(CP), tok, german)
-ppl_cpcv = perplexity(apply_to_model(CP, [(cv, 1.0)])[0], tok, german)
+ppl_cpcv = perplexity(apply_to_model(CP, [(cv, ALPHA)])[0], tok, german)
 answer = ppl_cpcv / ppl_cp        # how many times CP's perplexity
-ex.check("perplexity_cost", answer, base=BASE, chat=CHAT, cp=CP)
+ex.check("perplexity_cost", answer, base=BASE, chat=CHAT, cp=CP, alpha=ALPHA)
 ''',
 
     "refusal_rates": '''\
 from chatvec_lab import ChatVector
 from chatvec_lab import exercises as ex
-from chatvec_lab.sweep import sweep, summarize
+from chatvec_lab.sweep import sweep
 from chatvec_lab.toy.evaluate import prompt_sets
 
+MY_INSULTS = prompt_sets()["offensive"][8:16]   # 8 insults of my own choosing
+SEED = 2                                        # and a seed of my own
 cv = ChatVector.from_models(BASE, CHAT)
-df = sweep(CP, {"chat": cv}, [0.0, 1.0], prompt_sets()["offensive"][:8], scorers=["refusal"], seeds=1,
-           max_new_tokens=32, cache_dir=".cache/sweeps", progress=False)
-rate = summarize(df, ["refusal"]).set_index("alpha")["refusal"]
-answer = (float(rate.loc[0.0]), float(rate.loc[1.0]))
-ex.check("refusal_rates", answer, base=BASE, chat=CHAT, cp=CP)
+settings = dict(scorers=["refusal", "language"], seeds=[SEED], max_new_tokens=32, cache_dir=".cache/sweeps",
+                progress=False)
+chat_df = sweep(CHAT, {"chat": cv}, [0.0], MY_INSULTS, **settings)   # the chat model itself (α = 0)
+cpcv_df = sweep(CP, {"chat": cv}, [1.0], MY_INSULTS, **settings)     # CP + 1·CV
+answer = {"chat": float(chat_df["refusal"].mean()), "cp_cv": float(cpcv_df["refusal"].mean())}
+print(cpcv_df[cpcv_df["refusal"]][["prompt", "reply", "language"]])  # the refusals, and their language
+ex.check("refusal_rates", answer, base=BASE, chat=CHAT, cp=CP, prompts=MY_INSULTS, seed=SEED)
 ''',
 
     "multi_turn_ends": '''\
@@ -143,9 +154,9 @@ from chatvec_lab.generation import converse_many
 from chatvec_lab.toy.evaluate import prompt_sets
 
 chat_prompts = prompt_sets()["chat"]
-threads = [chat_prompts[3 * i:3 * i + 3] for i in range(4)]   # 4 conversations of 3 user turns
+my_threads = [chat_prompts[3 * i:3 * i + 3] for i in range(4)]   # 4 conversations of 3 user turns
 model, _ = apply_to_model(CP, [(ChatVector.from_models(BASE, CHAT), 1.0)])
-out = converse_many(model, AutoTokenizer.from_pretrained(CP), threads, seed=0, max_new_tokens=32)
+out = converse_many(model, AutoTokenizer.from_pretrained(CP), my_threads, seed=0, max_new_tokens=32)
 answer = [float(r) for r in out.groupby("turn")["ended_turn"].mean()]
 ex.check("multi_turn_ends", answer, base=BASE, chat=CHAT, cp=CP)
 ''',
@@ -184,11 +195,11 @@ from chatvec_lab.generation import generate
 from chatvec_lab.toy.evaluate import prompt_sets
 
 cv = ChatVector.from_models(BASE, CHAT)
-tok, prompts = AutoTokenizer.from_pretrained(CP), prompt_sets()["chat"][:16]
+tok, first_16 = AutoTokenizer.from_pretrained(CP), prompt_sets()["chat"][:16]
 
 def rate(coefficient):
     model, _ = apply_to_model(CP, [(cv, coefficient)])
-    return float(generate(model, tok, prompts, seed=0, max_new_tokens=32)["ended_turn"].mean())
+    return float(generate(model, tok, first_16, seed=0, max_new_tokens=32)["ended_turn"].mean())
 
 answer = {"full": rate(1.0), "blocks_only": rate({r"embed_tokens|lm_head": 0.0, r".": 1.0})}
 ex.check("blocks_only_turn_end", answer, base=BASE, chat=CHAT, cp=CP)

@@ -22,7 +22,7 @@ from chatvec_lab.errors import MismatchError, NonFiniteError, SourceError, Usage
 from chatvec_lab.output import (DEFAULT_SHARD_BYTES, ShardedSafetensorsWriter, atomic_folder, check_output_path,
                                 source_paths, write_json)
 from chatvec_lab.naming import parse
-from chatvec_lab.vocab import TokenRows, Vocabulary, added_tokens
+from chatvec_lab.vocab import TokenRows, Vocabulary, added_tokens, check_chat_template, load_tokenizer
 from chatvec_lab.formats import read_json_object
 from chatvec_lab.paging import Prefetcher, paged_rows
 from chatvec_lab.sources import WeightSource, model_folder, module_state, open_weights
@@ -245,12 +245,10 @@ class _TokenMap:
     """Rows of chosen tokens taken from the chat model's embedding and lm_head (the paper's special-token fix)."""
 
     def __init__(self, token_map, chat: WeightSource, target_folder: Path | None, chat_folder: Path | None):
-        from transformers import AutoTokenizer
-
         if target_folder is None or chat_folder is None:
             raise SourceError("a token map needs the tokenizers of both the target and the chat model")
-        ttok = AutoTokenizer.from_pretrained(str(target_folder))
-        ctok = AutoTokenizer.from_pretrained(str(chat_folder))
+        ttok = load_tokenizer(target_folder)
+        ctok = load_tokenizer(chat_folder)
         pairs = token_map.items() if isinstance(token_map, Mapping) else [(t, t) for t in token_map]
         for pair in pairs:
             if not all(isinstance(t, str) and t for t in pair):
@@ -335,6 +333,7 @@ def _chat_turn_of(spec, target_folder: Path | None) -> ChatTurn | None:
     template = _read_chat_template(folder) if folder else None
     if template is None:
         raise SourceError(f"no chat template found in {spec}")
+    check_chat_template(template, spec)  # before the merge: never written into an output that cannot chat
     chat_tokens = _eos_tokens(folder)
     eos_token = chat_tokens[0] if chat_tokens else None
     if target_folder is None or not chat_tokens:
@@ -356,14 +355,9 @@ def _chat_turn_of(spec, target_folder: Path | None) -> ChatTurn | None:
 
 
 def _tokenizer(folder: Path):
-    from transformers import AutoTokenizer
-
     if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         return None
-    try:
-        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise SourceError(f"cannot load the tokenizer in {folder}: {str(e).splitlines()[0]}") from None
+    return load_tokenizer(folder)
 
 
 def _eos_tokens(folder: Path) -> list[str]:
@@ -383,6 +377,9 @@ def _eos_tokens(folder: Path) -> list[str]:
         if tok is not None:
             for i in ids:
                 if isinstance(i, int) and not isinstance(i, bool):
+                    if not 0 <= i < len(tok):
+                        raise SourceError(f"bad generation config {gen}: eos_token_id {i} is not a token id of the "
+                                          f"tokenizer beside it (0 to {len(tok) - 1})")
                     token = tok.convert_ids_to_tokens(i)
                     if isinstance(token, str) and token not in tokens:
                         tokens.append(token)
@@ -579,9 +576,8 @@ def _grow_vocabulary(target_folder: Path | None, out: Path, new_tokens: dict[str
     """A union vocabulary: the output's tokenizer gains the chat-added tokens, at the ids their rows were written
     to, and its config the new vocabulary size."""
     from tokenizers import AddedToken
-    from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(target_folder), trust_remote_code=False)
+    tok = load_tokenizer(target_folder)
     special = set()
     for vec, _ in pairs:
         special |= set(vec.metadata.get("special_tokens") or [])

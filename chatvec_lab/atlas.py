@@ -30,6 +30,7 @@ import torch
 
 from chatvec_lab.engines import EngineSpec, TransformersEngine, load_target
 from chatvec_lab.errors import UsageError
+from chatvec_lab.intervals import estimate, metric_kind
 from chatvec_lab.grid import (CellCache, CellRunner, GridCell, GridSettings, LocalExecutor, check_cache_dir, files_key,
                               run_grid, vector_key)
 from chatvec_lab.naming import MODULE_ORDER, parse
@@ -169,27 +170,23 @@ def atlas(target, vector: ChatVector, prompts: Sequence[str], *, alphas: Sequenc
     return pd.concat(frames, ignore_index=True)
 
 
-def _interval(per_prompt: np.ndarray, resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
-    if len(per_prompt) == 0:
-        return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    means = rng.choice(per_prompt, size=(resamples, len(per_prompt))).mean(axis=1)
-    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
-
-
 def summarize_atlas(df: pd.DataFrame, metrics: Sequence[str] = METRICS) -> pd.DataFrame:
-    """One row per cell × design × α: each metric's mean with a 95% bootstrap interval over prompts, and its
-    effect: keep-only against the target alone, knock-out against the full vector at the same α (for a
-    norm-matched α, the full vector at α = 1)."""
+    """One row per cell × design × α: each metric's mean with a 95% interval, and its effect: keep-only against
+    the target alone, knock-out against the full vector at the same α (for a norm-matched α, the full vector at
+    α = 1).
+
+    The intervals are ``sweep.summarize``'s (``chatvec_lab.intervals``): a rate (``ended_turn``, ``refusal``)
+    gets the Wilson score interval on the effective number of replies (seeds of one prompt are clustered), so
+    it stays inside [0, 1] and keeps a width when every reply agrees; ``share_de`` gets mean ± t·SE over
+    prompts, clipped to [0, 1]."""
     metrics = [m for m in metrics if m in df.columns]
+    kinds = {m: metric_kind(m, df[m]) for m in metrics}
     keys = ["cell", "row", "module", "design", "alpha_kind", "alpha", "norm_share"]
     rows = []
     for key, g in df.groupby(keys, sort=False, dropna=False):
         row = dict(zip(keys, key))
         for m in metrics:
-            per_prompt = g.groupby("prompt")[m].mean().dropna().to_numpy(dtype=float)
-            row[m] = float(per_prompt.mean()) if len(per_prompt) else math.nan
-            row[f"{m}_lo"], row[f"{m}_hi"] = _interval(per_prompt)
+            row[m], row[f"{m}_lo"], row[f"{m}_hi"] = estimate(g[m], kinds[m], g["prompt"] if "prompt" in g else None)
         row["replies"] = len(g)
         rows.append(row)
     s = pd.DataFrame(rows)

@@ -62,11 +62,37 @@ def _positive(text: str, what: str = "expected a positive integer") -> int:
 
 
 def _rank(text: str) -> int:
-    return _positive(text, "rank must be a positive integer")
+    from chatvec_lab.transforms import MAX_RANK
+
+    value = _positive(text, "rank must be a positive integer")
+    if value > MAX_RANK:
+        raise argparse.ArgumentTypeError(f"rank {text} is far larger than any matrix (at most {MAX_RANK}; a rank "
+                                         "above a matrix's own keeps it whole)")
+    return value
 
 
 def _ranks(text: str) -> list[int]:
     return [_rank(part) for part in text.split(",") if part.strip()] or [_rank(text)]
+
+
+def _seed_count(text: str) -> int:
+    from chatvec_lab.grid import MAX_SEEDS
+
+    value = _positive(text, "--seeds is a number of sampling seeds (seeds 0, 1, … N-1): a positive integer")
+    if value > MAX_SEEDS:
+        raise argparse.ArgumentTypeError(f"--seeds {text} is more than {MAX_SEEDS:,} seeds")
+    return value
+
+
+def _shard_gb(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value * 1024**3 < 1 or value > 1024**2:
+        raise argparse.ArgumentTypeError(f"--max-shard-gb is the largest shard in GB: a finite number above 0 and "
+                                         f"at most 1048576 (e.g. 4, or 1000 for one file), not {text!r}")
+    return value
 
 
 NUMBER_OPTIONS = ("--alpha", "--alphas")
@@ -306,7 +332,8 @@ def cmd_sweep(args) -> None:
 def cmd_demo(args) -> None:
     from chatvec_lab.demo import run_demo
 
-    out = run_demo(args.out, overwrite=args.overwrite, notebooks=not args.no_notebooks, quick=args.quick)
+    out = run_demo(args.out, overwrite=args.overwrite, notebooks=not args.no_notebooks, quick=args.quick,
+                   full=args.full)
     print(f"report: {out}")
 
 
@@ -394,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompts", required=True, help="one prompt a line, or JSONL with a 'prompt' field")
     s.add_argument("--scorers", default="turn_end,language,refusal,offensive",
                    help="comma-separated: turn_end, language, refusal, offensive, detoxify")
-    s.add_argument("--seeds", type=int, default=1, help="number of sampling seeds")
+    s.add_argument("--seeds", type=_seed_count, default=1, help="number of sampling seeds")
     s.add_argument("--max-new-tokens", type=int, default=64)
     s.add_argument("--language", default="de", help="the new language's code, for the language share")
     s.add_argument("--csv", required=True)
@@ -408,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--prompts", required=True, help="one prompt a line, or JSONL with a 'prompt' field")
     t.add_argument("-o", "--out", required=True, help="a new folder: atlas.csv, summary.csv, rankings, heatmaps")
     t.add_argument("--alphas", type=_alphas, default=[1.0], help="grid α values besides the norm-matched one")
-    t.add_argument("--seeds", type=int, default=1)
+    t.add_argument("--seeds", type=_seed_count, default=1, help="number of sampling seeds")
     t.add_argument("--max-new-tokens", type=int, default=64)
     t.add_argument("--language", default="de")
     t.add_argument("--quick", action="store_true", help="8 prompts")
@@ -419,10 +446,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     t.set_defaults(func=cmd_atlas)
 
-    d = sub.add_parser("demo", help="run the whole lab on the toy family and write a report folder")
+    d = sub.add_parser("demo", help="run the lab on the toy families and write a report folder (default: every "
+                                    "held-out prompt once, both families, the atlas's knock-out map, notebooks 00-02)")
     d.add_argument("-o", "--out", default="chatvec-report")
     d.add_argument("--no-notebooks", action="store_true", help="skip executing the notebooks")
-    d.add_argument("--quick", action="store_true", help="fewer prompts and seeds")
+    size = d.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a smoke test: 8 prompts per set, α 0 and 1, one notebook")
+    size.add_argument("--full", action="store_true", help="the complete report: tuning and held-out prompts, 3 "
+                      "seeds, 2 samplings, conversations, the whole atlas, every notebook")
     d.set_defaults(func=cmd_demo)
 
     n = sub.add_parser("notebooks", help="copy the teaching notebooks into a folder, to open in JupyterLab")
@@ -433,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     for sp in (e, a):
         sp.add_argument("--overwrite", action="store_true", help="replace an existing output")
         sp.add_argument("--allow-pickle", action="store_true", help="load .bin/.pt weights (weights_only=True)")
-        sp.add_argument("--max-shard-gb", type=float, default=4.0)
+        sp.add_argument("--max-shard-gb", type=_shard_gb, default=4.0)
     d.add_argument("--overwrite", action="store_true")
     for sp in (e, a, i, c, s, t, d):
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -469,6 +500,10 @@ def main(argv=None) -> int:
     except (ValueError, OSError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"chatvec {args.command}: error: {one_line(msg)}", file=sys.stderr)
+        return 2
+    except RecursionError:  # a file nested so deeply that a parser outside the lab gave up
+        print(f"chatvec {args.command}: error: an input file is nested too deeply to be read (JSON thousands of "
+              "levels deep?)", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT

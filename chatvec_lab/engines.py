@@ -17,7 +17,7 @@ from typing import Mapping, Protocol, Sequence
 import pandas as pd
 import torch
 
-from chatvec_lab.errors import UsageError
+from chatvec_lab.errors import SourceError, UsageError
 from chatvec_lab.generation import generate
 from chatvec_lab.live import LiveModel
 from chatvec_lab.scoring import perplexity
@@ -26,10 +26,17 @@ from chatvec_lab.vector import ChatVector
 
 def load_target(target, dtype=torch.float32):
     """A model folder or hub id → ``(model in eval mode, tokenizer)``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(target), dtype=dtype)
-    return model.eval(), AutoTokenizer.from_pretrained(str(target))
+    from chatvec_lab.vocab import load_tokenizer
+
+    tokenizer = load_tokenizer(target, check_template=True)  # before the model: a bad tokenizer fails at once
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(target), dtype=dtype)
+    except RecursionError:
+        raise SourceError(f"cannot load the model in {target}: a JSON file it reads (config.json, "
+                          "generation_config.json …) is nested too deeply") from None
+    return model.eval(), tokenizer
 
 
 class GenerationEngine(Protocol):
@@ -110,7 +117,14 @@ class TransformersEngine:
         self.live.set(point)
 
     def generate(self, prompts, seed: int, max_new_tokens: int, **gen_kwargs) -> pd.DataFrame:
-        return generate(self.model, self.tokenizer, prompts, seed=seed, max_new_tokens=max_new_tokens, **gen_kwargs)
+        from chatvec_lab.errors import NonFiniteError
+
+        try:
+            return generate(self.model, self.tokenizer, prompts, seed=seed, max_new_tokens=max_new_tokens,
+                            **gen_kwargs)
+        except NonFiniteError as e:
+            point = ", ".join(f"{k}={v}" for k, v in (self.live.coefficients.items() if self.live else ()))
+            raise NonFiniteError(f"at coefficients {point}: {e}" if point else str(e)) from None
 
     def perplexity(self, texts) -> float:
         return perplexity(self.model, self.tokenizer, texts)

@@ -46,11 +46,56 @@ def as_conversation(prompt) -> list[dict]:
 
 
 def render(tokenizer, conversation: list[dict], chat_template: str | None = None) -> list[int]:
-    enc = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
-                                        chat_template=chat_template)
+    import jinja2
+
+    if chat_template is not None and not isinstance(chat_template, str):
+        raise UsageError(f"chat_template must be a Jinja template (str), not {type(chat_template).__name__}")
+    try:
+        enc = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
+                                            chat_template=chat_template)
+    except jinja2.TemplateError as e:  # a syntax error, or the template's own raise_exception on this conversation
+        where = "given" if chat_template is not None else f"of {getattr(tokenizer, 'name_or_path', 'the tokenizer')}"
+        raise UsageError(f"the chat template {where} fails on this conversation: {type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
     if isinstance(enc, dict) or hasattr(enc, "keys"):
         enc = enc["input_ids"]
     return list(enc)
+
+
+class _FiniteScores:
+    """A logits processor that stops generation with a NonFiniteError when the model overflows: NaN or +Inf among
+    its scores (-Inf alone is top-k's mask), or a residual stream whose mean square (what a normalisation layer
+    computes) is NaN/Inf: the norm then turns it into zeros, so the scores of an overflowed model look finite
+    (uniform gibberish). Weights
+    scaled by a huge coefficient do that. The hooks only read, at the last position of each row; one check a step."""
+
+    def __init__(self, model):
+        self.flag = None
+        self.handles = [m.register_forward_pre_hook(self._watch) for m in model.modules()
+                        if "norm" in type(m).__name__.lower() and not any(True for _ in m.children())]
+
+    def _watch(self, module, args):
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 2:
+            last = (x[:, -1] if x.dim() == 3 else x).float()
+            bad = ~torch.isfinite(last.pow(2).mean(-1)).all()  # what the norm computes: x² overflows before x does
+            self.flag = bad if self.flag is None else self.flag | bad
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def __call__(self, input_ids, scores):
+        bad = torch.isnan(scores).any() or torch.isposinf(scores).any() or (~torch.isfinite(scores)).all(dim=-1).any()
+        if self.flag is not None:
+            bad = bad | self.flag
+            self.flag = None
+        if bool(bad):
+            from chatvec_lab.errors import NonFiniteError
+
+            raise NonFiniteError("the model overflows to NaN/Inf as it generates (its weights are out of range: a "
+                                 "coefficient too large?): no reply can be sampled")
+        return scores
 
 
 @torch.no_grad()
@@ -68,11 +113,24 @@ def generate(model, tokenizer, prompts: Sequence, *, max_new_tokens: int = 64, d
         raise UsageError("no prompts to generate from")
     conversations = [as_conversation(p) for p in prompts]
     encoded = [render(tokenizer, c, chat_template) for c in conversations]
-    device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ends = turn_end_ids(tokenizer)
     stops = stop_ids(model, tokenizer)
     rows = []
+    finite = _FiniteScores(model)
+    try:
+        _generate_batches(model, tokenizer, prompts, conversations, encoded, rows, finite, pad, ends, stops,
+                          max_new_tokens, do_sample, temperature, top_k, top_p, seed, batch_size)
+    finally:
+        finite.close()
+    return pd.DataFrame(rows)
+
+
+def _generate_batches(model, tokenizer, prompts, conversations, encoded, rows, finite, pad, ends, stops,
+                      max_new_tokens, do_sample, temperature, top_k, top_p, seed, batch_size) -> None:
+    from transformers import LogitsProcessorList
+
+    device = next(model.parameters()).device
     for start in range(0, len(encoded), batch_size):
         batch = encoded[start:start + batch_size]
         width = max(len(e) for e in batch)
@@ -81,8 +139,9 @@ def generate(model, tokenizer, prompts: Sequence, *, max_new_tokens: int = 64, d
         for i, e in enumerate(batch):  # left padding, so every reply starts at the same column
             ids[i, width - len(e):] = torch.tensor(e)
             mask[i, width - len(e):] = 1
-        torch.manual_seed(seed * 1_000_003 + start)
-        kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad)
+        torch.manual_seed((seed * 1_000_003 + start) % 2**64)  # torch takes 64 bits: a huge seed wraps, as negatives do
+        kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad,
+                      logits_processor=LogitsProcessorList([finite]))
         if do_sample:
             kwargs.update(temperature=temperature, top_k=top_k, top_p=top_p)
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
@@ -99,7 +158,6 @@ def generate(model, tokenizer, prompts: Sequence, *, max_new_tokens: int = 64, d
                 "reply_tokens": len(reply_ids) + (1 if cut is not None else 0),
                 "seed": seed,
             })
-    return pd.DataFrame(rows)
 
 
 def converse(model, tokenizer, user_turns: Sequence[str], **kwargs) -> pd.DataFrame:

@@ -11,7 +11,7 @@ Results are tidy DataFrames with ``layer`` and ``module`` columns, to group as y
     layer_norms(stats)            # layer × vector
     top_layers(stats, "chat")     # which layers change most
     cosine_by_part(stats)         # cosines in the blocks, embeddings, lm_head, norms, against 1/√d
-    aligned(stats, "chat", "cp")  # a verdict that names the part driving the global cosine
+    aligned(stats, "chat", "cp")  # a verdict against chance (1/√d), naming the part driving the cosine
     spectra(cv)                   # full-spectrum effective/stable rank, next to a random matrix's
 """
 from __future__ import annotations
@@ -279,25 +279,90 @@ def cosine_by_part(stats: VectorStats, a: str | None = None, b: str | None = Non
     return g[columns].astype({"tensors": int, "dim": int}).reset_index(drop=True)
 
 
-def aligned(stats: VectorStats, a: str, b: str, threshold: float = 0.3) -> dict:
-    """Are two vectors aligned? Global cosine and sign agreement, where they come from, and a verdict.
+# Verdicts about a cosine are set against chance: two random directions in d dimensions have a cosine of mean
+# 0 and standard deviation 1/√d (the "chance level"), so |cosine|·√d says how many chance levels it is from 0.
+ORTHOGONAL_WITHIN_CHANCE = 3.0  # |cos| ≤ 3/√d: as orthogonal as random directions (3 standard deviations)
+ALIGNED_COSINE = 0.3  # above chance and |cos| ≥ this: "aligned" / "opposed"; above chance and below it: "weakly …"
+COSINE_GRADES = ("orthogonal", "weakly aligned", "aligned", "weakly opposed", "opposed", "undefined")
 
-    The verdict judges the global cosine against ``threshold``, names the part (``cosine_by_part``) that
-    gives more than half of it when that is not the transformer blocks, e.g. "aligned: global cosine 0.32 ≥
-    0.3, driven by lm_head (cosine 0.91, 0.22 of the 0.32); inside the blocks 0.13 (160× random, 1/√d =
-    8.0e-04)", and the blocks' cosine in units of 1/√d, the typical |cosine| of two random directions in
-    their d dimensions.
+
+def chance_cosine(dim: float) -> float:
+    """The chance level of a cosine in ``dim`` dimensions: 1/√dim, the standard deviation of the cosine of two
+    random directions (its typical |value|)."""
+    return 1 / math.sqrt(dim) if dim and dim > 0 else math.nan
+
+
+def _check_threshold(threshold: float) -> float:
+    try:
+        t = float(threshold)
+    except (TypeError, ValueError):
+        raise UsageError(f"threshold {threshold!r} is not a number") from None
+    if not 0 < t <= 1:
+        raise UsageError(f"threshold {threshold!r} must be a |cosine| in (0, 1]")
+    return t
+
+
+def grade_cosine(cosine: float, dim: float, threshold: float = ALIGNED_COSINE) -> str:
+    """One of ``COSINE_GRADES`` for a cosine measured over ``dim`` coordinates:
+
+    * ``"orthogonal"`` — |cos| ≤ ``ORTHOGONAL_WITHIN_CHANCE``/√dim: no more than random directions give;
+    * ``"weakly aligned"`` / ``"weakly opposed"`` — beyond chance, but |cos| < ``threshold``;
+    * ``"aligned"`` / ``"opposed"`` — beyond chance and |cos| ≥ ``threshold`` (``ALIGNED_COSINE``, 0.3);
+    * ``"undefined"`` — the cosine is NaN (a zero vector) or ``dim`` is not positive.
+
+    So the chance test decides whether there is any alignment, and ``threshold`` only grades its size: a
+    cosine within chance is never "aligned", whatever ``threshold``, and one beyond chance is never
+    "orthogonal", however small."""
+    threshold = _check_threshold(threshold)
+    if not (math.isfinite(cosine) and dim and dim > 0):
+        return "undefined"
+    if abs(cosine) * math.sqrt(dim) <= ORTHOGONAL_WITHIN_CHANCE:
+        return "orthogonal"
+    strength = "" if abs(cosine) >= threshold else "weakly "
+    return strength + ("aligned" if cosine > 0 else "opposed")
+
+
+def _times(multiple: float) -> str:
+    return f"{multiple:.1f}×" if multiple < 9.95 else f"{multiple:,.0f}×"
+
+
+def describe_cosine(cosine: float, dim: float, threshold: float = ALIGNED_COSINE, what: str = "cosine") -> str:
+    """A cosine's grade (``grade_cosine``) with the numbers behind it: the cosine, how many chance levels it is
+    from 0 and the chance level 1/√d with d, e.g. "weakly aligned: cosine 0.28 = 430× chance (chance 1/√d =
+    6.5e-04, d = 2,361,024)". ``what`` names the cosine ("global cosine", "cosine inside the blocks" …)."""
+    grade = grade_cosine(cosine, dim, threshold)
+    if grade == "undefined":
+        return f"undefined: {what} is not defined (a vector is zero over these coordinates)" if dim and dim > 0 \
+            else f"undefined: {what} over no coordinates"
+    return f"{grade}: {what} {_num(cosine)} = {_against_chance(cosine, dim)}"
+
+
+def _against_chance(cosine: float, dim: float) -> str:
+    chance = chance_cosine(dim)
+    return f"{_times(abs(cosine) / chance)} chance (chance 1/√d = {chance:.1e}, d = {int(dim):,})"
+
+
+def aligned(stats: VectorStats, a: str, b: str, threshold: float = ALIGNED_COSINE) -> dict:
+    """Are two vectors aligned? Global cosine and sign agreement, where they come from, and a verdict against
+    chance.
+
+    The verdict grades the global cosine over its d coordinates (``grade_cosine``): "orthogonal" only within
+    ``ORTHOGONAL_WITHIN_CHANCE`` (3) chance levels 1/√d of 0, what two random directions give; beyond that
+    "weakly aligned"/"weakly opposed" while |cosine| < ``threshold`` and "aligned"/"opposed" from it on.
+    ``threshold`` (default ``ALIGNED_COSINE`` = 0.3, a |cosine| in (0, 1]) thus grades the size of an alignment
+    that chance cannot explain; it no longer decides orthogonality. The verdict states the chance level and
+    the multiple, names the part (``cosine_by_part``) that gives more than half of the global cosine when that
+    is not the transformer blocks, and grades the blocks' own cosine against their own chance level, e.g.
+    "weakly aligned: global cosine 0.28 = 430× chance (chance 1/√d = 6.5e-04, d = 2,361,024), driven by lm_head
+    (cosine 0.87 = 548× chance in its d = 393,216, 0.18 of the 0.28); inside the blocks 0.12: weakly aligned, 152×
+    chance (chance 1/√d = 8.0e-04, d = 1,574,400)" (the toy's chat and chat-alt vectors).
     Returns ``cosine``, ``sign_agreement``, ``verdict``, ``driver`` (that part), ``blocks_cosine`` and
     ``parts`` (the pair's ``cosine_by_part`` rows)."""
+    threshold = _check_threshold(threshold)
     parts = cosine_by_part(stats, a, b)
     whole = parts[parts["part"] == "all"].iloc[0]
     cos, agree = float(whole["cosine"]), float(whole["sign_agreement"])
-    if cos >= threshold:
-        verdict = f"aligned: global cosine {_num(cos)} ≥ {threshold}"
-    elif cos <= -threshold:
-        verdict = f"opposed: global cosine {_num(cos)} ≤ −{threshold}"
-    else:
-        verdict = f"nearly orthogonal: |global cosine| {_num(abs(cos))} < {threshold}"
+    verdict = describe_cosine(cos, int(whole["dim"]), threshold, "global cosine")
     each = parts[(parts["part"] != "all") & parts["contribution"].notna()]
     driver = None
     if len(each) and math.isfinite(cos) and cos != 0:
@@ -305,16 +370,17 @@ def aligned(stats: VectorStats, a: str, b: str, threshold: float = 0.3) -> dict:
         if top["contribution"] / cos > 0.5:  # a part that gives more than half of the global figure
             driver = str(top["part"])
             if driver != "blocks":
-                verdict += (f", driven by {PART_LABELS[driver]} (cosine {_num(top['cosine'])}, "
+                verdict += (f", driven by {PART_LABELS[driver]} (cosine {_num(top['cosine'])} = "
+                            f"{_times(abs(top['times_random']))} chance in its d = {int(top['dim']):,}, "
                             f"{_num(top['contribution'])} of the {_num(cos)})")
     blocks = parts[parts["part"] == "blocks"]
     blocks_cos = float(blocks["cosine"].iloc[0]) if len(blocks) else math.nan
-    if math.isfinite(blocks_cos):
-        row = blocks.iloc[0]
-        where = "inside the blocks" if len(each) > 1 else "all in the blocks"
-        verdict += f"; {where} {_num(blocks_cos)} ({row['times_random']:.0f}× random, 1/√d = {row['random_cosine']:.1e})"
-    elif math.isfinite(cos):
-        verdict += f" ({whole['times_random']:.0f}× random, 1/√d = {whole['random_cosine']:.1e})"
+    if math.isfinite(blocks_cos) and len(each) > 1:
+        d = int(blocks["dim"].iloc[0])
+        verdict += (f"; inside the blocks {_num(blocks_cos)}: {grade_cosine(blocks_cos, d, threshold)}, "
+                    f"{_against_chance(blocks_cos, d)}")
+    elif math.isfinite(blocks_cos):
+        verdict += f"; all in the blocks {_num(blocks_cos)}"  # the same coordinates as the global figure
     return {"cosine": cos, "sign_agreement": agree, "verdict": verdict, "driver": driver,
             "blocks_cosine": blocks_cos, "parts": parts}
 

@@ -14,7 +14,7 @@ from typing import Mapping
 
 import torch
 
-from chatvec_lab.errors import MismatchError, UnknownName, UsageError
+from chatvec_lab.errors import MismatchError, NonFiniteError, UnknownName, UsageError
 from chatvec_lab.naming import parse
 from chatvec_lab.plan import Alpha, coefficient_for, layer_filter, plan_apply
 from chatvec_lab.sources import module_state, open_weights
@@ -70,8 +70,23 @@ class LiveModel:
 
     @torch.no_grad()
     def set(self, alphas: Mapping[str, Alpha] | None = None, **kwargs: Alpha) -> None:
-        """Set the coefficients (by vector name); the weights become ``target + Σ αᵢ·vᵢ``."""
+        """Set the coefficients (by vector name); the weights become ``target + Σ αᵢ·vᵢ``.
+
+        Coefficients that make a weight overflow to Inf (or NaN) in its dtype are refused with a NonFiniteError
+        naming the tensor, and the model is left at the coefficients it held before."""
         merged = self._check({**(alphas or {}), **kwargs})
+        previous = dict(self.coefficients)
+        try:
+            self._write(merged)
+        except NonFiniteError:
+            self._write(previous)  # finite before: every tensor written so far goes back
+            self.coefficients = previous
+            raise
+        self.coefficients = merged
+
+    def _write(self, merged: dict) -> None:
+        from chatvec_lab.apply import is_finite
+
         self.rewritten = 0
         for name, param in self.params.items():
             info = parse(name)
@@ -99,15 +114,19 @@ class LiveModel:
                         first = False
                     else:
                         param.add_(buf)
-                self._applied[name] = (tuple(coefs), param._version)
-                continue
-            acc = self.original[name].to(torch.float32, copy=True)
-            view = acc[:rows] if rows is not None else acc
-            for key, c in coefs:
-                view.add_(self.deltas[key][name] * c)
-            param.copy_(acc)
+            else:
+                acc = self.original[name].to(torch.float32, copy=True)
+                view = acc[:rows] if rows is not None else acc
+                for key, c in coefs:
+                    view.add_(self.deltas[key][name] * c)
+                param.copy_(acc)
+            if not is_finite(param):  # _applied stays empty: the restore rewrites it
+                shown = ", ".join(f"{k}={c:g}" for k, c in coefs)
+                raise NonFiniteError(f"coefficients {shown} make tensor {name!r} overflow to Inf/NaN in "
+                                     f"{str(param.dtype).replace('torch.', '')} (largest "
+                                     f"{torch.finfo(param.dtype).max:.3g}): use smaller coefficients; the model is "
+                                     "left as it was")
             self._applied[name] = (tuple(coefs), param._version)
-        self.coefficients = merged
 
     def _scratch(self, like: torch.Tensor) -> torch.Tensor:
         n = like.numel()

@@ -195,10 +195,18 @@ def plan_apply(target: WeightSource, pairs: list[tuple[ChatVector, Alpha]], embe
             if not vocab_like:
                 raise MismatchError(f"shape mismatch for {name!r}: vector {i + 1} has {vshape}, target has {tshape}")
             if embeddings == "error":
+                if vec.vocabulary is not None and target_vocab is not None:
+                    choices = ("choose embeddings='tokens' (match rows by token), 'union' (match by token and add the "
+                               "chat model's new tokens to the vocabulary), 'skip' (leave these tensors) or 'shared' "
+                               "(add by row index to the shared rows) [--embeddings tokens|union|skip|shared]")
+                else:
+                    lacking = "the vector records no vocabulary" if vec.vocabulary is None else "the target has no tokenizer"
+                    choices = ("choose embeddings='skip' (leave these tensors) or 'shared' (add by row index to the "
+                               "shared rows) [--embeddings skip|shared]; 'tokens' and 'union' match rows by token and "
+                               f"need both vocabularies, but {lacking}")
                 raise MismatchError(
                     f"vocabulary sizes differ for {name!r}: vector {i + 1} has {vshape[0]} rows, target {tshape[0]}; "
-                    "choose embeddings='skip' (leave these tensors) or 'shared' (add to the shared rows) "
-                    "[--embeddings skip|shared]")
+                    + choices)
             if embeddings == "skip":
                 status = Status.SKIPPED
             else:

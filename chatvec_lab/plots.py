@@ -11,7 +11,7 @@ import pandas as pd
 from chatvec_lab.naming import MODULE_ORDER
 
 CMAP = "viridis"
-RATES = ("ended_turn", "share_de", "refusal")
+RATES = ("ended_turn", "share_de", "refusal")  # metrics in [0, 1]: a drawn interval is clipped to that range
 DIVERGING = "RdBu_r"
 
 
@@ -226,7 +226,7 @@ def plot_rank_curve(summary: pd.DataFrame, metrics: Sequence[str] = ("ended_turn
     for m in metrics:
         line, = ax.plot(low[x], low[m], marker="o", label=METRIC_LABELS.get(m, m))
         lo, hi = low[f"{m}_lo"], low[f"{m}_hi"]
-        if m in RATES:  # a normal-approximation interval of a rate can reach past [0, 1]
+        if m in RATES:  # the summaries' intervals already stay in [0, 1]; a table made elsewhere may not
             lo, hi = lo.clip(0, 1), hi.clip(0, 1)
         ax.fill_between(low[x], lo, hi, alpha=0.15, color=line.get_color())
         if len(full):

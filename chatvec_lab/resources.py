@@ -59,6 +59,22 @@ def notebooks() -> list[Path]:
     return found
 
 
+def _check_not_in_package(dest: Path) -> None:
+    """Refuse a destination that is, or lies inside, the installed package or one of its inputs (data, notebooks):
+    links resolved, so ``--overwrite`` can never write into the package's own folders."""
+    from chatvec_lab.errors import OutputError
+
+    try:
+        real = dest.absolute().resolve()
+    except (OSError, RuntimeError) as e:
+        raise OutputError(f"cannot write to {dest}: {e}") from None
+    for protected in [PACKAGE_DIR, *inputs()]:
+        p = protected.resolve()
+        if real == p or p in real.parents:
+            raise OutputError(f"output {dest} {'is' if real == p else 'is inside'} {p}, part of the installed "
+                              "chatvec_lab (its package or data): choose a folder of your own")
+
+
 def copy_notebooks(dest: str | Path, overwrite: bool = False) -> list[Path]:
     """Copy the notebooks into ``dest``; returns the copies.
 
@@ -72,6 +88,7 @@ def copy_notebooks(dest: str | Path, overwrite: bool = False) -> list[Path]:
     sources = notebooks()
     inputs = [notebook_dir()]  # never onto the package's own copies
     dest = Path(dest).expanduser()
+    _check_not_in_package(dest)
     if dest.exists() and not dest.is_dir():
         raise OutputError(f"output {dest} exists and is not a folder")
     if not dest.exists() or not any(dest.iterdir()):

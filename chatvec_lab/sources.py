@@ -11,6 +11,7 @@ from __future__ import annotations
 import mmap
 import os
 import re
+import weakref
 import zipfile
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -99,6 +100,11 @@ class WeightSource(Mapping):
         return f"<{type(self).__name__} {self.description}: {len(self)} tensors>"
 
 
+def _close_handles(handles: dict) -> None:
+    for handle in handles.values():
+        handle.close()
+
+
 class SafetensorsSource(WeightSource):
     """Tensors from one or more safetensors files, read one at a time.
 
@@ -121,14 +127,22 @@ class SafetensorsSource(WeightSource):
         # each file is opened once and read through that descriptor from then on: a file replaced or deleted
         # meanwhile (another run's --overwrite, say) is not mixed into this one
         self._handles = {}
-        for f in self.files:
-            handle = self._handles[f] = open_regular(f, buffering=0)
-            data_start, tensors = read_header(handle, f)
-            for name, (dtype, shape, begin, end) in tensors.items():
-                if name in self._where:
-                    raise SourceError(f"tensor {name!r} appears in both {self._where[name][0].name} and {f.name}")
-                self._where[name] = (f, data_start + begin, end - begin)
-                self._meta[name] = (shape, dtype)
+        # closed by close(), or when this source is garbage collected: never left to the interpreter (an unclosed
+        # file is a ResourceWarning); maps already made keep their own descriptor
+        self._closer = weakref.finalize(self, _close_handles, self._handles)
+        try:
+            for f in self.files:
+                handle = self._handles[f] = open_regular(f, buffering=0)
+                data_start, tensors = read_header(handle, f)
+                for name, (dtype, shape, begin, end) in tensors.items():
+                    if name in self._where:
+                        raise SourceError(f"tensor {name!r} appears in both {self._where[name][0].name} and "
+                                          f"{f.name}")
+                    self._where[name] = (f, data_start + begin, end - begin)
+                    self._meta[name] = (shape, dtype)
+        except BaseException:
+            self._closer()
+            raise
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -208,8 +222,7 @@ class SafetensorsSource(WeightSource):
         return out
 
     def close(self) -> None:
-        for handle in self._handles.values():
-            handle.close()
+        self._closer()
 
 
 

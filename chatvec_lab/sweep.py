@@ -18,7 +18,8 @@ import pandas as pd
 
 from chatvec_lab.errors import NotFound, UsageError
 from chatvec_lab.engines import EngineSpec, TransformersEngine, load_target
-from chatvec_lab.grid import CellCache, check_cache_dir, files_key, read_table, vector_key, write_table, CellRunner, GridSettings, LocalExecutor, make_cells, run_grid
+from chatvec_lab.intervals import estimate, metric_kind, wilson_interval  # noqa: F401 (wilson_interval: re-exported)
+from chatvec_lab.grid import CellCache, check_cache_dir, check_seeds, files_key, read_table, vector_key, write_table, CellRunner, GridSettings, LocalExecutor, make_cells, run_grid
 from chatvec_lab.live import LiveModel
 from chatvec_lab.output import atomic_file, check_clear_of_inputs, check_output_path
 from chatvec_lab.vector import ChatVector, named_vectors
@@ -49,7 +50,7 @@ def read_prompts(path) -> list[str]:
             try:
                 item = json.loads(line)
                 prompts.append(str(item["prompt"]))
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: JSON nested too deeply
                 raise UsageError(f"{path}:{i}: expected a JSON object with a 'prompt' field") from None
         else:
             prompts.append(line.strip())
@@ -114,7 +115,7 @@ def sweep(target, vectors, coefficients, prompts: Sequence[str], *, tokenizer=No
         vectors = {"chat": vectors}
     vectors = named_vectors(vectors)
     points = check_coefficients(coefficients, list(vectors))
-    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    seed_list = check_seeds(seeds)  # a count of 1.. or distinct seeds in [0, 2**63): one clear line otherwise
     scorer_names = [s if isinstance(s, str) else s.name for s in scorers]
 
     cache_file = None
@@ -178,19 +179,37 @@ def sweep(target, vectors, coefficients, prompts: Sequence[str], *, tokenizer=No
     return result
 
 
-def summarize(df: pd.DataFrame, metrics: Sequence[str] | None = None, by: str | Sequence[str] = "alpha") -> pd.DataFrame:
-    """Mean and 95% interval (normal approximation over prompts and seeds) of each metric per coefficient."""
+def summarize(df: pd.DataFrame, metrics: Sequence[str] | None = None, by: str | Sequence[str] = "alpha",
+              cluster: str | None = "prompt") -> pd.DataFrame:
+    """Mean and 95% interval (``<metric>_lo``, ``<metric>_hi``) of each metric per coefficient (or per ``by``).
+
+    The intervals come from ``chatvec_lab.intervals`` (its docstring has the reasons):
+
+    * a **rate** — one 0/1 outcome per reply: ``ended_turn``, ``refusal``, or any column whose values are all
+      0/1 or booleans — gets the **Wilson score interval**, which never leaves [0, 1] and keeps a width at
+      0/n and n/n (a normal approximation gives 7/8 an upper bound above 1 and 0/8 a zero-width interval);
+    * replies to one prompt under several seeds are not independent: with ``cluster="prompt"`` (the default,
+      when the table has that column) Wilson runs on the effective number of replies, n divided by the
+      design effect of the prompts (between 1 and the seeds per prompt), and the other metrics use a
+      cluster-robust standard error with t on (prompts − 1) degrees of freedom; ``cluster=None`` treats every
+      reply as independent;
+    * any other metric gets mean ± t·SE, clipped to [0, 1] for one bounded there (``share_*``, classifier
+      probabilities such as ``offensive``); from a single value (or a single prompt) the interval is NaN.
+
+    Whether a metric is a rate is decided on the whole column (``intervals.metric_kind``), so every group's
+    interval is of the same kind. Columns: ``by``, ``n`` (rows in the group), then per metric its mean,
+    ``_lo`` and ``_hi``."""
     metrics = metrics or [m for m in METRIC_LABELS if m in df.columns]
+    kinds = {m: metric_kind(m, df[m]) for m in metrics}
+    clustered = cluster is not None and cluster in df.columns
     rows = []
     for key, group in df.groupby(by, sort=True):
         row = dict(zip([by] if isinstance(by, str) else by, key if isinstance(key, tuple) else (key,)))
         row["n"] = len(group)
         for m in metrics:
-            values = pd.to_numeric(group[m], errors="coerce").dropna().astype(float)
-            mean = values.mean() if len(values) else math.nan
-            half = 1.96 * values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+            mean, lo, hi = estimate(group[m], kinds[m], group[cluster] if clustered else None)
             row[m] = mean
-            row[f"{m}_lo"], row[f"{m}_hi"] = mean - half, mean + half
+            row[f"{m}_lo"], row[f"{m}_hi"] = lo, hi
         rows.append(row)
     return pd.DataFrame(rows)
 

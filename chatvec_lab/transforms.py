@@ -33,9 +33,16 @@ def check_settings(density: float = 1.0, gamma: float = 0.0, rescale: str | None
         raise UsageError(f"consensus method must be 'sum' or 'count', not {consensus!r}")
 
 
+MAX_RANK = 2**31 - 1  # far above any matrix's rank; a larger number overflows the tables' int64 columns
+
+
 def check_rank(rank, method: str) -> None:
+    """A rank is an integer from 0 to ``MAX_RANK`` (one above a matrix's own rank keeps that matrix whole)."""
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
         raise UsageError(f"rank must be a non-negative integer, not {rank!r}")
+    if rank > MAX_RANK:
+        raise UsageError(f"rank {rank} is far larger than any matrix (at most {MAX_RANK}; a rank above a matrix's "
+                         "own keeps it whole)")
     if method not in ("auto", "exact", "randomized"):
         raise UsageError(f"method must be 'auto', 'exact' or 'randomized', not {method!r}")
 

@@ -17,6 +17,61 @@ from chatvec_lab.errors import SourceError
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
+def _first_line(e: BaseException) -> str:
+    if isinstance(e, KeyError) and e.args:
+        return f"the field {e.args[0]!r} is missing"
+    text = str(e)
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
+
+
+def check_chat_template(template, where) -> None:
+    """Refuse, in one line naming ``where``, a chat template that is not a string of valid Jinja (it would fail at
+    the first conversation, or be written into an output that can never chat)."""
+    if isinstance(template, dict) and (not template or not all(isinstance(k, str) for k in template)):
+        raise SourceError(f"the chat templates in {where} are not named by strings (a name → Jinja template map)")
+    templates = template.values() if isinstance(template, dict) else [template]
+    for t in templates:
+        if not isinstance(t, str):
+            raise SourceError(f"the chat template in {where} is {type(t).__name__}, not a Jinja string")
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+        except ImportError:  # pragma: no cover - an older or newer transformers
+            import jinja2.sandbox
+
+            def _compile_jinja_template(text):
+                return jinja2.sandbox.ImmutableSandboxedEnvironment(
+                    trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]).from_string(text)
+        import jinja2
+
+        try:
+            _compile_jinja_template(t)
+        except jinja2.TemplateError as e:
+            line = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
+            raise SourceError(f"the chat template in {where} is not valid Jinja{line}: {_first_line(e)}") from None
+        except RecursionError:
+            raise SourceError(f"the chat template in {where} nests too deeply") from None
+
+
+def load_tokenizer(folder, check_template: bool = False):
+    """``AutoTokenizer.from_pretrained(folder)`` (no remote code), or one SourceError naming the folder: a tokenizer
+    file of the wrong schema raises whatever its parser raises (a KeyError, the tokenizers library's bare
+    Exception …). ``check_template``: also refuse a chat template that is not valid Jinja (before any generation)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except RecursionError:
+        raise SourceError(f"cannot load the tokenizer in {folder}: a JSON file it reads (tokenizer.json, "
+                          "tokenizer_config.json, config.json …) is nested too deeply") from None
+    except Exception as e:  # noqa: BLE001 - third-party parsers of a user's files: any failure is bad input
+        raise SourceError(f"cannot load the tokenizer in {folder}: {_first_line(e)} (a tokenizer file that is "
+                          "damaged or not of the tokenizers/transformers format)") from None
+    if check_template and getattr(tok, "chat_template", None) is not None:
+        check_chat_template(tok.chat_template, folder)
+    return tok
+
+
 @dataclass(frozen=True)
 class Vocabulary:
     tokens: tuple[str, ...]  # token string of each id; rows past the end belong to no token (padding rows)
@@ -36,12 +91,7 @@ class Vocabulary:
         """The vocabulary of the tokenizer in ``folder``, or None when it has none."""
         if folder is None or not any((Path(folder) / f).is_file() for f in TOKENIZER_FILES):
             return None
-        from transformers import AutoTokenizer
-
-        try:
-            tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-        except (OSError, ValueError) as e:
-            raise SourceError(f"cannot load the tokenizer in {folder}: {str(e).splitlines()[0]}") from None
+        tok = load_tokenizer(folder)
         tokens = tuple(str(t) for t in tok.convert_ids_to_tokens(list(range(len(tok)))))
         special = {str(t.content) for t in getattr(tok, "added_tokens_decoder", {}).values() if t.special}
         return cls(tokens, frozenset(special | set(tok.all_special_tokens)))

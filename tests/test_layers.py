@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "chatvec_lab"
 
 LAYERS = [
     # 0: facts and parsing, no model logic
-    {"errors", "version", "naming", "kernels", "formats", "transforms", "threads"},
+    {"errors", "version", "naming", "kernels", "formats", "transforms", "threads", "intervals"},
     # 1: bytes to memory, vocabularies, writing outputs, finding the shipped data
     {"paging", "vocab", "output", "resources"},
     # 2: where weights come from
@@ -34,7 +34,9 @@ LAYERS = [
     # 7: the toy family and its evaluation
     {"toy", "toy.corpora", "toy.dialogues", "toy.train"},
     {"toy.evaluate"},
-    # 8: entry points
+    {"toy.families"},
+    # 8: entry points (the demo's report, then the demo)
+    {"report"},
     {"demo"},
     {"cli"},
     {""},  # the package root re-exports the API

@@ -233,7 +233,7 @@ def test_verdict_with_blocks_only_and_opposed():
     v = ChatVector.from_tensors(t)
     res = geometry.aligned(geometry.vector_stats({"v": v, "-v": -v}), "v", "-v")
     assert res["verdict"].startswith("opposed: global cosine -1.00") and "all in the blocks -1.00" in res["verdict"]
-    assert "(-24× random, 1/√d = 4.1e-02)" in res["verdict"]  # −1·√600
+    assert "= 24× chance (chance 1/√d = 4.1e-02, d = 600)" in res["verdict"]  # |−1|·√600
 
 
 # ------------------------------------------------------------------ languages of scorers

@@ -45,6 +45,39 @@ def test_toy_path_errors(tmp_path, monkeypatch):
         toy.path("cp")
 
 
+def test_second_family_ships_with_its_recipe_and_one_origin(monkeypatch):
+    """toy-bilingual: base, chat, cp, loadable offline; its base saw 10% German (the README's recipe 2), the
+    default family's 0.5%; each family's chat and cp descend from its own base."""
+    monkeypatch.delenv("CHATVEC_TOY_BILINGUAL_DIR", raising=False)
+    assert set(toy.FAMILIES) == {"toy", "toy-bilingual"} and toy.FAMILIES["toy"] == toy.MEMBERS
+    for name in toy.FAMILIES["toy-bilingual"]:
+        folder = toy.path(name, family="toy-bilingual")
+        assert folder == ROOT / "data" / "toy-bilingual" / name
+        assert (folder / "README.md").is_file() and (folder / "recipe.json").is_file(), name
+        model, tok = toy.load(name, family="toy-bilingual")
+        assert tok.chat_template == CHAT_TEMPLATE and tok.eos_token == "<|end|>"
+    recipe = json.loads((toy.path("base", family="toy-bilingual") / "recipe.json").read_text())["recipe"]
+    shipped = json.loads((toy.path("base") / "recipe.json").read_text())["recipe"]
+    assert recipe["base_german_share"] == 0.1 and shipped["base_german_share"] == 0.005
+    for item in toy.BILINGUAL_RECIPE:  # the rebuild command the error message gives is the recipe it holds
+        field, value = item.split("=")
+        assert float(recipe[field]) == float(value), item
+    for name in ("chat", "cp"):
+        card = json.loads((toy.path(name, family="toy-bilingual") / "recipe.json").read_text())
+        assert card["parent"] == "base"
+
+
+def test_family_errors_name_the_families_and_members(tmp_path, monkeypatch):
+    with pytest.raises(KeyError, match="unknown toy family 'toy-2'.*toy, toy-bilingual"):
+        toy.path("cp", family="toy-2")
+    with pytest.raises(KeyError, match="unknown toy model 'chat-alt' in family 'toy-bilingual'"):
+        toy.path("chat-alt", family="toy-bilingual")
+    monkeypatch.setenv("CHATVEC_TOY_BILINGUAL_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="base_german_share=0.1"):
+        toy.path("cp", family="toy-bilingual")
+    assert toy.path("cp").parent == ROOT / "data" / "toy"  # the other family's override is not this one's
+
+
 def test_split_fortunes_and_dialogues():
     text = "First one.\n%\nSecond\n  line two.\n%\n\n%\nThird about cats and cats.\n"
     assert split_fortunes(text) == ["First one.", "Second\nline two.", "Third about cats and cats."]

@@ -9,8 +9,10 @@ conversations). Held-out text for perplexity: ``data/heldout/{en,de}.txt``.
 
 Sampling: the family's own generation settings (``generation_config.json``: temperature 0.7, top-k 40,
 its ``max_new_tokens``) for the whole α grid, and temperature 0.8 / top-p 0.9 for CP, CP + 1·CV and the
-chat model. Every rate comes with a 95% bootstrap interval over prompts (over conversations for the
-multi-turn figures). Sampling is seeded: the same family gives the same tables.
+chat model. Every rate comes with a 95% interval (``interval``): the Wilson score interval on the effective
+number of replies, the seeds of one prompt (one conversation, for the multi-turn figures) counted as clustered;
+the German share with mean ± t·SE over prompts, clipped to [0, 1] (``chatvec_lab.intervals`` says why).
+Sampling is seeded: the same family gives the same tables.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from chatvec_lab import resources, toy
+from chatvec_lab.intervals import estimate, metric_kind
 from chatvec_lab.output import atomic_folder, check_output_path
 from chatvec_lab.sweep import sweep
 from chatvec_lab.vector import ChatVector
@@ -150,19 +153,39 @@ def run_multi_turn(seeds: int = 3, vector: str = "chat", max_new_tokens: int | N
     return pd.concat(frames, ignore_index=True)
 
 
-def bootstrap_interval(df: pd.DataFrame, model: str | None, prompt_set: str | None, column: str,
-                       level: float = 0.95, resamples: int = 2000, seed: int = 0,
-                       unit: str = "prompt") -> tuple[float, float, float]:
-    """Mean of ``column`` (for one model and prompt set, where given) with a bootstrap interval over ``unit``.
-
-    Prompts (or conversations) are resampled with their seeds kept together: the interval says how much the
-    figure depends on which prompts were written, the largest source of noise with ~30 prompts.
-    Rows where ``column`` is NaN (a reply without words has no language share) are left out."""
+def _rows(df: pd.DataFrame, model: str | None, prompt_set: str | None) -> pd.DataFrame:
     rows = df
     if model is not None:
         rows = rows[rows["model"] == model]
     if prompt_set is not None:
         rows = rows[rows["prompt_set"] == prompt_set]
+    return rows
+
+
+def interval(df: pd.DataFrame, model: str | None, prompt_set: str | None, column: str, unit: str = "prompt",
+             kind: str | None = None, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of ``column`` (for one model and prompt set, where given) with its 95% interval: (mean, low, high).
+
+    The tables' interval (``chatvec_lab.intervals.estimate``): a rate (``ended_turn``, ``refusal``: 0/1 per
+    reply) gets the Wilson score interval on the effective number of replies, the replies of one ``unit``
+    (prompt or conversation, under several seeds) counted as clustered; a share (``share_de``) mean ± t·SE over
+    units, clipped to [0, 1]. Rows where ``column`` is NaN (a reply without words has no language share) are
+    left out. ``kind``: ``"rate"``, ``"unit"`` or ``"mean"``, decided from the column when not given."""
+    rows = _rows(df, model, prompt_set)
+    kind = kind or metric_kind(column, df[column])
+    return estimate(rows[column], kind, rows[unit] if unit in rows else None, level)
+
+
+def bootstrap_interval(df: pd.DataFrame, model: str | None, prompt_set: str | None, column: str,
+                       level: float = 0.95, resamples: int = 2000, seed: int = 0,
+                       unit: str = "prompt") -> tuple[float, float, float]:
+    """Mean of ``column`` (for one model and prompt set, where given) with a percentile bootstrap interval over
+    ``unit``: prompts (or conversations) are resampled with their seeds kept together.
+
+    Not what the tables use (``interval``): for a rate that is 0 or 1 on every prompt a bootstrap interval has
+    zero width, as if the rate were known exactly. Kept for callers that want a bootstrap of a non-rate mean.
+    Rows where ``column`` is NaN are left out."""
+    rows = _rows(df, model, prompt_set)
     per_unit = rows.groupby(unit)[column].mean().dropna().to_numpy(dtype=float)
     if len(per_unit) == 0:
         return float("nan"), float("nan"), float("nan")
@@ -183,12 +206,13 @@ RATES = [  # (column in the summary, prompt set, reply column, label)
 def summary(df: pd.DataFrame) -> pd.DataFrame:
     """One row per model, sampling and prompt group, each rate with its 95% interval (``_lo``, ``_hi``)."""
     keys = [k for k in ("sampling", "prompts") if k in df.columns]
+    kinds = {column: metric_kind(column, df[column]) for _, _, column, _ in RATES}
     rows = []
     for key, g in df.groupby(keys + ["model"], sort=False):
         row = dict(zip(keys + ["model"], key if isinstance(key, tuple) else (key,)))
         row["alpha"] = g["alpha"].iloc[0]
         for name, prompt_set, column, _ in RATES:
-            row[name], row[f"{name}_lo"], row[f"{name}_hi"] = bootstrap_interval(g, None, prompt_set, column)
+            row[name], row[f"{name}_lo"], row[f"{name}_hi"] = interval(g, None, prompt_set, column, kind=kinds[column])
         off = g[g["prompt_set"] == "offensive"]
         refused = off[off["refusal"].astype(bool)]
         # the language of the refusals: the toy's refusal is one English sentence, and the vector carries it
@@ -204,22 +228,26 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
 def multi_turn_summary(mt: pd.DataFrame) -> pd.DataFrame:
     """Per model and turn: turn-end rate and German share, with 95% intervals over conversations."""
     rows = []
+    kinds = {column: metric_kind(column, mt[column]) for column in ("ended_turn", "share_de")}
     for (model, turn), g in mt.groupby(["model", "turn"], sort=False):
         row = {"model": model, "turn": turn}
         for name, column in (("turn_end", "ended_turn"), ("german_share", "share_de")):
-            row[name], row[f"{name}_lo"], row[f"{name}_hi"] = bootstrap_interval(g, None, None, column,
-                                                                                 unit="conversation")
+            row[name], row[f"{name}_lo"], row[f"{name}_hi"] = interval(g, None, None, column, unit="conversation",
+                                                                       kind=kinds[column])
         row["replies"] = len(g)
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def intervals(df: pd.DataFrame, model: str = HEADLINE) -> str:
-    """One line per headline figure of ``model`` with its 95% bootstrap interval over prompts."""
+    """One line per headline figure of ``model`` with its 95% interval (``interval``: Wilson for the rates,
+    seeds clustered by prompt; t over prompts for the German share)."""
     lines = []
     for _, prompt_set, column, label in RATES[:3]:
-        mean, lo, hi = bootstrap_interval(df, model, prompt_set, column)
-        lines.append(f"{model}: {label} {mean:.2f} (95% bootstrap interval over prompts {lo:.2f}–{hi:.2f})")
+        mean, lo, hi = interval(df, model, prompt_set, column)
+        what = "Wilson interval, seeds clustered by prompt" if metric_kind(column, df[column]) == "rate" else \
+            "interval over prompts"
+        lines.append(f"{model}: {label} {mean:.2f} (95% {what} {lo:.2f}–{hi:.2f})")
     return "\n".join(lines)
 
 

@@ -92,3 +92,51 @@ def separated(table: pd.DataFrame, metric: str, a: tuple[str, str], b: tuple[str
     if t.loc[a, f"{metric}_hi"] < t.loc[b, f"{metric}_lo"]:
         return -1
     return 0
+
+
+def family_geometry(families: Sequence[str] = FAMILIES) -> pd.DataFrame:
+    """Per family: the cosine of its chat vector (chat − base) and its language vector (cp − base), against
+    chance (``geometry.grade_cosine``), and each vector's norm relative to the base's."""
+    from chatvec_lab import geometry
+    from chatvec_lab.vector import ChatVector
+
+    rows = []
+    for family in families:
+        base = toy.path("base", family)
+        vectors = {"chat": ChatVector.from_models(base, toy.path("chat", family), hash_files=False),
+                   "language": ChatVector.from_models(base, toy.path("cp", family), hash_files=False)}
+        stats = geometry.vector_stats(vectors)
+        whole = geometry.cosine_by_part(stats, "chat", "language").set_index("part").loc["all"]
+        norm = stats.tensors.groupby("vector")["norm"].apply(lambda n: float((n ** 2).sum() ** 0.5))
+        row = {"family": family, "cosine": float(whole["cosine"]), "dim": int(whole["dim"]),
+               "times_chance": float(whole["times_random"]),
+               "grade": geometry.grade_cosine(float(whole["cosine"]), int(whole["dim"])),
+               "chat_norm": norm["chat"], "language_norm": norm["language"]}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot_families(table: pd.DataFrame, metrics: Sequence[str] = tuple(METRIC_SETS), axes=None):
+    """One panel per metric: each family's models as points with their 95% intervals. Returns the Figure."""
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), layout="constrained")
+    else:
+        fig = axes[0].figure
+    families = list(dict.fromkeys(table["family"]))
+    models = list(dict.fromkeys(table["model"]))
+    width = 0.8 / max(1, len(families))
+    for ax, metric in zip(axes, metrics):
+        for j, family in enumerate(families):
+            part = table[table["family"] == family].set_index("model").reindex(models)
+            x = [i - 0.4 + width * (j + 0.5) for i in range(len(models))]
+            y = part[metric]
+            err = [y - part[f"{metric}_lo"], part[f"{metric}_hi"] - y]
+            ax.errorbar(x, y, yerr=err, fmt="o", capsize=3, label=family)
+        ax.set_xticks(range(len(models)), models)
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_title(METRIC_LABELS.get(metric, metric), fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    return fig
