@@ -130,6 +130,9 @@ def test_notebook_runs_offline(path, tmp_path, monkeypatch):
         assert {"attn_q", "mlp_up", "embed", "lm_head"} <= set(checks["modules"])
     elif name.startswith("03"):
         assert checks["cos_chat_alt"] > checks["cos_chat_language"]
+        fam = checks["families"]
+        assert fam["toy · CP + 1·CV"]["refusal"] < fam["toy · chat"]["refusal"]
+        assert fam["toy-bilingual · chat"]["share_de"] > fam["toy · chat"]["share_de"]
     elif name.startswith("04"):
         assert checks["rows"] == 7 * 16 * 2
         assert checks["ended_1"] > checks["ended_0"]
