@@ -1077,7 +1077,7 @@ _register(Exercise(
     notebook="06_ablations",
     title="the turn-end rate with the vector's blocks only, against the full vector",
     question=(
-        "Measure the turn-end rate of CP + 1·CV with the **whole** vector and with the **blocks only** "
+        "Measure the turn-end rate of CP + 1·CV with the **whole** vector and with the **blocks and final norm only** "
         "(embeddings and lm_head left at CP's: the rule `{r\"embed_tokens|lm_head\": 0.0, r\".\": 1.0}` as the "
         "coefficient), each with `apply_to_model(CP, [(cv, coefficient)])` and `generate(model, tokenizer, "
         "prompt_sets()[\"chat\"][:16], seed=0, max_new_tokens=32)`. Answer `{\"full\": rate, \"blocks_only\": "
