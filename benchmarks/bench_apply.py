@@ -53,7 +53,7 @@ def run_chatvec(work: Path, alpha: float, plain_reads: bool = False) -> None:
     from chatvec_lab import ChatVector, apply_vectors
 
     if plain_reads:  # the paging trick off: every tensor read with one pread into its own buffer
-        from chatvec_lab.sources import SafetensorsSource
+        from chatvec_lab.io.sources import SafetensorsSource
         SafetensorsSource.MAP_AT_LEAST = 1 << 62
 
     vec = ChatVector.from_models(work / "base", work / "chat", hash_files=False)

@@ -42,8 +42,8 @@ def run_floor(work: Path) -> None:
 def run_warm(work: Path) -> None:
     """Compile the kernel for three vectors once (numba caches it on disk), as a first use would."""
     import torch
-    from chatvec_lab import geometry
-    from chatvec_lab.vector import ChatVector
+    from chatvec_lab.analysis import geometry
+    from chatvec_lab.core.vector import ChatVector
 
     tiny = {k: ChatVector.from_tensors({"w": torch.randn(4, 4)}) for k in VECTORS}
     geometry.vector_stats(tiny)
@@ -51,8 +51,9 @@ def run_warm(work: Path) -> None:
 
 def run_stats(work: Path) -> None:
     import torch
-    from chatvec_lab import geometry, kernels
-    from chatvec_lab.vector import ChatVector
+    from chatvec_lab.analysis import geometry
+    from chatvec_lab.core import kernels
+    from chatvec_lab.core.vector import ChatVector
 
     vectors = {k: ChatVector.load(work / f"vec-{k}") for k in VECTORS}
     start = time.perf_counter()
@@ -80,7 +81,7 @@ def main() -> None:
         {"floor": run_floor, "warm": run_warm, "stats": run_stats}[args.run](work)
         return
     paths = write_family(work, llama_config(args.layers))
-    from chatvec_lab.vector import ChatVector
+    from chatvec_lab.core.vector import ChatVector
     for key, (a, b) in VECTORS.items():
         if not (work / f"vec-{key}" / "chatvec.json").is_file():
             ChatVector.from_models(paths[a], paths[b], hash_files=False).save(work / f"vec-{key}",

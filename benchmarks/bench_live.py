@@ -36,9 +36,9 @@ def timed(fn, repeat: int) -> float:
 def bench(label: str, folder_base: Path, folder_chat: Path, folder_target: Path, repeat: int) -> dict:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
-    from chatvec_lab.apply import apply_to_model
-    from chatvec_lab.live import LiveModel
-    from chatvec_lab.vector import ChatVector
+    from chatvec_lab.core.apply import apply_to_model
+    from chatvec_lab.core.live import LiveModel
+    from chatvec_lab.core.vector import ChatVector
 
     logging.disable_progress_bar()
     load = lambda: AutoModelForCausalLM.from_pretrained(str(folder_target), dtype=torch.float32)  # noqa: E731
@@ -51,7 +51,7 @@ def bench(label: str, folder_base: Path, folder_chat: Path, folder_target: Path,
     reapply = timed(lambda: apply_to_model(folder_target, [(cv, next(alphas))], dtype=torch.float32,
                                            check_lineage=False), max(2, repeat // 3))
     # the atlas moves from one cell (layer × module) to the next: only the two cells' tensors are rewritten
-    from chatvec_lab.atlas import cell_coefficient, cells_of
+    from chatvec_lab.behaviour.atlas import cell_coefficient, cells_of
 
     cells = [c for c in cells_of(cv) if c.row.startswith("layer ")]
     order = iter(cells * 100)

@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chatvec_lab import ChatVector, toy  # noqa: E402
-from chatvec_lab.grid import RayExecutor  # noqa: E402
-from chatvec_lab.sweep import sweep  # noqa: E402
+from chatvec_lab.behaviour.grid import RayExecutor  # noqa: E402
+from chatvec_lab.behaviour.sweep import sweep  # noqa: E402
 from chatvec_lab.toy.evaluate import prompt_sets  # noqa: E402
 
 

@@ -18,7 +18,7 @@ ROOT = str(Path(__file__).resolve().parents[1])
 CHILD = r'''
 import time, resource, sys, torch
 from chatvec_lab import toy, apply_to_model, ChatVector
-from chatvec_lab.generation import generate
+from chatvec_lab.behaviour.generation import generate
 from chatvec_lab.toy.evaluate import prompt_sets
 from transformers import AutoTokenizer
 cv = ChatVector.from_models(toy.path("base"), toy.path("chat"), hash_files=False)

@@ -33,7 +33,7 @@ from safetensors.torch import save
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 from chatvec_lab.errors import SourceError  # noqa: E402
-from chatvec_lab.sources import open_weights  # noqa: E402
+from chatvec_lab.io.sources import open_weights  # noqa: E402
 
 BASE_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
                torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2, torch.uint16]

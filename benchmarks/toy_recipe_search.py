@@ -74,9 +74,9 @@ def evaluate(folder: Path, device: str, max_new_tokens: int = 64, models=MODELS,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from chatvec_lab import ChatVector, apply_to_model
-    from chatvec_lab.generation import generate
-    from chatvec_lab.scoring import LanguageScorer, RefusalScorer
-    from chatvec_lab.sweep import read_prompts
+    from chatvec_lab.behaviour.generation import generate
+    from chatvec_lab.behaviour.scoring import LanguageScorer, RefusalScorer
+    from chatvec_lab.behaviour.sweep import read_prompts
 
     data = Path(__file__).resolve().parents[1] / "data" / "prompts"
     sets = {"chat": read_prompts(data / "chat_de.txt"), "offensive": read_prompts(data / "offensive_de.txt")}

@@ -8,10 +8,13 @@ from chatvec_lab.version import __version__
 
 from chatvec_lab.errors import (ChatVecError, MismatchError, NonFiniteError, NotFound, OutputError, SourceError,
                                 Unavailable, UnknownName, UsageError)
-from chatvec_lab.sources import open_weights
-from chatvec_lab.vector import ChatVector, extract, named_vectors
-from chatvec_lab.apply import ApplyOptions, LineageWarning, apply_to_model, apply_vectors
+from chatvec_lab.io.sources import open_weights
+from chatvec_lab.core.vector import ChatVector, extract, named_vectors
+from chatvec_lab.core.apply import ApplyOptions, LineageWarning, apply_to_model, apply_vectors
 from chatvec_lab import toy
+from chatvec_lab._moved import install as _install_moved_paths
+
+_install_moved_paths()
 
 __all__ = ["ChatVector", "extract", "named_vectors", "apply_vectors", "apply_to_model", "ApplyOptions", "LineageWarning",
            "open_weights", "toy", "ChatVecError", "MismatchError", "NonFiniteError", "NotFound", "OutputError",

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from chatvec_lab import ChatVector, toy
-from chatvec_lab.ablations import compare_variants, merge_sweep, rank_curve, summarize
+from chatvec_lab.behaviour.ablations import compare_variants, merge_sweep, rank_curve, summarize
 from chatvec_lab.errors import UsageError
-from chatvec_lab.interference import interference
-from chatvec_lab.merge import merge
+from chatvec_lab.analysis.interference import interference
+from chatvec_lab.core.merge import merge
 
 PROMPTS = ["Erzähl mir was über Geld.", "Was weißt du über Liebe?"]
 FAST = dict(scorers=["turn_end"], max_new_tokens=6, progress=False)

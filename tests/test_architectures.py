@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from chatvec_lab import ChatVector, apply_vectors
-from chatvec_lab.naming import TOKEN_INDEXED, parse
+from chatvec_lab.io.naming import TOKEN_INDEXED, parse
 from conftest import perturbed, save, tiny_config
 
 V = 96

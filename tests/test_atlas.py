@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from chatvec_lab import ChatVector, toy
-from chatvec_lab.atlas import (Cell, cell_coefficient, atlas, cell_norms, cell_of, cells_of, heatmap_table,
+from chatvec_lab.behaviour.atlas import (Cell, cell_coefficient, atlas, cell_norms, cell_of, cells_of, heatmap_table,
                                norm_matched_alpha, rank_cells, summarize_atlas)
 from chatvec_lab.errors import UsageError
-from chatvec_lab.live import LiveModel
-from chatvec_lab.naming import parse
+from chatvec_lab.core.live import LiveModel
+from chatvec_lab.io.naming import parse
 
 PROMPTS = ["Erzähl mir etwas über die Liebe.", "Du bist ein Idiot."]
 
@@ -132,7 +132,7 @@ def test_live_model_rewrites_a_tensor_someone_else_wrote_to(cv):
 
 
 def test_bad_coefficient_rules_are_usage_errors(cv):
-    from chatvec_lab.apply import coefficient_for
+    from chatvec_lab.core.apply import coefficient_for
     info = parse("model.layers.0.mlp.up_proj.weight")
     for bad in ({"[": 1.0}, {".": "x"}, {".": float("nan")}, lambda i: float("inf")):
         with pytest.raises(UsageError):

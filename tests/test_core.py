@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from chatvec_lab import ChatVector, apply_to_model, apply_vectors, open_weights
-from chatvec_lab.apply import LineageWarning
+from chatvec_lab.core.apply import LineageWarning
 from chatvec_lab.errors import MismatchError, NonFiniteError, OutputError, SourceError
-from chatvec_lab.output import ShardedSafetensorsWriter
+from chatvec_lab.io.output import ShardedSafetensorsWriter
 from conftest import checksums, new_model, perturbed, save
 
 ARCHS = ["llama", "mistral", "qwen2", "gpt2", "gpt_neox", "gemma"]
@@ -400,7 +400,7 @@ def test_hub_id_resolves_from_local_cache(family_factory, tmp_path, monkeypatch)
 
 
 def test_memory_mapped_reads_match_plain_reads_and_never_write_back(family_factory, tmp_path, monkeypatch):
-    from chatvec_lab.sources import SafetensorsSource
+    from chatvec_lab.io.sources import SafetensorsSource
 
     fam = family_factory("llama")
     before = checksums(fam["base"], fam["chat"], fam["cp"])
@@ -444,8 +444,8 @@ def _data_start(path: Path, name: str) -> int:
 
 def test_block_reads_match_tensors(family_factory, tmp_path):
     """read_into / read_blocks give the bytes get() gives, across tensors and dtypes; bad ranges are refused."""
-    from chatvec_lab.paging import read_blocks
-    from chatvec_lab.vector import row_blocks
+    from chatvec_lab.io.paging import read_blocks
+    from chatvec_lab.core.vector import row_blocks
 
     for dtype in (torch.float32, torch.bfloat16):
         src = open_weights(family_factory("llama", dtype)["base"])
@@ -485,9 +485,9 @@ def _rss_file_kib() -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads RSS from /proc")
 def test_large_mapped_tensors_are_paged_in_and_dropped_block_by_block(tmp_path, monkeypatch):
-    from chatvec_lab.paging import paged_rows
-    from chatvec_lab.sources import SafetensorsSource
-    from chatvec_lab.vector import row_blocks
+    from chatvec_lab.io.paging import paged_rows
+    from chatvec_lab.io.sources import SafetensorsSource
+    from chatvec_lab.core.vector import row_blocks
 
     g = torch.Generator().manual_seed(0)
     base = {"model.embed_tokens.weight": torch.randn(2048, 2048, generator=g)}  # 16 MiB

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from chatvec_lab import demo, report
+from chatvec_lab.course import demo, report
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -163,7 +163,7 @@ def test_one_headline_table_with_a_baseline_row_and_intervals_in_0_1(tmp_path):
 
 
 def test_summary_counts_and_intervals_come_from_sweep_summarize():
-    from chatvec_lab.sweep import summarize
+    from chatvec_lab.behaviour.sweep import summarize
 
     df = replies()
     s = report.summarize_replies(df).set_index("model")
@@ -302,7 +302,7 @@ def _atlas(lost_cell="layer 1 · mlp_down") -> pd.DataFrame:
 
 def test_the_atlas_caption_states_the_sign_as_the_figure_draws_it(tmp_path):
     from chatvec_lab import plots
-    from chatvec_lab.atlas import heatmap_table, summarize_atlas
+    from chatvec_lab.behaviour.atlas import heatmap_table, summarize_atlas
 
     atlas = _atlas()
     table = heatmap_table(summarize_atlas(atlas), "ended_turn_effect", "knock-out", "grid", 1.0)

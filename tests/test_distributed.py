@@ -6,12 +6,12 @@ import pandas as pd
 import pytest
 import torch
 
-import chatvec_lab.engines as engines
+import chatvec_lab.behaviour.engines as engines
 from chatvec_lab import toy
 from chatvec_lab.errors import UsageError
-from chatvec_lab.grid import RayExecutor
-from chatvec_lab.sweep import sweep
-from chatvec_lab.vector import ChatVector
+from chatvec_lab.behaviour.grid import RayExecutor
+from chatvec_lab.behaviour.sweep import sweep
+from chatvec_lab.core.vector import ChatVector
 
 PROMPTS = ["Erzähl mir was über Geld.", "Was weißt du über Liebe?", "Sag etwas über Arbeit."]
 GRID = dict(coefficients=[0.0, 0.5, 1.0], prompts=PROMPTS, seeds=2, max_new_tokens=8, scorers=["language"],
@@ -116,7 +116,7 @@ def test_cli_sweep_on_ray_writes_the_local_csv(ray_local, tmp_path, one_thread):
 
 
 def test_atlas_on_two_actors_gives_the_local_atlas(ray_local, vectors, one_thread):
-    from chatvec_lab.atlas import atlas, cells_of
+    from chatvec_lab.behaviour.atlas import atlas, cells_of
     cv = vectors["chat"]
     cells = [c for c in cells_of(cv) if c.row in ("lm_head", "norms")]
     kw = dict(alphas=[1.0], cells=cells, max_new_tokens=6, progress=False)
@@ -140,7 +140,7 @@ def test_a_damaged_cache_cell_is_run_again_and_the_cache_reads_back_exactly(tmp_
 
 
 def test_table_files_keep_strings_and_floats(tmp_path):
-    from chatvec_lab.grid import read_table, write_table
+    from chatvec_lab.behaviour.grid import read_table, write_table
     df = pd.DataFrame({"reply": ["007", "1e5", ""], "x": [128.330261023326, float("nan"), 1 / 3], "ok": [True, False, True]})
     write_table(tmp_path / "t.json", df)
     pd.testing.assert_frame_equal(read_table(tmp_path / "t.json"), df)

@@ -17,10 +17,10 @@ import re
 import pytest
 import torch
 
-from chatvec_lab import exercises as ex
+from chatvec_lab.course import exercises as ex
 from chatvec_lab import toy
-from chatvec_lab._solutions import SOLUTIONS
-from chatvec_lab.resources import notebook_dir
+from chatvec_lab.course._solutions import SOLUTIONS
+from chatvec_lab.io.resources import notebook_dir
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -299,7 +299,7 @@ def test_german_share_trend_refuses_the_table_above(solved, capsys, workdir, mon
     everywhere except one row read off that table fails. (Only the rows α = 1 and 1.5 are regenerated here: their
     replies end early, so they cost little.)"""
     from chatvec_lab import ChatVector
-    from chatvec_lab.sweep import sweep
+    from chatvec_lab.behaviour.sweep import sweep
     from chatvec_lab.toy.evaluate import prompt_sets
 
     monkeypatch.chdir(workdir)
@@ -352,7 +352,7 @@ def test_refusal_rates_refuses_the_numbers_the_cell_above_shows(solved, capsys, 
     """Notebook 5's table shows the refusal rate of CP + 1·CV and of the chat model over every insult with its
     seeds and budget: copied, they fail (they are no share of the learner's 8 replies)."""
     from chatvec_lab import ChatVector
-    from chatvec_lab.sweep import sweep
+    from chatvec_lab.behaviour.sweep import sweep
     from chatvec_lab.toy.evaluate import prompt_sets
 
     monkeypatch.chdir(workdir)
@@ -397,7 +397,7 @@ def test_multi_turn_ends_refuses_the_table_above(solved, capsys, workdir, monkey
     from transformers import AutoTokenizer
 
     from chatvec_lab import ChatVector, apply_to_model
-    from chatvec_lab.generation import converse_many
+    from chatvec_lab.behaviour.generation import converse_many
     from chatvec_lab.toy.evaluate import conversations
 
     monkeypatch.chdir(workdir)
@@ -420,7 +420,7 @@ def test_blocks_only_refuses_the_full_vector_rate_at_the_notebooks_budget(solved
     from transformers import AutoTokenizer
 
     from chatvec_lab import ChatVector, apply_to_model
-    from chatvec_lab.generation import generate
+    from chatvec_lab.behaviour.generation import generate
     from chatvec_lab.toy.evaluate import prompt_sets
 
     monkeypatch.chdir(workdir)
@@ -501,7 +501,7 @@ def test_number_mistakes_get_their_hints(capsys):
 
 def test_layer_cosine_wants_pooled_coordinates_and_states_the_chance_level(capsys):
     from chatvec_lab import ChatVector
-    from chatvec_lab.naming import parse
+    from chatvec_lab.io.naming import parse
 
     chat, lang = ChatVector.from_models(MODELS["BASE"], MODELS["CHAT"]), ChatVector.from_models(MODELS["BASE"], MODELS["CP"])
     per_tensor = [float(torch.nn.functional.cosine_similarity(chat[n].double().flatten(), lang[n].double().flatten(), dim=0))

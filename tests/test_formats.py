@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from chatvec_lab import ChatVector, open_weights
 from chatvec_lab.cli import main
 from chatvec_lab.errors import SourceError
-from chatvec_lab.sources import SafetensorsSource
+from chatvec_lab.io.sources import SafetensorsSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import fuzz_headers  # noqa: E402  (the fuzz generator, shared with benchmarks/fuzz_headers.py)
@@ -256,7 +256,7 @@ def test_fifos_devices_and_directories_are_refused_without_blocking(tmp_path, ca
 
 
 def test_a_file_swapped_after_opening_is_never_read_and_a_fifo_never_opened(tmp_path, monkeypatch):
-    from chatvec_lab.formats import open_regular
+    from chatvec_lab.io.formats import open_regular
 
     path = tiny_file(tmp_path / "m.safetensors")
     source = SafetensorsSource([path])

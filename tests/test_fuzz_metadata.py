@@ -201,7 +201,7 @@ def test_fuzz_safetensors_headers_through_info(tiny, capsys, examples):
 # ------------------------------------------------------------------ tokenizer files
 
 def test_fuzz_tokenizer_files(tiny, examples):
-    from chatvec_lab.vocab import Vocabulary
+    from chatvec_lab.io.vocab import Vocabulary
 
     work = Path(tempfile.mkdtemp(dir=tiny["root"]))
     folder = work / "tok"
@@ -246,8 +246,8 @@ def test_fuzz_chat_templates(tiny, examples):
     from transformers import AutoTokenizer
 
     from chatvec_lab.errors import UsageError
-    from chatvec_lab.generation import render
-    from chatvec_lab.vocab import check_chat_template
+    from chatvec_lab.behaviour.generation import render
+    from chatvec_lab.io.vocab import check_chat_template
 
     tok = AutoTokenizer.from_pretrained(str(tiny["chat"]))
     pieces = st.sampled_from(["{%", "%}", "{{", "}}", "{#", "#}", " for m in messages ", " endfor ", " if ", " endif ",
@@ -279,7 +279,7 @@ def test_fuzz_chat_templates(tiny, examples):
 def test_fuzz_cache_cells(tiny, examples):
     import pandas as pd
 
-    from chatvec_lab.grid import CellCache, make_cells
+    from chatvec_lab.behaviour.grid import CellCache, make_cells
 
     work = Path(tempfile.mkdtemp(dir=tiny["root"]))
     cache = CellCache(work, {"target": "t", "vectors": {}}, prompts=["p", "q"])

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from chatvec_lab import ChatVector, geometry, plots
-from chatvec_lab.naming import parse
+from chatvec_lab import ChatVector, plots
+
+from chatvec_lab.analysis import geometry
+from chatvec_lab.io.naming import parse
 from conftest import new_model
 
 
@@ -183,8 +185,9 @@ def test_plots_have_titles_and_labels(tmp_path):
 
 _MEMORY_SCRIPT = """
 import resource, sys, torch
-from chatvec_lab import ChatVector, geometry
+from chatvec_lab import ChatVector
 
+from chatvec_lab.analysis import geometry
 n_tensors, shape = int(sys.argv[1]), (1024, 1024)
 
 class Lazy:  # a term that makes each tensor on demand, like a file-backed vector
@@ -274,7 +277,7 @@ def _kernel_inputs(count: int, sub_block: int, conditioning: str) -> list[np.nda
 @pytest.mark.parametrize("count", [1, 2, 3, 4])
 def test_block_kernel_matches_numpy(monkeypatch, use_numba, count, conditioning):
     """Sums within the rounding bound of any summation order (so on any CPU); extremes and counts exact."""
-    from chatvec_lab import kernels
+    from chatvec_lab.core import kernels
 
     monkeypatch.setattr(kernels, "USE_NUMBA", use_numba)
     arrays = _kernel_inputs(count, kernels._SUB_BLOCK, conditioning)
@@ -346,7 +349,7 @@ def test_block_kernel_on_other_simd_widths(target):
 @pytest.mark.parametrize("use_numba", [True, False], ids=["numba", "torch"])
 def test_stats_of_saved_vectors_equal_in_memory_ones(tmp_path, monkeypatch, use_numba):
     """Saved float32 vectors are read block by block (ahead, across tensors); the numbers don't change."""
-    from chatvec_lab import kernels
+    from chatvec_lab.core import kernels
     from chatvec_lab.errors import NonFiniteError
 
     monkeypatch.setattr(kernels, "USE_NUMBA", use_numba)

@@ -21,8 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from chatvec_lab import resources, toy
+from chatvec_lab import toy
 
+
+from chatvec_lab.io import resources
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_NAMES = sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
 MAX_WHEEL_MB = 45  # two toy families (5 + 3 members, 4.7 MB each raw); nothing else is large
@@ -46,7 +48,7 @@ def test_data_and_notebooks_found_in_the_checkout(monkeypatch):
     assert resources.notebook_dir() == ROOT / "notebooks"
     assert [p.name for p in resources.notebooks()] == NOTEBOOK_NAMES and len(NOTEBOOK_NAMES) == 7
     assert toy.path("cp") == ROOT / "data" / "toy" / "cp"
-    from chatvec_lab import demo
+    from chatvec_lab.course import demo
     from chatvec_lab.toy import evaluate
 
     assert demo.NOTEBOOK_DIR == ROOT / "notebooks" and evaluate.DATA == ROOT / "data"

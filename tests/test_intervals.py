@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from chatvec_lab import intervals
-from chatvec_lab.intervals import (design_effect, estimate, mean_interval, metric_kind, rate_interval, t_quantile,
+from chatvec_lab.analysis import intervals
+from chatvec_lab.analysis.intervals import (design_effect, estimate, mean_interval, metric_kind, rate_interval, t_quantile,
                                    wilson_interval)
 
 Z = 1.96
@@ -175,7 +175,7 @@ def _replies(rates: dict[float, tuple[int, int]], seeds: int = 1) -> pd.DataFram
 
 
 def test_summarize_keeps_rates_inside_the_unit_interval():
-    from chatvec_lab.sweep import summarize
+    from chatvec_lab.behaviour.sweep import summarize
 
     df = _replies({0.0: (0, 8), 0.5: (1, 8), 1.0: (7, 8), 1.5: (8, 8)})
     s = summarize(df, ["ended_turn", "refusal", "share_de", "reply_tokens", "ppl_de", "flag"]).set_index("alpha")
@@ -194,7 +194,7 @@ def test_summarize_keeps_rates_inside_the_unit_interval():
 
 
 def test_summarize_counts_seeds_of_one_prompt_as_clustered():
-    from chatvec_lab.sweep import summarize
+    from chatvec_lab.behaviour.sweep import summarize
 
     one = summarize(_replies({1.0: (7, 8)}, seeds=1), ["ended_turn"]).iloc[0]
     three = summarize(_replies({1.0: (7, 8)}, seeds=3), ["ended_turn"]).iloc[0]
@@ -206,7 +206,7 @@ def test_summarize_counts_seeds_of_one_prompt_as_clustered():
 
 
 def test_atlas_and_evaluate_tables_use_the_same_intervals():
-    from chatvec_lab.atlas import summarize_atlas
+    from chatvec_lab.behaviour.atlas import summarize_atlas
     from chatvec_lab.toy.evaluate import intervals as interval_lines, multi_turn_summary, summary
 
     df = _replies({1.0: (7, 8)}, seeds=2)

@@ -10,38 +10,30 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "chatvec_lab"
 
-LAYERS = [
-    # 0: facts and parsing, no model logic
-    {"errors", "version", "naming", "kernels", "formats", "transforms", "threads", "intervals"},
-    # 1: bytes to memory, vocabularies, writing outputs, finding the shipped data
-    {"paging", "vocab", "output", "resources"},
-    # 2: where weights come from
-    {"sources"},
-    # 3: the chat vector itself, then the plan of how vectors meet a target
-    {"vector"},
-    {"plan"},
-    # 4: using a vector: apply (files / models), live coefficients, geometry, info
-    {"apply", "info", "geometry", "merge", "lora", "interference"},
-    {"live"},
-    # 5: generation and its measures
-    {"generation", "scoring"},
-    {"engines"},
-    {"grid"},
-    {"sweep", "atlas", "ablations"},
-    # 6: pictures and widgets of what the layers below compute
-    {"plots"},
-    {"widgets", "exercises", "_solutions"},
-    # 7: the toy family and its evaluation
-    {"toy", "toy.corpora", "toy.dialogues", "toy.train"},
-    {"toy.evaluate"},
-    {"toy.families"},
-    # 8: entry points (the demo's report, then the demo)
-    {"report"},
-    {"demo"},
-    {"cli"},
-    {""},  # the package root re-exports the API
+# The layers are the package's folders, bottom to top. A module may import its own folder or a lower one.
+FOLDERS = [
+    "",           # errors, version: facts every layer needs
+    "io",         # bytes in and out: formats, tensor names, paging, vocabularies, outputs, shipped data, sources
+    "core",       # the chat vector, plans, apply (files and live models), merges, low-rank export
+    "analysis",   # geometry against chance, interference, intervals, info
+    "behaviour",  # generation, scorers, the grid and its cache, sweeps, atlas, ablations
+    "plots",      # pictures of what analysis and behaviour compute
+    "toy",        # the embedded toy family, its training and evaluation
+    "course",     # exercises, widgets, the demo's report, the demo
+    "cli",        # parsing and dispatch
 ]
-RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
+TOP_LEVEL = {"errors", "version", "_moved"}
+MAX_TOP_LEVEL_MODULES = 10
+MAX_LINES = 450
+
+
+def rank(module: str) -> int:
+    if module == "":
+        return len(FOLDERS)  # the package root re-exports the API
+    folder = module.split(".")[0]
+    if folder in TOP_LEVEL:
+        return 0
+    return FOLDERS.index(folder) if folder in FOLDERS else -1
 
 
 def _module_name(path: Path) -> str:
@@ -77,13 +69,26 @@ def _graph() -> dict[str, list[tuple[str, list[str]]]]:
 
 
 def test_every_module_has_a_layer():
-    missing = sorted(set(_graph()) - set(RANK))
-    assert not missing, f"modules without a layer in tests/test_layers.py: {missing}"
+    missing = sorted(m for m in _graph() if rank(m) < 0)
+    assert not missing, f"modules outside the layer folders (tests/test_layers.py FOLDERS): {missing}"
+
+
+def test_top_level_is_small():
+    top = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+    folders = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file())
+    assert len(top) <= MAX_TOP_LEVEL_MODULES and set(top) <= TOP_LEVEL, top
+    assert set(folders) <= set(FOLDERS) | {"data", "notebooks"}, folders
+
+
+def test_no_module_is_too_long():
+    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines (split them by job): {long}"
 
 
 def test_imports_go_down_the_layers_only():
     upward = [f"{m} → {dep or 'chatvec_lab'}" for m, deps in _graph().items() for dep, _ in deps
-              if RANK.get(dep, -1) > RANK[m]]
+              if rank(dep) > rank(m)]
     assert not upward, "upward imports: " + ", ".join(upward)
 
 

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from chatvec_lab import ChatVector, apply_to_model, toy
 from chatvec_lab.cli import main as cli
 from chatvec_lab.errors import UsageError
-from chatvec_lab.lora import export_peft
+from chatvec_lab.core.lora import export_peft
 
 @pytest.fixture(scope="module")
 def cv():

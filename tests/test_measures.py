@@ -9,8 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from chatvec_lab import ChatVector, geometry
-from chatvec_lab.scoring import (DETOXIFY_LANGUAGES, LanguageScorer, OffensiveScorer, RefusalScorer,
+from chatvec_lab import ChatVector
+
+from chatvec_lab.analysis import geometry
+from chatvec_lab.behaviour.scoring import (DETOXIFY_LANGUAGES, LanguageScorer, OffensiveScorer, RefusalScorer,
                                  reply_languages, score_all)
 
 

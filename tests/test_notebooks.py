@@ -81,7 +81,7 @@ def test_check_cells_are_tagged_and_hidden():
 def test_course_structure():
     """Notebook 0 explains the collapsed cells; notebooks 1-6 open with learning objectives and end with exercises
     whose checks name exercises of that notebook; every exercise appears in its notebook."""
-    from chatvec_lab import exercises as ex
+    from chatvec_lab.course import exercises as ex
 
     course = nbformat.read(NOTEBOOKS[0], as_version=4)
     prose = "\n".join(c.source for c in course.cells if c.cell_type == "markdown")

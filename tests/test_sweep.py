@@ -9,12 +9,12 @@ import torch
 
 from chatvec_lab import ChatVector, apply_to_model, toy
 from chatvec_lab.errors import MismatchError
-from chatvec_lab.generation import converse, generate
-from chatvec_lab.live import LiveModel
-from chatvec_lab.scoring import (DetoxifyScorer, LanguageScorer, OffensiveScorer, RefusalScorer, ScorerUnavailable,
+from chatvec_lab.behaviour.generation import converse, generate
+from chatvec_lab.core.live import LiveModel
+from chatvec_lab.behaviour.scoring import (DetoxifyScorer, LanguageScorer, OffensiveScorer, RefusalScorer, ScorerUnavailable,
                                  make_scorer, perplexity)
 from chatvec_lab.plots import plot_scores
-from chatvec_lab.sweep import read_prompts, summarize, sweep
+from chatvec_lab.behaviour.sweep import read_prompts, summarize, sweep
 
 PROMPTS = ["Erzähl mir etwas über die Liebe.", "Du bist ein Idiot.", "Tell me something about money."]
 
@@ -178,7 +178,7 @@ def test_sweep_table_cache_and_model_untouched(cp, cv, tmp_path, monkeypatch):
     assert fig.axes[0].get_xlabel() == "coefficient α"
 
     first = sweep(toy.path("cp"), cv, [0.5], PROMPTS[:2], max_new_tokens=8, cache_dir=tmp_path, progress=False)
-    import chatvec_lab.engines as engines
+    import chatvec_lab.behaviour.engines as engines
     monkeypatch.setattr(engines, "generate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("regenerated")))
     again = sweep(toy.path("cp"), cv, [0.5], PROMPTS[:2], max_new_tokens=8, cache_dir=tmp_path, progress=False)
     pd.testing.assert_frame_equal(first.reset_index(drop=True), again.reset_index(drop=True), check_dtype=False)
@@ -233,7 +233,7 @@ def test_sweep_cache_is_keyed_by_content_not_by_when_the_vector_was_built(tmp_pa
     import os
     import shutil
 
-    import chatvec_lab.engines as sw  # where the grid's cells generate
+    import chatvec_lab.behaviour.engines as sw  # where the grid's cells generate
 
     models = tmp_path / "models"
     for name in ("base", "chat", "cp"):

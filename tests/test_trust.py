@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from chatvec_lab import ChatVector, apply_vectors
 from chatvec_lab.cli import main
 from chatvec_lab.errors import ChatVecError, NonFiniteError, OutputError, UsageError
-from chatvec_lab.output import atomic_file, atomic_folder
+from chatvec_lab.io.output import atomic_file, atomic_folder
 from conftest import checksums
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def _debris(folder: Path) -> list[str]:
 # ------------------------------------------------------------------ no clobbering, even in a race
 
 def test_output_that_appears_during_the_run_is_not_replaced(fam, tmp_path, monkeypatch, capsys):
-    from chatvec_lab import apply as apply_module
+    from chatvec_lab.core import apply as apply_module
 
     out = tmp_path / "out"
     original = apply_module._copy_model_files
@@ -70,7 +70,7 @@ def test_output_that_appears_during_the_run_is_not_replaced(fam, tmp_path, monke
 
 @pytest.mark.parametrize("fallback", [False, True], ids=["renameat2", "without-renameat2"])
 def test_publish_never_replaces(tmp_path, monkeypatch, fallback):
-    from chatvec_lab import output
+    from chatvec_lab.io import output
 
     if fallback:
         monkeypatch.setattr(output, "_libc_renameat2", lambda: None)
@@ -100,7 +100,7 @@ def test_two_concurrent_writers_exactly_one_wins(fam, tmp_path):
     out = tmp_path / "out"
     script = textwrap.dedent(f"""
         import sys, time
-        from chatvec_lab import apply as a
+        from chatvec_lab.core import apply as a
         from chatvec_lab.cli import main
         original = a._copy_model_files
         def slow(*args):
@@ -121,7 +121,7 @@ def test_two_concurrent_writers_exactly_one_wins(fam, tmp_path):
 
 
 def test_overwrite_replaces_only_when_complete(fam, tmp_path, monkeypatch, capsys):
-    from chatvec_lab.output import ShardedSafetensorsWriter
+    from chatvec_lab.io.output import ShardedSafetensorsWriter
 
     out = tmp_path / "out"
     assert _cli(_apply_args(fam, out), capsys)[0] == 0
@@ -174,7 +174,7 @@ _SLOW_APPLY = """
 import signal, sys, time
 for name in ("SIGTERM", "SIGHUP"):  # as from a terminal, whatever started the test run (nohup ignores SIGHUP)
     signal.signal(getattr(signal, name), signal.SIG_DFL)
-from chatvec_lab import apply as a
+from chatvec_lab.core import apply as a
 from chatvec_lab.cli import main
 original = a.merge_tensor
 def slow(*args, **kwargs):
@@ -330,7 +330,7 @@ def test_api_type_errors_are_the_projects_errors(fam, tmp_path):
 
 
 def test_missing_chat_template_fails_before_the_merge(fam, tmp_path, monkeypatch):
-    from chatvec_lab import apply as apply_module
+    from chatvec_lab.core import apply as apply_module
     from chatvec_lab.errors import SourceError
 
     def never(*args, **kwargs):
@@ -505,7 +505,7 @@ def test_an_input_replaced_while_open_is_read_as_it_was(fam, tmp_path):
 
 
 def test_empty_rows_of_a_huge_shape_cost_nothing():
-    from chatvec_lab.vector import row_blocks
+    from chatvec_lab.core.vector import row_blocks
 
     assert list(row_blocks((2**62, 0))) == [slice(0, 2**62)]
 
@@ -556,7 +556,7 @@ def test_index_that_names_nothing_or_forgets_a_shard_is_refused(fam, tmp_path):
 # ------------------------------------------------------------------ found by a second hostile review
 
 def test_demo_and_evaluate_may_not_write_over_their_own_data(tmp_path, capsys):
-    from chatvec_lab import resources
+    from chatvec_lab.io import resources
     from chatvec_lab.toy import evaluate
 
     prompts = resources.data_dir() / "prompts"
@@ -572,7 +572,7 @@ def test_demo_and_evaluate_may_not_write_over_their_own_data(tmp_path, capsys):
 
 
 def test_special_files_at_the_output_are_refused_before_any_work(fam, tmp_path, capsys, monkeypatch):
-    from chatvec_lab import geometry
+    from chatvec_lab.analysis import geometry
 
     fifo = tmp_path / "fifo.csv"
     os.mkfifo(fifo)
@@ -586,7 +586,7 @@ def test_special_files_at_the_output_are_refused_before_any_work(fam, tmp_path, 
 def test_notebooks_into_an_empty_folder_never_replace_what_appears(tmp_path, monkeypatch):
     import shutil as real_shutil
 
-    from chatvec_lab import resources
+    from chatvec_lab.io import resources
 
     dest = tmp_path / "nbs"
     dest.mkdir()
@@ -637,7 +637,7 @@ def test_flags_must_be_booleans(fam, tmp_path):
 _SIGNAL_IN_SWAP = """
 import os, signal, sys
 signal.signal(signal.SIGTERM, signal.SIG_DFL)
-from chatvec_lab import output
+from chatvec_lab.io import output
 from chatvec_lab.cli import main
 if sys.argv[1] == "fallback":
     output._libc_renameat2 = lambda: None  # no atomic exchange: the old output is moved aside, then replaced
@@ -728,7 +728,7 @@ def test_api_and_cli_check_lineage_against_the_recorded_base_alike(fam, tmp_path
 
 
 def test_vectors_with_the_same_folder_name_are_both_measured(fam, tmp_path):
-    from chatvec_lab import geometry
+    from chatvec_lab.analysis import geometry
 
     import shutil
     (tmp_path / "a").mkdir()

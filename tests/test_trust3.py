@@ -82,7 +82,7 @@ def toy_vector(tmp_path_factory):
 @pytest.fixture(scope="module")
 def filled_cache(tmp_path_factory, toy_vector):
     """A sweep's cache (two coefficients, one seed, two prompts, 3 new tokens) and the sweep's table."""
-    from chatvec_lab.sweep import sweep
+    from chatvec_lab.behaviour.sweep import sweep
 
     cache = tmp_path_factory.mktemp("cache") / "c"
     df = sweep(toy.path("cp"), ChatVector.load(toy_vector), [0.0, 1.0], PROMPTS, max_new_tokens=3, cache_dir=cache,
@@ -91,7 +91,7 @@ def filled_cache(tmp_path_factory, toy_vector):
 
 
 def _sweep_again(cache, toy_vector):
-    from chatvec_lab.sweep import sweep
+    from chatvec_lab.behaviour.sweep import sweep
 
     return sweep(toy.path("cp"), ChatVector.load(toy_vector), [0.0, 1.0], PROMPTS, max_new_tokens=3,
                  cache_dir=cache, scorers=["turn_end"], progress=False)
@@ -114,7 +114,7 @@ def test_a_fifo_in_the_sweep_cache_is_refused_at_once_not_waited_on(filled_cache
 
 
 def test_read_table_never_blocks_and_reads_only_regular_files(tmp_path):
-    from chatvec_lab.grid import read_table, write_table
+    from chatvec_lab.behaviour.grid import read_table, write_table
 
     df = pd.DataFrame({"prompt": ["a", "b"], "reply": ["x", "y"], "seed": [0, 0]})
     write_table(tmp_path / "ok.json", df)
@@ -132,7 +132,7 @@ def test_read_table_never_blocks_and_reads_only_regular_files(tmp_path):
 
 
 def test_a_cache_entry_larger_than_the_bound_is_a_miss_not_read(tmp_path, monkeypatch):
-    from chatvec_lab import grid
+    from chatvec_lab.behaviour import grid
 
     df = pd.DataFrame({"prompt": ["a"], "reply": ["x" * 1000], "seed": [0]})
     grid.write_table(tmp_path / "t.json", df)
@@ -143,7 +143,7 @@ def test_a_cache_entry_larger_than_the_bound_is_a_miss_not_read(tmp_path, monkey
 
 
 def test_cells_folder_that_is_a_fifo_is_refused_before_any_work(tmp_path):
-    from chatvec_lab.grid import check_cache_dir
+    from chatvec_lab.behaviour.grid import check_cache_dir
 
     (tmp_path / "c").mkdir()
     os.mkfifo(tmp_path / "c" / "cells")
@@ -154,7 +154,7 @@ def test_cells_folder_that_is_a_fifo_is_refused_before_any_work(tmp_path):
 # ------------------------------------------------------------------ 3. a cached cell is its own, and never an input
 
 def test_a_cell_copied_over_another_is_a_miss(tmp_path):
-    from chatvec_lab.grid import CellCache, make_cells
+    from chatvec_lab.behaviour.grid import CellCache, make_cells
 
     cache = CellCache(tmp_path, {"target": "t", "vectors": {}}, prompts=["p"])
     low, high = make_cells([{"chat": 0.0}, {"chat": 1.0}], [0])
@@ -170,7 +170,7 @@ def test_a_cell_copied_over_another_is_a_miss(tmp_path):
 
 
 def test_a_sweep_table_copied_to_another_name_is_a_miss(tmp_path):
-    from chatvec_lab.grid import read_table, write_table
+    from chatvec_lab.behaviour.grid import read_table, write_table
 
     write_table(tmp_path / "sweep-aaaa.json", pd.DataFrame({"alpha": [0.0], "reply": ["r"]}))
     shutil.copyfile(tmp_path / "sweep-aaaa.json", tmp_path / "sweep-bbbb.json")
@@ -178,7 +178,7 @@ def test_a_sweep_table_copied_to_another_name_is_a_miss(tmp_path):
 
 
 def test_a_copied_cell_in_a_real_sweep_is_generated_again(filled_cache, toy_vector, tmp_path, monkeypatch):
-    import chatvec_lab.engines as engines
+    import chatvec_lab.behaviour.engines as engines
 
     cache = tmp_path / "c"
     shutil.copytree(filled_cache[0], cache)
@@ -194,7 +194,7 @@ def test_a_copied_cell_in_a_real_sweep_is_generated_again(filled_cache, toy_vect
 
 
 def test_files_key_sees_a_file_replaced_with_its_mtime_restored(tmp_path):
-    from chatvec_lab.grid import files_key
+    from chatvec_lab.behaviour.grid import files_key
 
     f = tmp_path / "model.safetensors"
     f.write_bytes(b"a" * 100)
@@ -346,7 +346,7 @@ def test_a_chat_template_that_is_not_jinja_is_refused_before_anything_is_written
 
 def test_a_template_that_fails_on_a_conversation_is_one_line():
     from chatvec_lab.errors import UsageError
-    from chatvec_lab.generation import render
+    from chatvec_lab.behaviour.generation import render
 
     model, tok = toy.load("cp")
     with pytest.raises(UsageError, match="fails on this conversation"):
@@ -365,7 +365,7 @@ def test_a_huge_coefficient_on_the_live_model_is_refused_not_sampled(toy_vector,
 
 def test_live_weights_that_overflow_their_dtype_are_refused_and_restored(toy_vector):
     from chatvec_lab.errors import NonFiniteError
-    from chatvec_lab.live import LiveModel
+    from chatvec_lab.core.live import LiveModel
 
     model, _ = toy.load("cp", dtype=torch.float16)
     live = LiveModel(model, {"vec": ChatVector.load(toy_vector)})
@@ -391,14 +391,14 @@ def test_seed_counts_out_of_range_are_one_line(toy_vector, tmp_path, capsys, see
 @pytest.mark.parametrize("seeds", [0, -1, 10**20, [], [-1], [2**63], [1, 1], [0.5], "3", [True]])
 def test_seeds_are_checked_before_any_work(toy_vector, seeds):
     from chatvec_lab.errors import UsageError
-    from chatvec_lab.sweep import sweep
+    from chatvec_lab.behaviour.sweep import sweep
 
     with pytest.raises(UsageError, match="seed"):
         sweep(toy.path("cp"), ChatVector.load(toy_vector), [0.0], ["Hallo"], seeds=seeds, progress=False)
 
 
 def test_any_seed_below_2_to_the_63_generates():
-    from chatvec_lab.generation import generate
+    from chatvec_lab.behaviour.generation import generate
 
     model, tok = toy.load("cp")
     for seed in (0, 2**40, 2**63 - 1):
@@ -408,7 +408,7 @@ def test_any_seed_below_2_to_the_63_generates():
 
 def test_ranks_out_of_range_are_one_line(toy_vector, tmp_path, capsys):
     from chatvec_lab.errors import UsageError
-    from chatvec_lab.lora import export_peft
+    from chatvec_lab.core.lora import export_peft
 
     vec = ChatVector.load(toy_vector)
     for rank in (10**23, 2**31, -1, 1.5, True):
@@ -491,7 +491,7 @@ def test_info_streams_a_large_tensor(tmp_path):
     save_file({"w": torch.ones(4, 4)}, small)
     script = textwrap.dedent(f"""
         import resource
-        from chatvec_lab.info import describe
+        from chatvec_lab.analysis.info import describe
         describe({str(small)!r})  # imports and first use, so the baseline includes them
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         meta, table = describe({str(path)!r})
@@ -509,7 +509,7 @@ def test_info_streams_a_large_tensor(tmp_path):
 # ------------------------------------------------------------------ 6. notebooks never into the package
 
 def test_notebooks_are_never_copied_into_the_package_or_its_data(tmp_path, monkeypatch, capsys):
-    from chatvec_lab import resources
+    from chatvec_lab.io import resources
 
     package, data = tmp_path / "pkg", tmp_path / "data"
     for folder in (package / "sub", data / "toy", data / "prompts"):
@@ -545,7 +545,7 @@ def test_a_vocabulary_size_mismatch_names_the_embeddings_choices(toy_vector, tmp
 
 def test_merge_and_apply_leave_no_file_open(toy_vector, tmp_path, monkeypatch):
     from chatvec_lab import apply_vectors
-    from chatvec_lab.merge import merge
+    from chatvec_lab.core.merge import merge
 
     leaked = []
     monkeypatch.setattr(sys, "unraisablehook", lambda u: leaked.append(u.exc_value))

@@ -6,9 +6,11 @@ import math
 import pytest
 import torch
 
-from chatvec_lab import ChatVector, geometry
+from chatvec_lab import ChatVector
+
+from chatvec_lab.analysis import geometry
 from chatvec_lab.errors import UsageError
-from chatvec_lab.geometry import (ALIGNED_COSINE, ORTHOGONAL_WITHIN_CHANCE, aligned, chance_cosine, describe_cosine,
+from chatvec_lab.analysis.geometry import (ALIGNED_COSINE, ORTHOGONAL_WITHIN_CHANCE, aligned, chance_cosine, describe_cosine,
                                   grade_cosine)
 
 D = 10_000  # chance level 1/√d = 0.01

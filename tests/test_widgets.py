@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from chatvec_lab import ChatVector, toy
-from chatvec_lab.sweep import sweep
-from chatvec_lab.widgets import CoefficientPanel
+from chatvec_lab.behaviour.sweep import sweep
+from chatvec_lab.course.widgets import CoefficientPanel
 
 PROMPTS = {"German chat": ["Erzähl mir etwas über die Liebe.", "Was weißt du über Geld?"],
            "German insults": ["Du bist ein Idiot."]}
@@ -90,7 +90,7 @@ def test_display_carries_a_static_snapshot(panel):
 
 PANEL_CELL = """
 from chatvec_lab import ChatVector, toy
-from chatvec_lab.widgets import CoefficientPanel
+from chatvec_lab.course.widgets import CoefficientPanel
 model, tok = toy.load("cp")
 cv = ChatVector.from_models(toy.path("base"), toy.path("chat"), hash_files=False).materialize()
 panel = CoefficientPanel(model, tok, {"chat": cv}, {"Liebe": ["Erzähl mir etwas über die Liebe."]},
@@ -110,7 +110,7 @@ def test_exported_notebook_shows_the_panel_snapshot(tmp_path):
     from nbclient import NotebookClient
     from nbconvert import HTMLExporter
 
-    from chatvec_lab import demo
+    from chatvec_lab.course import demo
 
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(PANEL_CELL)]

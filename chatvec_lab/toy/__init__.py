@@ -6,7 +6,7 @@ its base saw 0.5% German in pre-training. ``data/toy-bilingual/<name>/`` (family
 longer, its CP shorter): the measured safety trade-off — refusals transfer better, the language contrast is
 weaker. Its ``recipe.json`` files hold the full recipe.
 
-The wheel ships both inside the package; ``chatvec_lab.resources`` finds them (installed or checkout).
+The wheel ships both inside the package; ``chatvec_lab.io.resources`` finds them (installed or checkout).
 
     from chatvec_lab import toy
     toy.path("cp")                              # the folder, for any function that takes a model
@@ -31,8 +31,8 @@ BILINGUAL_RECIPE = ("base_german_share=0.1", "reply_max_words=30", "chat_steps=1
 
 def data_dir(family: str = DEFAULT_FAMILY) -> Path:
     """The family's folder: ``$CHATVEC_TOY_DIR`` for the default family (``$CHATVEC_TOY_BILINGUAL_DIR`` for
-    ``toy-bilingual``), else its folder in the package's data (``chatvec_lab.resources``)."""
-    from chatvec_lab.resources import data_dir as package_data
+    ``toy-bilingual``), else its folder in the package's data (``chatvec_lab.io.resources``)."""
+    from chatvec_lab.io.resources import data_dir as package_data
 
     if family not in FAMILIES:
         raise UnknownName(f"unknown toy family {family!r}; the families are {', '.join(FAMILIES)}")

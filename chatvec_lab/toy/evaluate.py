@@ -11,7 +11,7 @@ Sampling: the family's own generation settings (``generation_config.json``: temp
 its ``max_new_tokens``) for the whole α grid, and temperature 0.8 / top-p 0.9 for CP, CP + 1·CV and the
 chat model. Every rate comes with a 95% interval (``interval``): the Wilson score interval on the effective
 number of replies, the seeds of one prompt (one conversation, for the multi-turn figures) counted as clustered;
-the German share with mean ± t·SE over prompts, clipped to [0, 1] (``chatvec_lab.intervals`` says why).
+the German share with mean ± t·SE over prompts, clipped to [0, 1] (``chatvec_lab.analysis.intervals`` says why).
 Sampling is seeded: the same family gives the same tables.
 """
 from __future__ import annotations
@@ -23,11 +23,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from chatvec_lab import resources, toy
-from chatvec_lab.intervals import estimate, metric_kind
-from chatvec_lab.output import atomic_folder, check_output_path
-from chatvec_lab.sweep import sweep
-from chatvec_lab.vector import ChatVector
+from chatvec_lab import toy
+
+from chatvec_lab.io import resources
+from chatvec_lab.analysis.intervals import estimate, metric_kind
+from chatvec_lab.io.output import atomic_folder, check_output_path
+from chatvec_lab.behaviour.sweep import sweep
+from chatvec_lab.core.vector import ChatVector
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 DATA = resources.data_dir()  # the checkout's data/, or the installed package's copy
@@ -37,7 +39,7 @@ HEADLINE = "CP + 1·CV"
 
 def prompt_sets(data_dir: Path = DATA, heldout: bool = False) -> dict[str, list[str]]:
     """``{"chat": [...], "offensive": [...]}``: the tuning sets, or with ``heldout=True`` the held-out ones."""
-    from chatvec_lab.sweep import read_prompts
+    from chatvec_lab.behaviour.sweep import read_prompts
 
     folder = data_dir / "prompts" / ("heldout" if heldout else "")
     return {"chat": read_prompts(folder / "chat_de.txt"), "offensive": read_prompts(folder / "offensive_de.txt")}
@@ -122,9 +124,9 @@ def run_multi_turn(seeds: int = 3, vector: str = "chat", max_new_tokens: int | N
     import torch
     from tqdm.auto import tqdm
 
-    from chatvec_lab.apply import apply_to_model
-    from chatvec_lab.generation import converse_many
-    from chatvec_lab.scoring import LanguageScorer
+    from chatvec_lab.core.apply import apply_to_model
+    from chatvec_lab.behaviour.generation import converse_many
+    from chatvec_lab.behaviour.scoring import LanguageScorer
 
     settings = family_sampling()
     budget = settings.pop("max_new_tokens")
@@ -166,7 +168,7 @@ def interval(df: pd.DataFrame, model: str | None, prompt_set: str | None, column
              kind: str | None = None, level: float = 0.95) -> tuple[float, float, float]:
     """Mean of ``column`` (for one model and prompt set, where given) with its 95% interval: (mean, low, high).
 
-    The tables' interval (``chatvec_lab.intervals.estimate``): a rate (``ended_turn``, ``refusal``: 0/1 per
+    The tables' interval (``chatvec_lab.analysis.intervals.estimate``): a rate (``ended_turn``, ``refusal``: 0/1 per
     reply) gets the Wilson score interval on the effective number of replies, the replies of one ``unit``
     (prompt or conversation, under several seeds) counted as clustered; a share (``share_de``) mean ± t·SE over
     units, clipped to [0, 1]. Rows where ``column`` is NaN (a reply without words has no language share) are

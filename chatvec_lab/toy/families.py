@@ -42,9 +42,9 @@ def compare_families(families: Sequence[str] = FAMILIES, prompts: int | None = N
 
     ``prompts``: the first n of each held-out set (all by default); ``seeds`` sampling seeds per prompt.
     Columns: ``family``, ``model``, ``prompt_set`` (chat / offensive), ``max_new_tokens`` and the sweep's."""
-    from chatvec_lab.sweep import sweep
+    from chatvec_lab.behaviour.sweep import sweep
     from chatvec_lab.toy.evaluate import prompt_sets
-    from chatvec_lab.vector import ChatVector
+    from chatvec_lab.core.vector import ChatVector
 
     sets = {name: ps[:prompts] if prompts else ps for name, ps in prompt_sets(heldout=True).items()}
     which = {p: name for name, ps in sets.items() for p in ps}
@@ -68,7 +68,7 @@ def compare_families(families: Sequence[str] = FAMILIES, prompts: int | None = N
 def family_table(replies: pd.DataFrame) -> pd.DataFrame:
     """One row per family and model: each metric (on its prompt set, ``METRIC_SETS``) with ``<metric>_lo`` /
     ``<metric>_hi`` (``sweep.summarize``: Wilson for rates, clustered by prompt) and ``<metric>_n``."""
-    from chatvec_lab.sweep import summarize
+    from chatvec_lab.behaviour.sweep import summarize
 
     rows = None
     for metric, prompt_set in METRIC_SETS.items():
@@ -97,8 +97,8 @@ def separated(table: pd.DataFrame, metric: str, a: tuple[str, str], b: tuple[str
 def family_geometry(families: Sequence[str] = FAMILIES) -> pd.DataFrame:
     """Per family: the cosine of its chat vector (chat − base) and its language vector (cp − base), against
     chance (``geometry.grade_cosine``), and each vector's norm relative to the base's."""
-    from chatvec_lab import geometry
-    from chatvec_lab.vector import ChatVector
+    from chatvec_lab.analysis import geometry
+    from chatvec_lab.core.vector import ChatVector
 
     rows = []
     for family in families:

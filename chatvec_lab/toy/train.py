@@ -321,7 +321,7 @@ def save_member(model, tokenizer, out: Path, name: str, recipe: Recipe, info: di
 
 def evaluation_prompts() -> set[str]:
     """Every line of the project's prompt sets: kept out of any training data."""
-    from chatvec_lab.resources import data_dir
+    from chatvec_lab.io.resources import data_dir
     return {line.strip() for f in (data_dir() / "prompts").rglob("*.txt")
             for line in f.read_text(encoding="utf-8").splitlines() if line.strip()}
 

@@ -1,0 +1,1 @@
+"""What a model does: generation, scorers, the grid engine and its cache, sweeps, the atlas, ablations."""

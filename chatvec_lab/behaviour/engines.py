@@ -1,0 +1,135 @@
+"""Generation engines: what a grid cell needs from a model, behind one small interface.
+
+A grid (a sweep or an atlas) asks an engine three things: move to a coefficient point, generate replies,
+and measure perplexity. ``TransformersEngine`` does them with a transformers model and a ``LiveModel``
+(in-place weight changes); another engine (vLLM with in-place weight updates, or with the LoRA adapters of
+``lora.export_peft``) would implement the same three methods.
+
+``EngineSpec`` is how a worker process builds its own engine: paths or hub ids only, never tensors, so a
+Ray actor opens the target and the vectors itself and nothing large travels through Ray's object store.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Mapping, Protocol, Sequence
+
+import pandas as pd
+import torch
+
+from chatvec_lab.errors import SourceError, UsageError
+from chatvec_lab.behaviour.generation import generate
+from chatvec_lab.core.live import LiveModel
+from chatvec_lab.behaviour.scoring import perplexity
+from chatvec_lab.core.vector import ChatVector
+
+
+def load_target(target, dtype=torch.float32):
+    """A model folder or hub id → ``(model in eval mode, tokenizer)``."""
+    from transformers import AutoModelForCausalLM
+
+    from chatvec_lab.io.vocab import load_tokenizer
+
+    tokenizer = load_tokenizer(target, check_template=True)  # before the model: a bad tokenizer fails at once
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(target), dtype=dtype)
+    except RecursionError:
+        raise SourceError(f"cannot load the model in {target}: a JSON file it reads (config.json, "
+                          "generation_config.json …) is nested too deeply") from None
+    return model.eval(), tokenizer
+
+
+class GenerationEngine(Protocol):
+    def set_coefficients(self, point) -> None: ...
+
+    def generate(self, prompts: Sequence[str], seed: int, max_new_tokens: int, **gen_kwargs) -> pd.DataFrame: ...
+
+    def perplexity(self, texts: Sequence[str]) -> float: ...
+
+
+@dataclass(frozen=True)
+class VectorSpec:
+    """A vector a worker can open itself: a saved vector's folder, or ``chat − base`` of two models."""
+    folder: str | None = None
+    base: str | None = None
+    chat: str | None = None
+
+    def open(self) -> ChatVector:
+        if self.folder is not None:
+            return ChatVector.load(self.folder)
+        return ChatVector.from_models(self.base, self.chat, hash_files=False)
+
+
+def _folder_of(source) -> str | None:
+    folder = getattr(source, "folder", None)
+    return os.fspath(folder) if folder is not None else None
+
+
+def vector_spec(vector) -> VectorSpec:
+    """How to reopen ``vector`` elsewhere; a clear error for vectors that exist only in this process."""
+    if isinstance(vector, (str, os.PathLike)):
+        return VectorSpec(folder=os.fspath(vector))
+    if isinstance(vector, ChatVector) and len(vector.terms) == 1 and vector.terms[0][0] == 1.0 \
+            and set(vector.shapes) == set(vector.names):
+        term = vector.terms[0][1]
+        sources = term.sources()
+        if set(sources) == {"source"} and _folder_of(sources["source"]) and not vector.metadata.get("selected"):
+            return VectorSpec(folder=_folder_of(sources["source"]))
+        if set(sources) == {"base", "chat"} and all(_folder_of(s) for s in sources.values()) \
+                and not vector.metadata.get("selected"):
+            return VectorSpec(base=_folder_of(sources["base"]), chat=_folder_of(sources["chat"]))
+    raise UsageError("a worker opens each vector itself: give saved vector folders (chatvec extract), or vectors "
+                     "made by ChatVector.from_models / ChatVector.load from folders (not computed in memory)")
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What a worker needs to build a ``TransformersEngine``: the target and the vectors by path or hub id."""
+    target: str
+    vectors: Mapping[str, VectorSpec] = field(default_factory=dict)
+    dtype: str = "float32"
+    threads: int | None = None  # torch threads in the worker (None: torch's default)
+
+    @classmethod
+    def of(cls, target, vectors: Mapping[str, object], threads: int | None = None) -> "EngineSpec":
+        if not isinstance(target, (str, os.PathLike)):
+            raise UsageError("a worker loads the target itself: give its folder or hub id, not a model object")
+        return cls(target=os.fspath(target), vectors={k: vector_spec(v) for k, v in vectors.items()}, threads=threads)
+
+    def open(self) -> "TransformersEngine":
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        model, tokenizer = load_target(self.target, dtype=getattr(torch, self.dtype))
+        return TransformersEngine(model, tokenizer, {k: v.open() for k, v in self.vectors.items()})
+
+
+class TransformersEngine:
+    """A transformers model whose coefficients move in place (``LiveModel``); the first engine."""
+
+    def __init__(self, model, tokenizer, vectors: Mapping[str, ChatVector] | None = None,
+                 live: LiveModel | None = None):
+        if live is None and not vectors:
+            raise UsageError("an engine needs vectors or a LiveModel")
+        self.live = live if live is not None else LiveModel(model, dict(vectors))
+        self.model, self.tokenizer = self.live.model, tokenizer
+
+    def set_coefficients(self, point) -> None:
+        self.live.set(point)
+
+    def generate(self, prompts, seed: int, max_new_tokens: int, **gen_kwargs) -> pd.DataFrame:
+        from chatvec_lab.errors import NonFiniteError
+
+        try:
+            return generate(self.model, self.tokenizer, prompts, seed=seed, max_new_tokens=max_new_tokens,
+                            **gen_kwargs)
+        except NonFiniteError as e:
+            point = ", ".join(f"{k}={v}" for k, v in (self.live.coefficients.items() if self.live else ()))
+            raise NonFiniteError(f"at coefficients {point}: {e}" if point else str(e)) from None
+
+    def perplexity(self, texts) -> float:
+        return perplexity(self.model, self.tokenizer, texts)
+
+    @property
+    def coefficients(self) -> dict:
+        return dict(self.live.coefficients)
+

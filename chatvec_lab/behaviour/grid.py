@@ -1,0 +1,493 @@
+"""A sweep as a grid of independent cells, run here or on Ray, with nothing lost.
+
+A cell is one coefficient point × one sampling seed over all prompts (the same batches as a local run, so
+the same numerics). ``CellRunner`` turns a cell into rows (generate, score, perplexity); an executor decides
+where runners live:
+
+- ``LocalExecutor`` (the default): one runner in this process, cells in order;
+- ``RayExecutor``: one runner per Ray actor, each built from an ``EngineSpec`` (paths only: every actor
+  opens the target and the vectors itself, once) and moved between cells by in-place coefficient changes.
+  An actor that dies has its cell given to another (a fresh one if needed); each cell's rows are kept
+  once, whoever finished it.
+
+With ``cache_dir``, each finished cell is written there at once (``cells/<key>.jsonl``, the key a hash of
+everything the cell's rows depend on), so a grid interrupted as a whole resumes with the missing cells only.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import hashlib
+import json
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import pandas as pd
+import torch
+
+from chatvec_lab.errors import SourceError, Unavailable, UsageError
+from chatvec_lab.io.output import atomic_file, check_clear_of_inputs
+from chatvec_lab.core.plan import Cell, cell_coefficient
+from chatvec_lab.behaviour.scoring import make_scorer, score_all
+from chatvec_lab.core.vector import ChatVector
+
+
+@dataclass(frozen=True)
+class GridCell:
+    index: int
+    point: tuple[tuple[str, float], ...]  # ((vector name, α), …)
+    seed: int
+    perplexity: bool  # the point's first seed also measures held-out perplexity
+    region: tuple | None = None  # an atlas cell: (design, row, module); the point's α applies by design
+
+    @property
+    def coefficients(self) -> dict:
+        if self.region is None:
+            return dict(self.point)
+        design, row, module = self.region
+        cell = Cell(row, module) if row is not None else None
+        return {name: cell_coefficient(cell, design, alpha) for name, alpha in self.point}
+
+
+@dataclass(frozen=True)
+class GridSettings:
+    """Everything but the model that a cell's rows depend on (picklable: shipped to each worker once)."""
+    prompts: tuple[str, ...]
+    scorers: tuple[str, ...]
+    max_new_tokens: int
+    language: str
+    heldout: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    gen_kwargs: tuple[tuple[str, object], ...] = ()
+
+    def key(self) -> dict:
+        return {"prompts": list(self.prompts), "scorers": list(self.scorers), "max_new_tokens": self.max_new_tokens,
+                "language": self.language, "heldout": [[k, list(v)] for k, v in self.heldout],
+                "gen": [list(kv) for kv in self.gen_kwargs]}
+
+
+MAX_SEEDS = 100_000
+SEED_LIMIT = 2**63  # a seed is stored in an int64 column (and torch seeds with 64 bits)
+
+
+def check_seeds(seeds) -> list[int]:
+    """The sampling seeds of a grid: a count (``3`` → seeds 0, 1, 2; 1 to ``MAX_SEEDS``) or a list of distinct
+    integers in [0, 2⁶³). Anything else is a one-line UsageError, before any work."""
+    import numbers
+
+    if isinstance(seeds, numbers.Integral) and not isinstance(seeds, bool):
+        if not 1 <= seeds <= MAX_SEEDS:
+            raise UsageError(f"seeds={seeds} is a number of sampling seeds: give 1 to {MAX_SEEDS:,}, or a list of "
+                             "seeds such as [0, 7]")
+        return list(range(int(seeds)))
+    if isinstance(seeds, (str, bytes, bool, float, Mapping)) or not hasattr(seeds, "__iter__"):
+        raise UsageError(f"seeds must be a number of seeds or a list of integer seeds, not {seeds!r}")
+    out = []
+    for s in seeds:
+        if not isinstance(s, numbers.Integral) or isinstance(s, bool) or not 0 <= s < SEED_LIMIT:
+            raise UsageError(f"seed {s!r} is not an integer in [0, 2**63): seeds are 0, 1, 2 … (any such integer)")
+        if int(s) in out:
+            raise UsageError(f"seed {int(s)} is given twice: each seed's replies would count twice")
+        out.append(int(s))
+        if len(out) > MAX_SEEDS:
+            raise UsageError(f"more than {MAX_SEEDS:,} seeds")
+    if not out:
+        raise UsageError("the list of seeds is empty")
+    return out
+
+
+def make_cells(points: Sequence[Mapping[str, float]], seeds: Sequence[int]) -> list[GridCell]:
+    cells = []
+    for point in points:
+        for j, seed in enumerate(seeds):
+            cells.append(GridCell(len(cells), tuple(point.items()), int(seed), perplexity=j == 0))
+    return cells
+
+
+class CellRunner:
+    """Turns cells into rows on one engine; the scorers are built once per runner."""
+
+    def __init__(self, engine, settings: GridSettings, scorers: Sequence | None = None):
+        self.engine, self.settings = engine, settings
+        wanted = scorers if scorers is not None else settings.scorers
+        self.scorers = [make_scorer(s, language=settings.language) if isinstance(s, str) else s
+                        for s in wanted if s != "turn_end"]
+
+    def run(self, cell: GridCell) -> pd.DataFrame:
+        s = self.settings
+        self.engine.set_coefficients(cell.coefficients)
+        gen = self.engine.generate(list(s.prompts), seed=cell.seed, max_new_tokens=s.max_new_tokens,
+                                   **dict(s.gen_kwargs))
+        df = pd.concat([gen.reset_index(drop=True), score_all(gen["reply"].tolist(), self.scorers)], axis=1)
+        for name, value in cell.point:
+            df.insert(0, f"alpha_{name}", value)
+        df.insert(0, "alpha", cell.point[0][1])
+        live = getattr(self.engine, "live", None)
+        if cell.region is not None and live is not None:
+            df.insert(0, "rewritten_tensors", live.rewritten)  # what the move to this cell cost
+        if cell.perplexity:
+            for lang, texts in s.heldout:
+                df[f"ppl_{lang}"] = self.engine.perplexity(list(texts))
+        df["cell"] = cell.index
+        return df
+
+
+CACHE_MAX_BYTES = 256 * 1024**2  # a cached table larger than this is neither read nor written (the work is redone)
+
+
+@functools.lru_cache(maxsize=1)
+def software_key() -> dict:
+    """The software a cached table's rows depend on besides its inputs: the versions of chatvec_lab, the generation
+    and scorer packages, and the text of the modules that generate and score (an edited scorer is a new one)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from chatvec_lab.version import __version__
+
+    out: dict = {"chatvec_lab": __version__}
+    for name in ("torch", "transformers", "tokenizers", "langid", "alt-profanity-check", "scikit-learn", "detoxify"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    here = Path(__file__).resolve().parent
+    for module in ("scoring.py", "generation.py", "engines.py"):
+        with open(here / module, "rb") as f:
+            out[module] = hashlib.sha256(f.read()).hexdigest()[:16]
+    return out
+
+
+def _stored_key(path: Path, key: str | None) -> str:
+    """What a cached table records of its identity: ``key`` (the hash of everything its rows depend on; by default
+    the file's own name, which is that hash) and the software that made it. A table copied to another name, or
+    left by another version, does not match."""
+    text = json.dumps({"key": key if key is not None else Path(path).name, "software": software_key()},
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _describe_mode(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def read_cache_file(path: Path, limit: int | None = None) -> bytes | None:
+    """The bytes of a cache entry, or None when there is none (or it is larger than ``limit``: a miss).
+
+    Only a regular file is read. It is opened without following a link and without blocking (a FIFO's open would
+    wait for a writer for ever), and checked on the open descriptor; a link, FIFO, device, socket or folder in its
+    place is a one-line SourceError naming it, before any work (the entry could not be replaced afterwards)."""
+    path = Path(path)
+    limit = CACHE_MAX_BYTES if limit is None else limit
+    flags = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_NOFOLLOW", 0)
+             | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP or os.path.islink(path):
+            raise SourceError(f"cache entry {path} is a symbolic link: remove it (the cache keeps only regular "
+                              "files it wrote itself)") from None
+        return None  # unreadable (permissions …): a miss; the finished cell replaces it
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SourceError(f"cache entry {path} is {_describe_mode(st.st_mode)}, not a regular file: remove it, "
+                              "or choose another cache folder")
+        if st.st_size > limit:
+            return None
+        chunks, total = [], 0
+        while chunk := os.read(fd, min(1 << 20, limit + 1 - total)):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:  # it grew while read
+                return None
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def write_table(path: Path, df: pd.DataFrame, key: str | None = None) -> None:
+    """A table as JSON that reads back equal: exact floats (Python's repr), strings kept strings, dtypes kept.
+    ``key``: the identity of what made the rows (default: the file's name), stored and checked by ``read_table``.
+    A table larger than ``CACHE_MAX_BYTES`` is not written (it would not be read back)."""
+    payload = {"key": _stored_key(path, key), "columns": [str(c) for c in df.columns],
+               "dtypes": {str(c): str(t) for c, t in df.dtypes.items()},
+               "rows": df.astype(object).where(df.notna(), None).values.tolist()}
+    text = json.dumps(payload, default=float)
+    if len(text) > CACHE_MAX_BYTES:  # characters, a lower bound of the bytes
+        return
+    with atomic_file(path, overwrite=True) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def read_table(path: Path, key: str | None = None) -> pd.DataFrame | None:
+    """What ``write_table`` wrote with the same ``key``, or None when the file is missing, unreadable, too large,
+    not such a table, or made for other inputs or by other software (a copy of another cell, say). Anything but
+    a regular file in its place is a SourceError (see ``read_cache_file``)."""
+    raw = read_cache_file(path)
+    if raw is None:
+        return None
+    try:
+        payload = json.loads(raw.decode("utf-8"))
+        if not isinstance(payload, dict) or payload.get("key") != _stored_key(path, key):
+            return None
+        df = pd.DataFrame(payload["rows"], columns=payload["columns"])
+        for column, dtype in payload["dtypes"].items():
+            df[column] = df[column].astype(dtype) if dtype != "object" else df[column]
+        return df
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return None
+
+
+def check_cache_dir(cache_dir, inputs) -> Path:
+    """A cache folder may not be a file, nor sit in (or hold) an input, and neither may its ``cells`` folder, links
+    resolved: refused before any work."""
+    path = Path(cache_dir)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"cache_dir {cache_dir} exists and is not a folder")
+    check_clear_of_inputs(path, inputs)
+    cells = path / "cells"
+    if os.path.lexists(cells):
+        check_clear_of_inputs(cells, inputs)  # a link: where it leads counts, not where it sits
+        if not cells.is_dir():
+            raise UsageError(f"{cells} exists and is not a folder: remove it, or choose another cache folder")
+    return path
+
+
+class CellCache:
+    """One file per finished cell, named by the hash of what its rows depend on. A file that is damaged or does
+    not hold the cell's rows (wrong count, prompts or seed) counts as missing: the cell runs again."""
+
+    def __init__(self, folder, grid_key: dict, prompts: Sequence[str] = ()):
+        self.folder = Path(folder) / "cells"
+        self.grid_key = grid_key
+        self.prompts = list(prompts)
+
+    def key(self, cell: GridCell) -> str:
+        """The hash of everything the cell's rows depend on (stored in the cell, checked when it is read)."""
+        key = json.dumps({**self.grid_key, "point": list(cell.point), "seed": cell.seed,
+                          "perplexity": cell.perplexity, "region": cell.region, "version": 3},
+                         sort_keys=True, default=str)
+        return hashlib.sha256(key.encode()).hexdigest()
+
+    def path(self, cell: GridCell) -> Path:
+        return self.folder / f"cell-{self.key(cell)[:24]}.json"
+
+    def get(self, cell: GridCell) -> pd.DataFrame | None:
+        df = read_table(self.path(cell), key=self.key(cell))
+        if df is None or not {"prompt", "reply", "seed"} <= set(df.columns):
+            return None
+        if len(df) != len(self.prompts) or df["prompt"].tolist() != self.prompts or (df["seed"] != cell.seed).any():
+            return None
+        df["cell"] = cell.index  # the same cell may sit at another index in another grid
+        return df
+
+    def put(self, cell: GridCell, df: pd.DataFrame) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_table(self.path(cell), df, key=self.key(cell))
+
+
+@dataclass
+class Progress:
+    """One bar over the whole grid: cells done / total, replies per second."""
+    total: int
+    enabled: bool = True
+    replies: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self):
+        from tqdm.auto import tqdm
+        self.bar = tqdm(total=self.total, desc="grid", unit="cell", disable=not self.enabled)
+
+    def done(self, rows: int) -> None:
+        self.replies += rows
+        rate = self.replies / max(time.perf_counter() - self.started, 1e-9)
+        self.bar.set_postfix_str(f"{rate:.1f} replies/s", refresh=False)
+        self.bar.update()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class LocalExecutor:
+    """Cells in order, in this process, on one runner."""
+
+    def run(self, make_runner: Callable[[], CellRunner], spec, settings: GridSettings, cells: list[GridCell],
+            on_result: Callable[[GridCell, pd.DataFrame], None]) -> None:
+        runner = make_runner()
+        for cell in cells:
+            on_result(cell, runner.run(cell))
+
+
+def _remote_runner_class():
+    import ray
+
+    @ray.remote
+    class RemoteRunner:
+        def __init__(self, spec, settings):
+            self.runner = CellRunner(spec.open(), settings)
+
+        def ready(self) -> bool:
+            return True
+
+        def run(self, cell):
+            return self.runner.run(cell)
+
+    return RemoteRunner
+
+
+class RayExecutor:
+    """Cells spread over ``actors`` Ray actors, one model each; a lost actor's cell goes to another.
+
+    ``address``: None or "local" starts a Ray instance on this machine (``num_cpus``: its CPUs); otherwise
+    the address of a running cluster ("auto", "ray://host:10001"). ``threads_per_actor``: torch threads in
+    each actor. ``on_result(cell, rows, actor_index)``: called as each cell finishes (progress, tests)."""
+
+    def __init__(self, address: str | None = None, actors: int = 2, threads_per_actor: int | None = 1,
+                 num_cpus: int | None = None, max_replacements: int = 3, on_result=None):
+        if not isinstance(actors, int) or isinstance(actors, bool) or actors < 1:
+            raise UsageError(f"actors must be a positive integer, not {actors!r}")
+        if threads_per_actor is not None and (not isinstance(threads_per_actor, int) or isinstance(threads_per_actor, bool)
+                                              or threads_per_actor < 1):
+            raise UsageError(f"threads_per_actor must be a positive integer or None, not {threads_per_actor!r}")
+        self.address, self.n_actors, self.threads = address, actors, threads_per_actor
+        self.num_cpus, self.max_replacements, self.on_result = num_cpus, max_replacements, on_result
+        self.actors: list = []
+        self.replaced = 0
+
+    def _init(self):
+        try:
+            import ray
+        except ImportError:
+            raise Unavailable("the Ray executor needs ray: pip install 'chatvec_lab[distributed]'") from None
+        if not ray.is_initialized():
+            if self.address in (None, "local"):
+                ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False,
+                         configure_logging=False)
+            else:
+                ray.init(address=self.address, log_to_driver=False, configure_logging=False)
+        return ray
+
+    def run(self, make_runner, spec, settings: GridSettings, cells: list[GridCell], on_result) -> None:
+        if spec is None:
+            raise UsageError("the Ray executor needs the target and vectors as folders or hub ids")
+        ray = self._init()
+        from dataclasses import replace
+
+        spec = replace(spec, threads=self.threads or spec.threads)
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if (self.threads or 1) > cpus:  # such an actor could never be placed: Ray would wait for ever
+            raise Unavailable(f"an actor asks for {self.threads or 1} CPUs but the Ray cluster has {cpus:g}: "
+                              "lower --threads-per-actor")
+        remote = _remote_runner_class().options(num_cpus=self.threads or 1)
+        self.actors = [remote.remote(spec, settings) for _ in range(min(self.n_actors, len(cells)))]
+        queue = list(cells)
+        running: dict = {}  # future → (cell, actor index)
+        idle = list(range(len(self.actors)))
+        try:
+            while queue or running:
+                while queue and idle:
+                    i = idle.pop(0)
+                    cell = queue.pop(0)
+                    running[self.actors[i].run.remote(cell)] = (cell, i)
+                ready, _ = ray.wait(list(running), num_returns=1)
+                future = ready[0]
+                cell, i = running.pop(future)
+                try:
+                    rows = ray.get(future)
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError,
+                        ray.exceptions.ActorUnavailableError):
+                    if self.replaced >= self.max_replacements:
+                        raise Unavailable(f"Ray actors kept dying ({self.replaced} replaced); cell {cell.index} "
+                                          "not run") from None
+                    self.replaced += 1
+                    self.actors[i] = remote.remote(spec, settings)  # a fresh actor in the dead one's place
+                    queue.insert(0, cell)
+                    idle.append(i)
+                    continue
+                on_result(cell, rows)
+                if self.on_result is not None:
+                    self.on_result(cell, rows, i)
+                idle.append(i)
+        finally:
+            for actor in self.actors:
+                ray.kill(actor)
+            self.actors = []
+
+
+def run_grid(executor, make_runner, spec, settings: GridSettings, cells: list[GridCell],
+             cache: CellCache | None = None, progress: bool = True) -> pd.DataFrame:
+    """Run every cell not already in ``cache``; returns all cells' rows in cell order, each cell once."""
+    if not cells:
+        raise UsageError("the grid has no cell to run: give at least one coefficient and one seed")
+    results: dict[int, pd.DataFrame] = {}
+    todo = []
+    for cell in cells:
+        cached = cache.get(cell) if cache is not None else None
+        if cached is not None:
+            results[cell.index] = cached
+        else:
+            todo.append(cell)
+    bar = Progress(total=len(cells), enabled=progress)
+    for df in results.values():
+        bar.done(len(df))
+
+    def keep(cell: GridCell, rows: pd.DataFrame) -> None:
+        if cell.index in results:  # a cell finished twice (a resubmitted one whose first run came back): once
+            return
+        results[cell.index] = rows
+        if cache is not None:
+            cache.put(cell, rows)
+        bar.done(len(rows))
+
+    try:
+        if todo:
+            executor.run(make_runner, spec, settings, todo, keep)
+    finally:
+        bar.close()
+    missing = [c.index for c in cells if c.index not in results]
+    if missing:
+        raise Unavailable(f"cells {missing[:5]} did not finish")
+    return pd.concat([results[c.index] for c in cells], ignore_index=True).drop(columns="cell")
+
+
+# ---------------------------------------------------------------- cache keys
+
+def files_key(paths) -> list:
+    """Files as make sees them: path, size and modification time of each file, or of every file directly in each
+    folder (weights, config, tokenizer, chat template: a change to any of them changes the replies)."""
+    files = set()
+    for p in paths:
+        p = Path(p)
+        for f in ([p] if p.is_file() else sorted(x for x in p.iterdir() if x.is_file() and not x.name.startswith("."))
+                  if p.is_dir() else []):
+            st = f.stat()  # inode and change time too: a file copied over another, its mtime restored, is new
+            files.add((str(f.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+    return sorted(files)
+
+
+def vector_key(vec: ChatVector) -> dict:
+    """What a vector's deltas depend on, without when it was built: its recorded provenance (minus the creation
+    time), its terms' coefficients, the files it reads, and the bytes of tensors it holds in memory."""
+    def stable(meta):
+        if isinstance(meta, dict):
+            return {k: stable(v) for k, v in meta.items() if k != "created"}
+        return [stable(m) for m in meta] if isinstance(meta, list) else meta
+
+    in_memory = hashlib.sha256()
+    for _, term in vec.terms:
+        for src in term.sources().values():
+            for name, tensor in sorted(getattr(src, "tensors", {}).items()):
+                in_memory.update(name.encode())
+                in_memory.update(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return {"metadata": stable(vec.metadata), "coefficients": [c for c, _ in vec.terms],
+            "names": sorted(vec.names), "files": files_key(vec.input_paths()), "tensors": in_memory.hexdigest()}
