@@ -12,8 +12,8 @@ import sys
 import warnings
 
 MOVED = {
-    **{m: f"io.{m}" for m in ("formats", "naming", "transforms", "paging", "vocab", "output", "resources", "sources")},
-    **{m: f"core.{m}" for m in ("kernels", "threads", "vector", "plan", "apply", "merge", "lora", "live")},
+    **{m: f"io.{m}" for m in ("formats", "naming", "paging", "vocab", "output", "resources", "sources")},
+    **{m: f"core.{m}" for m in ("kernels", "threads", "transforms", "vector", "plan", "apply", "merge", "lora", "live")},
     **{m: f"analysis.{m}" for m in ("intervals", "geometry", "interference", "info")},
     **{m: f"behaviour.{m}" for m in ("generation", "scoring", "engines", "grid", "sweep", "atlas", "ablations")},
     **{m: f"course.{m}" for m in ("exercises", "widgets", "report", "demo")},

@@ -7,7 +7,7 @@ import torch
 from chatvec_lab import ChatVector, apply_to_model, toy
 from chatvec_lab.errors import UsageError
 from chatvec_lab.core.merge import merge
-from chatvec_lab.io.transforms import low_rank, magnitude, sign_consensus
+from chatvec_lab.core.transforms import low_rank, magnitude, sign_consensus
 
 NAMES = ["model.layers.0.mlp.up_proj.weight", "model.layers.3.self_attn.q_proj.weight", "model.norm.weight",
          "lm_head.weight"]

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from chatvec_lab.io.naming import parse
-from chatvec_lab.io.transforms import check_settings, magnitude
+from chatvec_lab.core.transforms import check_settings, magnitude
 from chatvec_lab.core.vector import ChatVector, check_compatible
 
 COLUMNS = ("cosine", "sign_conflict", "trimmed_overlap", "trimmed_conflict", "kept_a", "kept_b")

@@ -62,7 +62,7 @@ def _positive(text: str, what: str = "expected a positive integer") -> int:
 
 
 def _rank(text: str) -> int:
-    from chatvec_lab.io.transforms import MAX_RANK
+    from chatvec_lab.core.transforms import MAX_RANK
 
     value = _positive(text, "rank must be a positive integer")
     if value > MAX_RANK:
@@ -258,7 +258,7 @@ def cmd_atlas(args) -> None:
     second = names = None
     if args.second_vector:
         from chatvec_lab.core.merge import METHODS
-        from chatvec_lab.io.transforms import check_settings
+        from chatvec_lab.core.transforms import check_settings
         from chatvec_lab.core.vector import check_compatible, named_vectors
 
         check_settings(args.density)  # before the work, not after it

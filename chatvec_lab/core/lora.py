@@ -31,7 +31,7 @@ from chatvec_lab.errors import MismatchError, UsageError, require_bool
 from chatvec_lab.io.naming import parse
 from chatvec_lab.io.output import ShardedSafetensorsWriter, atomic_folder, write_json
 from chatvec_lab.io.sources import open_weights
-from chatvec_lab.io.transforms import check_rank, low_rank_factors
+from chatvec_lab.core.transforms import check_rank, low_rank_factors
 from chatvec_lab.core.vector import ChatVector, check_finite
 
 ADAPTER_FILE = "adapter_model"  # .safetensors: PEFT reads one file, so the writer never shards

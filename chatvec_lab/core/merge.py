@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from chatvec_lab.errors import UsageError
-from chatvec_lab.io.transforms import bernoulli, check_settings, magnitude, magnitude_outliers, sign_consensus
+from chatvec_lab.core.transforms import bernoulli, check_settings, magnitude, magnitude_outliers, sign_consensus
 from chatvec_lab.core.vector import ChatVector, Transformed, check_compatible, without_vocabulary
 
 METHODS = ("linear", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties")

@@ -694,7 +694,7 @@ class ChatVector:
     def low_rank(self, rank: int, method: str = "auto", seed: int = 0) -> "ChatVector":
         """Each matrix (2-D tensor) replaced by its best rank-``rank`` approximation (truncated SVD; randomized
         for matrices with both sides ≥ 2,048, see ``transforms.low_rank``); 1-D tensors are kept whole."""
-        from chatvec_lab.io.transforms import check_rank, low_rank
+        from chatvec_lab.core.transforms import check_rank, low_rank
 
         check_rank(rank, method)  # now, not at the first tensor
         return self.transformed(lambda name, t: low_rank(t, rank, method, seed) if t.dim() == 2 else t.clone(),
@@ -702,7 +702,7 @@ class ChatVector:
 
     def trim(self, density: float) -> "ChatVector":
         """Keep the ``density`` share of each tensor's entries with the largest |value| (TIES' trim)."""
-        from chatvec_lab.io.transforms import check_settings, magnitude
+        from chatvec_lab.core.transforms import check_settings, magnitude
 
         check_settings(density)
         return self.transformed(lambda name, t: magnitude(t, density), {"kind": "trim", "density": density})
@@ -710,7 +710,7 @@ class ChatVector:
     def dare(self, density: float, seed: int = 0, rescale: str | None = "l1") -> "ChatVector":
         """DARE: keep each entry with probability ``density`` (seeded per tensor), rescaled to the tensor's L1
         norm (``l1``, as mergekit), by 1/density (``inverse``, the paper) or not (``None``)."""
-        from chatvec_lab.io.transforms import bernoulli, check_settings
+        from chatvec_lab.core.transforms import bernoulli, check_settings
 
         check_settings(density, rescale=rescale)
         return self.transformed(lambda name, t: bernoulli(t, density, seed, name, rescale),
@@ -718,7 +718,7 @@ class ChatVector:
 
     def breadcrumbs(self, density: float, gamma: float = 0.01) -> "ChatVector":
         """Model breadcrumbs: drop the ``gamma`` share of largest entries and the smallest, keeping ``density``."""
-        from chatvec_lab.io.transforms import check_settings, magnitude_outliers
+        from chatvec_lab.core.transforms import check_settings, magnitude_outliers
 
         check_settings(density, gamma)
         return self.transformed(lambda name, t: magnitude_outliers(t, density, gamma),

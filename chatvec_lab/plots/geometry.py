@@ -29,7 +29,7 @@ def plot_layer_norms(stats, vector: str | None = None, ax=None, relative: bool =
     return fig
 
 
-def plot_relative_normsheatmap(stats, vector: str | None = None, ax=None):
+def plot_relative_norms_heatmap(stats, vector: str | None = None, ax=None):
     """Layer × module heatmap of ‖Δ‖/‖θ_base‖ (needs ``vector_stats(..., base=...)``)."""
     from chatvec_lab.analysis.geometry import norms_by
 
