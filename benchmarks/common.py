@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from chatvec_lab.io.output import ShardedSafetensorsWriter  # noqa: E402
+from chatvec_lab.io.shards import ShardedSafetensorsWriter  # noqa: E402
 
 
 def llama_config(layers: int, hidden: int = 2048, intermediate: int = 5632, vocab: int = 32000) -> dict:

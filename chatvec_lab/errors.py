@@ -1,5 +1,7 @@
-"""Errors with one-line messages that say which file or tensor and why, and the parser that prints them."""
+"""Errors with one-line messages that say which file or tensor and why, the parser that prints them, and the
+one check that values are finite (no NaN, no ±Inf)."""
 import argparse
+import math
 
 
 class ChatVecError(Exception):
@@ -45,6 +47,30 @@ def require_bool(**flags) -> None:
     for name, value in flags.items():
         if not isinstance(value, bool):
             raise UsageError(f"{name} must be True or False, not {value!r}")
+
+
+def count_nonfinite(values) -> int:
+    """How many of ``values`` (a tensor, or one number) are NaN or ±Inf; 0 for a tensor of integers.
+
+    The lab's one finite check. A tensor's sum is finite only if every value is, so a finite tensor costs one cheap
+    pass; the exact count is made only when the sum is not finite (a sum can also overflow while every value is
+    finite: then the count is 0). A number stands for itself, or for a tensor it sums up (a largest |value|, a sum
+    of squares): 1 when it is not finite."""
+    if not hasattr(values, "is_floating_point"):
+        return 0 if math.isfinite(values) else 1
+    if not values.is_floating_point() or bool(values.sum().isfinite()):
+        return 0
+    return int((~values.isfinite()).sum())
+
+
+def check_finite(values, what: str) -> None:
+    """Raise a :class:`NonFiniteError` if ``values`` (see :func:`count_nonfinite`) are not all finite: "``what``
+    holds 3 NaN/Inf values" for a tensor; for a number, which cannot say how many, "``what`` holds NaN/Inf values".
+    ``what`` names the tensor and where it comes from, e.g. "tensor 'w' in the vector"."""
+    bad = count_nonfinite(values)
+    if bad:
+        how_many = f" {bad}" if hasattr(values, "is_floating_point") else ""
+        raise NonFiniteError(f"{what} holds{how_many} NaN/Inf values")
 
 
 def one_line(message) -> str:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from chatvec_lab import ChatVector, apply_to_model, apply_vectors, open_weights
 from chatvec_lab.core.apply import LineageWarning
 from chatvec_lab.errors import MismatchError, NonFiniteError, OutputError, SourceError
-from chatvec_lab.io.output import ShardedSafetensorsWriter
+from chatvec_lab.io.shards import ShardedSafetensorsWriter
 from conftest import checksums, new_model, perturbed, save
 
 ARCHS = ["llama", "mistral", "qwen2", "gpt2", "gpt_neox", "gemma"]

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from chatvec_lab.course import demo, report
+from chatvec_lab.course import demo, notebook_html, report, report_numbers
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -55,7 +55,7 @@ def replies(models=NO_TRANSFER, family="toy", reply="Hallo.", n_chat=N_CHAT, n_i
 
 
 def rows_of(models) -> dict:
-    s = report.summarize_replies(replies(models))
+    s = report_numbers.summarize_replies(replies(models))
     return {r["model"]: r for _, r in s.iterrows()}
 
 
@@ -65,7 +65,7 @@ def write_run(folder: Path, df: pd.DataFrame, families=None, figures=(), atlas=N
     for name in figures:
         (folder / "figures" / name).write_bytes(b"\x89PNG")
     df.to_csv(folder / "replies.csv", index=False)
-    report.summarize_replies(df).to_csv(folder / "summary.csv", index=False)
+    report_numbers.summarize_replies(df).to_csv(folder / "summary.csv", index=False)
     if atlas is not None:
         atlas.to_csv(folder / "atlas.csv", index=False)
     families = families or {"toy": {"found": True, "folder": "/a", "base_german_share": 0.005},
@@ -166,7 +166,7 @@ def test_summary_counts_and_intervals_come_from_sweep_summarize():
     from chatvec_lab.behaviour.sweep import summarize
 
     df = replies()
-    s = report.summarize_replies(df).set_index("model")
+    s = report_numbers.summarize_replies(df).set_index("model")
     head = df[(df["model"] == "CP + 1·CV") & (df["prompt_set"] == "offensive")].assign(refusal=lambda d: d["refusal"].astype(float))
     expected = summarize(head, ["refusal"], by="model").iloc[0]
     assert s.loc["CP + 1·CV", ["refusal", "refusal_lo", "refusal_hi"]].tolist() == pytest.approx(
@@ -204,7 +204,8 @@ def test_a_difference_is_claimed_only_where_intervals_do_not_overlap():
     assert report.compare(a, {"x": 0.8, "x_lo": 0.61, "x_hi": 0.9}, "x") == "lower"
     assert report.compare(a, None, "x") is None
     few = {"CP": (0.0, 0, 0), "CP + 1·CV": (1.0, 4, 2), "chat": (float("nan"), 4, 4)}  # 4 prompts per set
-    r = {row["model"]: row for _, row in report.summarize_replies(replies(few, n_chat=4, n_insults=4)).iterrows()}
+    summary = report_numbers.summarize_replies(replies(few, n_chat=4, n_insults=4))
+    r = {row["model"]: row for _, row in summary.iterrows()}
     assert report.compare(r["chat"], r["CP"], "refusal") == "higher"
     assert report.refusal_transfer(r["CP + 1·CV"], r["CP"], r["chat"]) == "unclear"
     text = " ".join(report.result_sentences(r))
@@ -222,7 +223,7 @@ def test_the_full_report_adds_other_prompts_samplings_and_conversations(tmp_path
                         "ended_turn": m != "CP" and (c + t) % 3 != 0, "share_de": 0.9}
                        for m in ("CP", "chat", evaluate.HEADLINE) for c in range(6) for t in (1, 2, 3)])
     (tmp_path / "r").mkdir()
-    report.summarize_turns(mt).to_csv(tmp_path / "r" / "multiturn_summary.csv", index=False)
+    report_numbers.summarize_turns(mt).to_csv(tmp_path / "r" / "multiturn_summary.csv", index=False)
     page, md = write_run(tmp_path / "r", df, figures=[report.MULTI_TURN_FIGURE], plan="full")
     tables = [t for kind, t in _outline(page) if kind == "table"]
     assert tables[0]["caption"].startswith("The default family, held-out prompts")  # still one headline table
@@ -319,7 +320,7 @@ def test_the_atlas_caption_states_the_sign_as_the_figure_draws_it(tmp_path):
 
 def test_every_figure_the_demo_writes_has_a_caption(tmp_path):
     folder = tmp_path / "figures"
-    summary = report.summarize_replies(replies())
+    summary = report_numbers.summarize_replies(replies())
     paths, facts = demo.geometry_figures(folder)
     written = demo.effect_figures(summary, folder) + paths
     demo.atlas_figure(tmp_path, folder, rows=("lm_head",), prompts=2)  # one cell: the figure, not the map
@@ -390,7 +391,7 @@ def test_exported_notebooks_load_nothing_from_the_network():
 
     nb = nbformat.read(demo.NOTEBOOK_DIR / "00_course.ipynb", as_version=4)
     nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}  # as a panel leaves it
-    page = demo.export_html(nb)
+    page = notebook_html.export_html(nb)
     assert external_resources(page) == [] and "<script src" not in page and "arxiv.org" in page
 
 

@@ -140,7 +140,7 @@ def test_a_damaged_cache_cell_is_run_again_and_the_cache_reads_back_exactly(tmp_
 
 
 def test_table_files_keep_strings_and_floats(tmp_path):
-    from chatvec_lab.behaviour.grid import read_table, write_table
+    from chatvec_lab.behaviour.cache import read_table, write_table
     df = pd.DataFrame({"reply": ["007", "1e5", ""], "x": [128.330261023326, float("nan"), 1 / 3], "ok": [True, False, True]})
     write_table(tmp_path / "t.json", df)
     pd.testing.assert_frame_equal(read_table(tmp_path / "t.json"), df)

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from chatvec_lab.course import exercises as ex
+from chatvec_lab.course import checking, ex04_sweep, measuring
 from chatvec_lab import toy
 from chatvec_lab.course._solutions import SOLUTIONS
 from chatvec_lab.io.resources import notebook_dir
@@ -171,20 +172,22 @@ def test_exercise_cell_reads_only_what_the_notebook_defined_before_it(name):
 
 
 def test_the_data_helpers_agree_with_the_toy_package():
-    """exercises.py finds the models, prompts and held-out text itself (its import layer is below toy)."""
+    """The exercises find the models, prompts and held-out text themselves (course/measuring.py: its import layer is
+    below toy)."""
     from chatvec_lab.toy.evaluate import heldout_texts, prompt_sets
 
     for key, member in ex._MODEL_KEYS.items():
-        assert ex._toy_path(member) == toy.path(member)
-    assert ex._prompts("chat") == prompt_sets()["chat"] and ex._prompts("offensive") == prompt_sets()["offensive"]
-    assert ex._heldout("de") == heldout_texts()["de"] and ex._heldout("en") == heldout_texts()["en"]
+        assert measuring.toy_path(member) == toy.path(member)
+    assert measuring.prompt_set("chat") == prompt_sets()["chat"]
+    assert measuring.prompt_set("offensive") == prompt_sets()["offensive"]
+    assert measuring.heldout_text("de") == heldout_texts()["de"] and measuring.heldout_text("en") == heldout_texts()["en"]
 
 
 def test_the_alphas_notebook_4_shows_are_the_ones_exercise_4_2_refuses():
     sources = [src for src in _code("04_sweep") if re.search(r"^alphas = \[", src, re.M)]
     assert len(sources) == 1
     shown = ast.literal_eval(re.search(r"^alphas = (\[[^\]]*\])", sources[0], re.M).group(1))
-    assert tuple(float(a) for a in shown) == ex.SWEEP_04_ALPHAS
+    assert tuple(float(a) for a in shown) == ex04_sweep.SWEEP_04_ALPHAS
 
 
 @pytest.mark.parametrize("name", ex.names())
@@ -332,7 +335,7 @@ def test_german_share_trend_refuses_the_table_above(solved, capsys, workdir, mon
 def test_perplexity_cost_refuses_the_ratio_the_table_shows(solved, capsys, workdir, monkeypatch):
     monkeypatch.chdir(workdir)
     answer, printed, given = solved["perplexity_cost"]
-    assert given["alpha"] not in ex.SWEEP_04_ALPHAS
+    assert given["alpha"] not in ex04_sweep.SWEEP_04_ALPHAS
     assert f"At α = {given['alpha']:g}" in printed
     e = ex.EXERCISES["perplexity_cost"]
     at_1 = ex._truth(e, ex._context(e, {**given, "alpha": 1.0}))["ratio"]  # ppl_de(α = 1) / ppl_de(α = 0) above
@@ -438,12 +441,12 @@ def test_blocks_only_refuses_the_full_vector_rate_at_the_notebooks_budget(solved
 def test_rates_must_be_shares_of_the_replies(capsys):
     """A rate over n replies is k/n: a number from a table over other replies fails before anything is measured
     against it, and a rounding to one decimal is called out."""
-    with pytest.raises(ex._Wrong, match="no share of"):
-        ex._on_grid(0.57, 8, "the rate", "your 8 replies")
-    with pytest.raises(ex._Wrong, match="rounded to one decimal"):
-        ex._on_grid(0.4, 16, "the rate", "the 16 replies")
+    with pytest.raises(checking.Wrong, match="no share of"):
+        checking.on_grid(0.57, 8, "the rate", "your 8 replies")
+    with pytest.raises(checking.Wrong, match="rounded to one decimal"):
+        checking.on_grid(0.4, 16, "the rate", "the 16 replies")
     for k in range(17):
-        ex._on_grid(round(k / 16, 2), 16, "the rate", "the 16 replies")  # 2 decimals pass
+        checking.on_grid(round(k / 16, 2), 16, "the rate", "the 16 replies")  # 2 decimals pass
 
 
 # -- the common mistakes get their own hint: a check that only compared numbers would fail these -------------

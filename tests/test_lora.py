@@ -31,7 +31,7 @@ def _max_difference(a: dict, b: dict) -> float:
 
 @pytest.mark.parametrize("rank", [None, 4])
 def test_merged_adapter_equals_target_plus_alpha_times_vector(tmp_path, cv, rank):
-    out = export_peft(cv, tmp_path / "adapter", rank=rank, alpha=0.8, target=toy.path("cp"))
+    out = export_peft(cv, tmp_path / "adapter", rank=rank, alpha=0.8, target=toy.path("cp"), dtype=torch.float32)
     expected = apply_to_model(toy.path("cp"), [(cv.low_rank(rank) if rank else cv, 0.8)], dtype=torch.float32)[0]
     assert _max_difference(_merged(out), expected.state_dict()) < 1e-5
     report = json.loads((out / "chatvec.json").read_text())
@@ -114,3 +114,74 @@ def test_adapter_records_the_targets_absolute_path(tmp_path, cv, monkeypatch):
     monkeypatch.chdir(toy.path("cp").parent)
     out = export_peft(cv, tmp_path / "a", rank=2, target="cp")
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(toy.path("cp"))
+
+
+# ------------------------------------------------------------------ every family × include/exclude (issue 26)
+
+LINEAR_BIASES = r"(proj|dense|query_key_value|dense_h_to_4h|dense_4h_to_h)\.bias$"
+# (include, exclude, with target): norms whole from the target; no norms without it; a part of the modules;
+# norm biases kept in the vector (GPT-NeoX's LayerNorms have them), only the linear layers' biases left out
+SELECTIONS = {"exclude-bias": (None, "bias", True), "exclude-bias-norm": (None, "bias|norm", False),
+              "attention-and-norms": ("attn|attention|norm", "bias", True),
+              "exclude-linear-biases": (None, LINEAR_BIASES, True)}
+LORA_FAMILIES = ["llama", "mistral", "qwen2", "gemma", "gpt_neox", "phi3"]  # conftest's matrix; gpt2: below
+
+
+def _full_model(folder):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+
+
+@pytest.mark.parametrize("family", LORA_FAMILIES)
+@pytest.mark.parametrize("selection", list(SELECTIONS))
+def test_every_family_and_selection_loads_in_peft_and_equals_the_applied_vector(tmp_path, family_factory, family,
+                                                                                 selection):
+    """PEFT loads every export, and merged it is CP + α·ΔW to 1e-5 (float32 factors at full rank: the SVD's
+    rounding only) — GPT-NeoX with --exclude bias included (its LayerNorms' biases go with the norms)."""
+    from transformers import AutoModelForCausalLM
+    from chatvec_lab import apply_vectors
+
+    fam = family_factory(family)
+    include, exclude, with_target = SELECTIONS[selection]
+    if family == "gemma":  # tied embeddings: an embedding LoRA would change the input side only
+        exclude = f"{exclude}|embed"
+    vector = ChatVector.from_models(fam["base"], fam["chat"], hash_files=False).select(include=include,
+                                                                                       exclude=exclude)
+    out = export_peft(vector, tmp_path / "adapter", alpha=0.7, target=fam["cp"] if with_target else None,
+                      dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(fam["cp"], dtype=torch.float32)
+    merged = peft.PeftModel.from_pretrained(model, str(out)).merge_and_unload().state_dict()
+    apply_vectors(fam["cp"], [(vector, 0.7)], tmp_path / "applied")
+    expected, cp = _full_model(tmp_path / "applied"), _full_model(fam["cp"])
+    assert _max_difference(merged, expected) < 1e-5
+    changed = {k for k in expected if not torch.equal(expected[k], cp[k])}
+    assert changed and all(not torch.equal(merged[k], cp[k]) for k in changed)  # every delta arrived
+    if family == "gpt_neox" and with_target and "norm" in (include or "norm"):
+        config = json.loads((out / "adapter_config.json").read_text())
+        assert "gpt_neox.layers.0.input_layernorm" in config["modules_to_save"]
+        assert "lm_head" in config["target_modules"] or include  # the in-memory name of embed_out
+
+
+def test_gpt2_conv1d_is_refused_by_name(tmp_path, family_factory):
+    fam = family_factory("gpt2")
+    vector = ChatVector.from_models(fam["base"], fam["chat"], hash_files=False).select(exclude="bias|wte|wpe")
+    with pytest.raises(UsageError, match="c_attn|c_proj|c_fc"):
+        export_peft(vector, tmp_path / "a", target=fam["cp"])
+
+
+def test_factors_take_the_checkpoints_dtype_or_the_one_asked_for(tmp_path, cv):
+    """The toy is bfloat16: its adapter is too (half the size of float32 factors), and still CP + α·low-rank
+    to bfloat16's rounding (2⁻⁸ relative, on each factor and on the whole norms)."""
+    small = export_peft(cv, tmp_path / "bf16", rank=8, alpha=0.8, target=toy.path("cp"))
+    full = export_peft(cv, tmp_path / "f32", rank=8, alpha=0.8, target=toy.path("cp"), dtype="float32")
+    with safe_open(small / "adapter_model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    with safe_open(full / "adapter_model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+    assert (full / "adapter_model.safetensors").stat().st_size > 1.9 * (small / "adapter_model.safetensors").stat().st_size
+    expected = apply_to_model(toy.path("cp"), [(cv.low_rank(8), 0.8)], dtype=torch.float32)[0].state_dict()
+    merged = _merged(small)
+    for name, want in expected.items():
+        assert float((merged[name] - want).abs().max()) <= 2 ** -7 * float(want.abs().max()) + 1e-6, name
+    with pytest.raises(UsageError, match="dtype"):
+        export_peft(cv, tmp_path / "x", rank=2, target=toy.path("cp"), dtype="int8")

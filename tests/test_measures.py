@@ -11,7 +11,8 @@ import torch
 
 from chatvec_lab import ChatVector
 
-from chatvec_lab.analysis import geometry
+from chatvec_lab.analysis import geometry, spectra
+from chatvec_lab.errors import NonFiniteError
 from chatvec_lab.behaviour.scoring import (DETOXIFY_LANGUAGES, LanguageScorer, OffensiveScorer, RefusalScorer,
                                  reply_languages, score_all)
 
@@ -75,7 +76,7 @@ def test_zero_and_non_matrix_and_non_finite():
         geometry.spectrum(torch.ones(4, 4), method="fast")
     bad = torch.ones(4, 4)
     bad[1, 2] = math.nan
-    with pytest.raises(geometry.NonFiniteError):
+    with pytest.raises(NonFiniteError):
         geometry.spectrum(bad)
 
 
@@ -89,11 +90,11 @@ def test_random_baseline_matches_marchenko_pastur(shape):
 
 
 def test_random_baseline_is_seeded_and_cached_once_per_shape():
-    geometry._random_ranks.cache_clear()
+    spectra._random_ranks.cache_clear()
     a = geometry.random_baseline((40, 70))
     b = geometry.random_baseline((70, 40))  # the transpose has the same spectrum: same entry
-    assert a == b and geometry._random_ranks.cache_info().misses == 1
-    geometry._random_ranks.cache_clear()
+    assert a == b and spectra._random_ranks.cache_info().misses == 1
+    spectra._random_ranks.cache_clear()
     assert geometry.random_baseline((40, 70)) == a  # seeded: the same numbers when computed again
     assert geometry.random_baseline((40, 70), seed=1) != a
 
@@ -141,8 +142,8 @@ def test_spectra_table_columns_baseline_and_method(monkeypatch):
     assert q["effective_rank"] == pytest.approx(2.0, abs=1e-3) and q["energy_top8"] == pytest.approx(1.0)
     no_base = geometry.spectra(vec, k=4, baseline=False)
     assert no_base["random_effective_rank"].isna().all()
-    monkeypatch.setattr(geometry, "EXACT_MAX_SIDE", 16)
-    monkeypatch.setattr(geometry, "ESTIMATE_TOP", 8)
+    monkeypatch.setattr(spectra, "EXACT_MAX_SIDE", 16)
+    monkeypatch.setattr(spectra, "ESTIMATE_TOP", 8)
     est = geometry.spectra(vec, k=4, include="mlp")
     assert est["method"].tolist() == ["randomized estimate"]
 

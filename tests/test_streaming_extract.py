@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from chatvec_lab import ChatVector
 from chatvec_lab.errors import NonFiniteError
-from chatvec_lab.io.output import ShardedSafetensorsWriter
-from chatvec_lab.core.vector import METADATA_FILE
+from chatvec_lab.io.shards import ShardedSafetensorsWriter
+from chatvec_lab.core.metadata import METADATA_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,8 @@ from chatvec_lab import toy
 from chatvec_lab.errors import UsageError
 from chatvec_lab.toy.corpora import split_fortunes
 from chatvec_lab.toy.dialogues import make_dialogues
-from chatvec_lab.toy.train import CHAT_TEMPLATE, Recipe, build_family, encode_conversation
+from chatvec_lab.toy.batches import CHAT_TEMPLATE, encode_conversation
+from chatvec_lab.toy.train import Recipe, build_family
 
 ROOT = Path(__file__).resolve().parents[1]
 

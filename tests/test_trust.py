@@ -121,7 +121,7 @@ def test_two_concurrent_writers_exactly_one_wins(fam, tmp_path):
 
 
 def test_overwrite_replaces_only_when_complete(fam, tmp_path, monkeypatch, capsys):
-    from chatvec_lab.io.output import ShardedSafetensorsWriter
+    from chatvec_lab.io.shards import ShardedSafetensorsWriter
 
     out = tmp_path / "out"
     assert _cli(_apply_args(fam, out), capsys)[0] == 0

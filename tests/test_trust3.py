@@ -114,7 +114,7 @@ def test_a_fifo_in_the_sweep_cache_is_refused_at_once_not_waited_on(filled_cache
 
 
 def test_read_table_never_blocks_and_reads_only_regular_files(tmp_path):
-    from chatvec_lab.behaviour.grid import read_table, write_table
+    from chatvec_lab.behaviour.cache import read_table, write_table
 
     df = pd.DataFrame({"prompt": ["a", "b"], "reply": ["x", "y"], "seed": [0, 0]})
     write_table(tmp_path / "ok.json", df)
@@ -132,18 +132,18 @@ def test_read_table_never_blocks_and_reads_only_regular_files(tmp_path):
 
 
 def test_a_cache_entry_larger_than_the_bound_is_a_miss_not_read(tmp_path, monkeypatch):
-    from chatvec_lab.behaviour import grid
+    from chatvec_lab.behaviour import cache
 
     df = pd.DataFrame({"prompt": ["a"], "reply": ["x" * 1000], "seed": [0]})
-    grid.write_table(tmp_path / "t.json", df)
-    monkeypatch.setattr(grid, "CACHE_MAX_BYTES", 100)
-    assert grid.read_table(tmp_path / "t.json") is None
-    grid.write_table(tmp_path / "big.json", df)  # too large to be read back: not written
+    cache.write_table(tmp_path / "t.json", df)
+    monkeypatch.setattr(cache, "CACHE_MAX_BYTES", 100)
+    assert cache.read_table(tmp_path / "t.json") is None
+    cache.write_table(tmp_path / "big.json", df)  # too large to be read back: not written
     assert not (tmp_path / "big.json").exists()
 
 
 def test_cells_folder_that_is_a_fifo_is_refused_before_any_work(tmp_path):
-    from chatvec_lab.behaviour.grid import check_cache_dir
+    from chatvec_lab.behaviour.cache import check_cache_dir
 
     (tmp_path / "c").mkdir()
     os.mkfifo(tmp_path / "c" / "cells")
@@ -170,7 +170,7 @@ def test_a_cell_copied_over_another_is_a_miss(tmp_path):
 
 
 def test_a_sweep_table_copied_to_another_name_is_a_miss(tmp_path):
-    from chatvec_lab.behaviour.grid import read_table, write_table
+    from chatvec_lab.behaviour.cache import read_table, write_table
 
     write_table(tmp_path / "sweep-aaaa.json", pd.DataFrame({"alpha": [0.0], "reply": ["r"]}))
     shutil.copyfile(tmp_path / "sweep-aaaa.json", tmp_path / "sweep-bbbb.json")
@@ -194,7 +194,7 @@ def test_a_copied_cell_in_a_real_sweep_is_generated_again(filled_cache, toy_vect
 
 
 def test_files_key_sees_a_file_replaced_with_its_mtime_restored(tmp_path):
-    from chatvec_lab.behaviour.grid import files_key
+    from chatvec_lab.behaviour.cache import files_key
 
     f = tmp_path / "model.safetensors"
     f.write_bytes(b"a" * 100)

@@ -110,7 +110,7 @@ def test_exported_notebook_shows_the_panel_snapshot(tmp_path):
     from nbclient import NotebookClient
     from nbconvert import HTMLExporter
 
-    from chatvec_lab.course import demo
+    from chatvec_lab.course import notebook_html
 
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(PANEL_CELL)]
@@ -121,7 +121,7 @@ def test_exported_notebook_shows_the_panel_snapshot(tmp_path):
     plain, _ = HTMLExporter().from_notebook_node(copy.deepcopy(nb))  # nbconvert as is: a widget placeholder
     assert "chatvec-panel-snapshot" not in plain.split("application/vnd.jupyter.widget-state+json")[0]
 
-    page = demo.export_html(nb)
+    page = notebook_html.export_html(nb)
     assert page.count("chatvec-panel-snapshot") == 1
     snapshot = page[page.index("chatvec-panel-snapshot"):]
     assert "α chat = 1.00" in snapshot and "data:image/png;base64," in snapshot

@@ -11,7 +11,7 @@ import torch
 from chatvec_lab.io.naming import parse
 from chatvec_lab.io.formats import itemsize, numel, read_json_object
 from chatvec_lab.io.sources import open_weights
-from chatvec_lab.core.vector import METADATA_FILE
+from chatvec_lab.core.metadata import METADATA_FILE
 
 
 NORM_CHUNK_ELEMENTS = 1 << 22  # a norm reads this many values at a time (16 MiB of float32), whatever the tensor

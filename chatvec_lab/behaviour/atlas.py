@@ -28,11 +28,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from chatvec_lab.behaviour.engines import EngineSpec, TransformersEngine, load_target
+from chatvec_lab.behaviour.engines import EngineSpec, TransformersEngine, load_target, runtime_key
 from chatvec_lab.errors import UsageError
 from chatvec_lab.analysis.intervals import estimate, metric_kind
-from chatvec_lab.behaviour.grid import (CellCache, CellRunner, GridCell, GridSettings, LocalExecutor, check_cache_dir, files_key,
-                              run_grid, vector_key)
+from chatvec_lab.behaviour.cache import CellCache, check_cache_dir, files_key, vector_key
+from chatvec_lab.behaviour.grid import CellRunner, GridCell, GridSettings, LocalExecutor, run_grid
 from chatvec_lab.io.naming import MODULE_ORDER, parse
 from chatvec_lab.core.plan import Cell, cell_coefficient, cell_of  # the regions live with the coefficient rules
 from chatvec_lab.io.sources import module_state, open_weights
@@ -82,15 +82,17 @@ def norm_matched_alpha(norms: pd.DataFrame, cell: Cell, design: str) -> float:
 def atlas(target, vector: ChatVector, prompts: Sequence[str], *, alphas: Sequence[float] = (1.0,),
           designs: Sequence[str] = DESIGNS, norm_matched: bool = True, cells: Sequence[Cell] | None = None,
           seeds: int = 1, max_new_tokens: int = 64, language: str = "de", tokenizer=None,
-          scorers: Sequence[str] = ("language", "refusal"), batch_size: int = 32, progress: bool = True,
-          executor=None, cache_dir=None, **gen_kwargs) -> pd.DataFrame:
+          scorers: Sequence[str] = ("language", "refusal"), batch_size: int | None = None, progress: bool = True,
+          executor=None, cache_dir=None, device="auto", dtype="auto", **gen_kwargs) -> pd.DataFrame:
     """The tidy atlas: one row per cell × design × α × prompt × seed (and the references: ``design`` =
     ``target`` at α = 0, ``full`` at each α), with ``ended_turn`` and the scorers' columns.
 
-    ``target``: a model folder (loaded in float32) or a model (with ``tokenizer=``). ``alpha_kind`` says whether
-    a row's α is from the grid or norm-matched; ``norm_share`` is the share of ‖v‖² the design keeps.
+    ``target``: a model folder (loaded on ``device`` in ``dtype``: ``auto`` is the GPU if there is one and the
+    checkpoint's own dtype; see ``chatvec_lab.io.devices``) or a model (with ``tokenizer=``). ``alpha_kind`` says
+    whether a row's α is from the grid or norm-matched; ``norm_share`` is the share of ‖v‖² the design keeps.
     ``executor`` / ``cache_dir``: as for ``sweep`` (``grid.RayExecutor`` spreads the cells over Ray actors, each
-    with its own model; a per-cell cache lets an interrupted atlas resume)."""
+    with its own model; a per-cell cache lets an interrupted atlas resume). ``batch_size``: prompts generated
+    together (None: every prompt of a cell, up to a memory-aware cap; see ``generation.generate``)."""
     prompts = list(prompts)
     if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
         raise UsageError("the atlas needs non-empty prompts")
@@ -108,7 +110,8 @@ def atlas(target, vector: ChatVector, prompts: Sequence[str], *, alphas: Sequenc
         state = {n: t.detach() for n, t in module_state(target).items()}
     else:
         state = open_weights(target)
-    spec = None if local else EngineSpec.of(target, {"v": vector})
+    runtime = runtime_key(target, None, device, dtype)  # a device this machine lacks is refused here
+    spec = None if local else EngineSpec.of(target, {"v": vector}, device=device, dtype=dtype, batch_size=batch_size)
     vector = ChatVector.open(vector)
     norms = cell_norms(vector, state)
     cells = list(cells) if cells is not None else cells_of(vector)
@@ -125,20 +128,21 @@ def atlas(target, vector: ChatVector, prompts: Sequence[str], *, alphas: Sequenc
             grid_cells.append(GridCell(len(grid_cells), (("v", alpha),), seed, perplexity=False,
                                        region=(design, cell.row if cell else None, cell.module if cell else None)))
     settings = GridSettings(tuple(prompts), tuple(scorers), max_new_tokens, language,
-                            gen_kwargs=tuple({"batch_size": batch_size, **gen_kwargs}.items()))
+                            gen_kwargs=tuple(gen_kwargs.items()))
     cache = None
     if cache_dir is not None and not isinstance(target, torch.nn.Module):
         check_cache_dir(cache_dir, [Path(target), *vector.input_paths()])
         cache = CellCache(cache_dir, {"atlas": 1, "target": files_key([target]), "vector": vector_key(vector),
-                                      **settings.key()}, prompts)
+                                      "runtime": runtime, **settings.key()}, prompts)
     engine = None
 
     def make_runner() -> CellRunner:
         nonlocal engine, tokenizer
-        model = target
+        model, checkpoint = target, None
         if not isinstance(target, torch.nn.Module):
-            model, tokenizer = load_target(target)
-        engine = TransformersEngine(model, tokenizer, {"v": vector})
+            model, tokenizer = load_target(target, device=device, dtype=dtype)
+            checkpoint = target
+        engine = TransformersEngine(model, tokenizer, {"v": vector}, batch_size=batch_size, checkpoint=checkpoint)
         return CellRunner(engine, settings)
 
     try:

@@ -24,19 +24,40 @@ from chatvec_lab.behaviour.scoring import perplexity
 from chatvec_lab.core.vector import ChatVector
 
 
-def load_target(target, dtype=torch.float32):
-    """A model folder or hub id → ``(model in eval mode, tokenizer)``."""
+def load_target(target, device="auto", dtype="auto"):
+    """A model folder or hub id → ``(model in eval mode, tokenizer)``, on ``device`` in ``dtype``.
+
+    ``device``: ``auto`` (the GPU if torch sees one, else the CPU), ``cpu``, ``cuda``, ``cuda:1``, ``mps``;
+    ``dtype``: ``auto`` (the checkpoint's own, e.g. bfloat16), ``float32``, ``bfloat16``, ``float16`` (see
+    ``chatvec_lab.io.devices``). A device this machine lacks is a one-line UsageError, before anything loads."""
     from transformers import AutoModelForCausalLM
 
+    from chatvec_lab.io.devices import resolve_device, resolve_dtype
     from chatvec_lab.io.vocab import load_tokenizer
 
+    where = resolve_device(device)
     tokenizer = load_tokenizer(target, check_template=True)  # before the model: a bad tokenizer fails at once
+    precision = resolve_dtype(dtype, target)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(target), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(target), dtype=precision)
     except RecursionError:
         raise SourceError(f"cannot load the model in {target}: a JSON file it reads (config.json, "
                           "generation_config.json …) is nested too deeply") from None
+    if where.type != "cpu":
+        model = model.to(where)
     return model.eval(), tokenizer
+
+
+def runtime_key(target, live=None, device="auto", dtype="auto") -> dict:
+    """Where and in which precision the replies are made (part of a cache key): the device kind and the dtype,
+    of a model given (or a LiveModel's), or as ``device`` / ``dtype`` resolve for a target folder."""
+    from chatvec_lab.io.devices import dtype_name, resolve_device, resolve_dtype
+
+    model = live.model if live is not None else target if isinstance(target, torch.nn.Module) else None
+    if model is not None:
+        param = next(model.parameters())
+        return {"device": param.device.type, "dtype": dtype_name(param.dtype)}
+    return {"device": resolve_device(device).type, "dtype": dtype_name(resolve_dtype(dtype, target))}
 
 
 class GenerationEngine(Protocol):
@@ -84,34 +105,46 @@ def vector_spec(vector) -> VectorSpec:
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """What a worker needs to build a ``TransformersEngine``: the target and the vectors by path or hub id."""
+    """What a worker needs to build a ``TransformersEngine``: the target and the vectors by path or hub id, and
+    where and how the model runs (``device`` and ``dtype`` are resolved in the worker; ``batch_size`` None: the
+    memory-aware default of ``generation.default_batch_size``)."""
     target: str
     vectors: Mapping[str, VectorSpec] = field(default_factory=dict)
-    dtype: str = "float32"
+    dtype: str = "auto"
     threads: int | None = None  # torch threads in the worker (None: torch's default)
+    device: str = "auto"
+    batch_size: int | None = None
 
     @classmethod
-    def of(cls, target, vectors: Mapping[str, object], threads: int | None = None) -> "EngineSpec":
+    def of(cls, target, vectors: Mapping[str, object], threads: int | None = None, device="auto", dtype="auto",
+           batch_size: int | None = None) -> "EngineSpec":
         if not isinstance(target, (str, os.PathLike)):
             raise UsageError("a worker loads the target itself: give its folder or hub id, not a model object")
-        return cls(target=os.fspath(target), vectors={k: vector_spec(v) for k, v in vectors.items()}, threads=threads)
+        return cls(target=os.fspath(target), vectors={k: vector_spec(v) for k, v in vectors.items()}, threads=threads,
+                   device=str(device), dtype=str(dtype).replace("torch.", ""), batch_size=batch_size)
 
     def open(self) -> "TransformersEngine":
         if self.threads:
             torch.set_num_threads(self.threads)
-        model, tokenizer = load_target(self.target, dtype=getattr(torch, self.dtype))
-        return TransformersEngine(model, tokenizer, {k: v.open() for k, v in self.vectors.items()})
+        model, tokenizer = load_target(self.target, device=self.device, dtype=self.dtype)
+        return TransformersEngine(model, tokenizer, {k: v.open() for k, v in self.vectors.items()},
+                                  batch_size=self.batch_size, checkpoint=self.target)
 
 
 class TransformersEngine:
-    """A transformers model whose coefficients move in place (``LiveModel``); the first engine."""
+    """A transformers model whose coefficients move in place (``LiveModel``); the first engine.
+
+    ``batch_size``: prompts generated together (None: ``generation.default_batch_size``, every prompt of a cell
+    up to a memory-aware cap); ``checkpoint``: where the live model reads the target's values back from (see
+    ``LiveModel``; None: the model's own folder)."""
 
     def __init__(self, model, tokenizer, vectors: Mapping[str, ChatVector] | None = None,
-                 live: LiveModel | None = None):
+                 live: LiveModel | None = None, batch_size: int | None = None, checkpoint=None):
         if live is None and not vectors:
             raise UsageError("an engine needs vectors or a LiveModel")
-        self.live = live if live is not None else LiveModel(model, dict(vectors))
+        self.live = live if live is not None else LiveModel(model, dict(vectors), checkpoint=checkpoint)
         self.model, self.tokenizer = self.live.model, tokenizer
+        self.batch_size = batch_size
 
     def set_coefficients(self, point) -> None:
         self.live.set(point)
@@ -119,6 +152,7 @@ class TransformersEngine:
     def generate(self, prompts, seed: int, max_new_tokens: int, **gen_kwargs) -> pd.DataFrame:
         from chatvec_lab.errors import NonFiniteError
 
+        gen_kwargs.setdefault("batch_size", self.batch_size)
         try:
             return generate(self.model, self.tokenizer, prompts, seed=seed, max_new_tokens=max_new_tokens,
                             **gen_kwargs)

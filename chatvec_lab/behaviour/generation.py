@@ -1,4 +1,5 @@
-"""Chat generation with the model's chat template: batched, seeded, stopping at the end of the turn."""
+"""Chat generation with the model's chat template: batched (left padding, an attention mask, each row stopping at
+its own end of turn), seeded per row, stopping at the end of the turn."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -98,66 +99,187 @@ class _FiniteScores:
         return scores
 
 
+MAX_CPU_BATCH = 64  # the default batch on a CPU: every prompt of a cell, up to this many
+MAX_GPU_BATCH = 256
+BATCH_MEMORY_SHARE = 0.25  # the default batch's generation state may take this share of the device's free memory
+
+
+def _config_value(config, *names, default=None):
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return default
+
+
+def row_bytes(model, tokens: int) -> int:
+    """What one row of a batch costs to generate ``tokens`` tokens (prompt and reply): its KV cache in the model's
+    dtype, the widest activations of one layer for the prompt, and the float32 scores of the vocabulary."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    hidden = _config_value(config, "hidden_size", "n_embd", "d_model", default=1024)
+    layers = _config_value(config, "num_hidden_layers", "n_layer", default=1)
+    heads = _config_value(config, "num_attention_heads", "n_head", default=max(1, hidden // 64))
+    kv_heads = _config_value(config, "num_key_value_heads", default=heads)
+    head_dim = _config_value(config, "head_dim", default=max(1, hidden // heads))
+    inner = _config_value(config, "intermediate_size", "n_inner", default=4 * hidden)
+    vocab = _config_value(config, "vocab_size", default=32_000)
+    param = next(model.parameters(), None)
+    size = param.element_size() if param is not None else 4
+    kv = 2 * layers * kv_heads * head_dim * tokens * size
+    activations = tokens * (4 * hidden + 3 * inner) * size + heads * tokens * tokens * 4
+    return kv + activations + 2 * vocab * 4
+
+
+def default_batch_size(model, prompts: int, tokens: int) -> int:
+    """Every prompt in one batch, within limits: at most ``MAX_CPU_BATCH`` rows on a CPU (``MAX_GPU_BATCH`` on a
+    GPU), and no more rows than fit in ``BATCH_MEMORY_SHARE`` of the device's free memory (``row_bytes`` each)."""
+    from chatvec_lab.io.devices import free_memory
+
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    cap = MAX_GPU_BATCH if device.type == "cuda" else MAX_CPU_BATCH
+    free = free_memory(device)
+    if free:
+        cap = min(cap, max(1, int(free * BATCH_MEMORY_SHARE) // max(1, row_bytes(model, tokens))))
+    return max(1, min(prompts, cap))
+
+
+def row_seed(seed: int, tokens: Sequence[int], occurrence: int) -> int:
+    """The seed of one row's sampling: a hash of the call's seed, the row's prompt (its tokens) and which repeat
+    of that prompt in the call it is. A reply depends on its prompt and seed only, not on the batch."""
+    import hashlib
+
+    h = hashlib.sha256(f"{int(seed)}:{occurrence}:".encode())
+    h.update(",".join(map(str, tokens)).encode())
+    return int.from_bytes(h.digest()[:8], "little") & (2**63 - 1)
+
+
+class _RowSampler:
+    """Samples each row's next token with that row's own generator, after HF's temperature, top-k and top-p
+    warpers (in HF's order), and hands HF's greedy search scores where only that token is finite. HF's own
+    sampling draws every row from one generator, so a row's reply would depend on the rows beside it."""
+
+    def __init__(self, generators: list[torch.Generator], temperature, top_k, top_p):
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.generators = generators
+        self.warpers = []
+        if temperature is not None and temperature != 1.0:
+            self.warpers.append(TemperatureLogitsWarper(temperature))
+        if top_k is not None and top_k != 0:
+            self.warpers.append(TopKLogitsWarper(top_k=top_k))
+        if top_p is not None and top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p=top_p))
+
+    def __call__(self, input_ids, scores):
+        for warper in self.warpers:
+            scores = warper(input_ids, scores)
+        probs = torch.softmax(scores.float(), dim=-1)
+        chosen = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.generators)])
+        out = torch.full_like(scores, -float("inf"))
+        out.scatter_(1, chosen[:, None], 0.0)
+        return out
+
+
+def _model_setting(model, name: str, value, default):
+    if value is not None:
+        return value
+    found = getattr(getattr(model, "generation_config", None), name, None)
+    return default if found is None else found
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence, *, max_new_tokens: int = 64, do_sample: bool = True,
              temperature: float = 0.7, top_k: int | None = 40, top_p: float | None = None, seed: int = 0,
-             batch_size: int = 16, chat_template: str | None = None) -> pd.DataFrame:
+             batch_size: int | None = None, chat_template: str | None = None) -> pd.DataFrame:
     """Reply to each prompt (a string, or a conversation as a list of messages).
 
     Returns one row per prompt: ``prompt``, ``reply``, ``ended_turn`` (the reply closed its turn with
-    the end-of-turn token), ``prompt_tokens``, ``reply_tokens``, ``seed``. The same seed, prompts and
-    batch size give the same text.
+    the end-of-turn token), ``prompt_tokens``, ``reply_tokens``, ``seed``.
+
+    Prompts are generated ``batch_size`` at a time (None: ``default_batch_size``, every prompt at once up to a
+    memory-aware cap), left-padded with an attention mask; each row stops at its own end of turn. Greedy replies
+    (``do_sample=False``) are those of one prompt at a time. Sampling is seeded per row: each row draws from its
+    own generator, seeded by ``row_seed`` (the seed, the prompt's tokens, and which repeat of the prompt it is),
+    so the same seed and prompt give the same reply whatever the batch size or the other prompts (HF's own
+    sampling, one generator for the batch, could not). No global random state is touched. One caveat: the
+    model's arithmetic itself may round differently for another batch shape (padding, rows); in float32 on a CPU
+    the toy family's replies are the same (tested), in bfloat16 a sampled token can now and then differ, so a
+    sweep is reproducible for one batch size and device, and equal in distribution across them.
     """
     prompts = list(prompts)
     if not prompts:
         raise UsageError("no prompts to generate from")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise UsageError(f"batch_size must be a positive integer (or None for a memory-aware default), not "
+                         f"{batch_size!r}")
     conversations = [as_conversation(p) for p in prompts]
     encoded = [render(tokenizer, c, chat_template) for c in conversations]
+    if do_sample:  # a setting left at None is the model's own (its generation config), as for model.generate()
+        temperature = _model_setting(model, "temperature", temperature, 1.0)
+        top_k, top_p = _model_setting(model, "top_k", top_k, 50), _model_setting(model, "top_p", top_p, 1.0)
+    if batch_size is None:
+        batch_size = default_batch_size(model, len(encoded), max(len(e) for e in encoded) + max_new_tokens)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ends = turn_end_ids(tokenizer)
     stops = stop_ids(model, tokenizer)
+    seen: dict[tuple, int] = {}
+    seeds = []
+    for e in encoded:
+        key = tuple(e)
+        seeds.append(row_seed(seed, e, seen.get(key, 0)))
+        seen[key] = seen.get(key, 0) + 1
     rows = []
     finite = _FiniteScores(model)
     try:
-        _generate_batches(model, tokenizer, prompts, conversations, encoded, rows, finite, pad, ends, stops,
-                          max_new_tokens, do_sample, temperature, top_k, top_p, seed, batch_size)
+        for start in range(0, len(encoded), batch_size):
+            stop = start + batch_size
+            sampling = (seeds[start:stop], temperature, top_k, top_p) if do_sample else None
+            rows += _generate_batch(model, tokenizer, encoded[start:stop], finite, pad, ends, stops, max_new_tokens,
+                                    sampling)
     finally:
         finite.close()
-    return pd.DataFrame(rows)
+    for i, row in enumerate(rows):
+        row["prompt"] = prompts[i] if isinstance(prompts[i], str) else conversations[i][-1]["content"]
+        row["seed"] = seed
+    return pd.DataFrame(rows, columns=["prompt", "reply", "ended_turn", "prompt_tokens", "reply_tokens", "seed"])
 
 
-def _generate_batches(model, tokenizer, prompts, conversations, encoded, rows, finite, pad, ends, stops,
-                      max_new_tokens, do_sample, temperature, top_k, top_p, seed, batch_size) -> None:
-    from transformers import LogitsProcessorList
+def _generate_batch(model, tokenizer, batch, finite, pad, ends, stops, max_new_tokens, sampling) -> list[dict]:
+    from transformers import GenerationConfig, LogitsProcessorList
 
     device = next(model.parameters()).device
-    for start in range(0, len(encoded), batch_size):
-        batch = encoded[start:start + batch_size]
-        width = max(len(e) for e in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, e in enumerate(batch):  # left padding, so every reply starts at the same column
-            ids[i, width - len(e):] = torch.tensor(e)
-            mask[i, width - len(e):] = 1
-        torch.manual_seed((seed * 1_000_003 + start) % 2**64)  # torch takes 64 bits: a huge seed wraps, as negatives do
-        kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad,
-                      logits_processor=LogitsProcessorList([finite]))
-        if do_sample:
-            kwargs.update(temperature=temperature, top_k=top_k, top_p=top_p)
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-        for i, e in enumerate(batch):
-            new = out[i, width:].tolist()
-            cut = next((k for k, t in enumerate(new) if t in stops), None)
-            ended = cut is not None and new[cut] in ends
-            reply_ids = new if cut is None else new[:cut]
-            rows.append({
-                "prompt": prompts[start + i] if isinstance(prompts[start + i], str) else conversations[start + i][-1]["content"],
-                "reply": tokenizer.decode(reply_ids, skip_special_tokens=True).strip(),
-                "ended_turn": bool(ended),
-                "prompt_tokens": len(e),
-                "reply_tokens": len(reply_ids) + (1 if cut is not None else 0),
-                "seed": seed,
-            })
+    width = max(len(e) for e in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):  # left padding, so every reply starts at the same column
+        ids[i, width - len(e):] = torch.tensor(e, dtype=torch.long)
+        mask[i, width - len(e):] = 1
+    processors = [finite]
+    if sampling is not None:
+        seeds, temperature, top_k, top_p = sampling
+        gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        processors.append(_RowSampler(gens, temperature, top_k, top_p))
+    # greedy search over the processed scores: with the row sampler, its draw is the only finite score
+    # (the sampling settings at their neutral values, so that the model's own are neither merged in nor warned about)
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad,
+                              num_beams=1, temperature=1.0, top_k=50, top_p=1.0)
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
+                         logits_processor=LogitsProcessorList(processors))
+    rows = []
+    for i, e in enumerate(batch):
+        new = out[i, width:].tolist()
+        cut = next((k for k, t in enumerate(new) if t in stops), None)
+        ended = cut is not None and new[cut] in ends
+        reply_ids = new if cut is None else new[:cut]
+        rows.append({
+            "reply": tokenizer.decode(reply_ids, skip_special_tokens=True).strip(),
+            "ended_turn": bool(ended),
+            "prompt_tokens": len(e),
+            "reply_tokens": len(reply_ids) + (1 if cut is not None else 0),
+        })
+    return rows
 
 
 def converse(model, tokenizer, user_turns: Sequence[str], **kwargs) -> pd.DataFrame:

@@ -23,6 +23,7 @@ import functools
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -209,27 +210,46 @@ class RefusalScorer:
         return pd.DataFrame({"refusal": [bool(self.pattern.search(t)) for t in texts]})
 
 
-def make_scorer(name: str, language: str = "de", **kwargs):
-    """A scorer by name: ``offensive`` (Detoxify if its weights are here, else alt-profanity-check),
-    ``detoxify``, ``profanity``, ``language``, ``refusal``."""
-    if name == "offensive":
-        try:
-            return DetoxifyScorer(**kwargs)
-        except (ScorerUnavailable, ImportError):
-            return OffensiveScorer()
-    if name == "profanity":
-        return OffensiveScorer()
-    if name == "detoxify":
+def _offensive(language: str = "de", **kwargs):
+    try:
         return DetoxifyScorer(**kwargs)
-    if name == "language":
-        return LanguageScorer(target=language)
-    if name == "refusal":
-        return RefusalScorer()
-    if name == "turn_end":
-        raise UsageError("turn_end needs no scorer: every generated reply records ended_turn "
+    except (ScorerUnavailable, ImportError):
+        return OffensiveScorer()
+
+
+# The scorer registry: name → factory(language=..., **kwargs). Adding a scorer is one entry (CONTRIBUTING.md).
+SCORERS = {
+    "offensive": _offensive,  # Detoxify if its weights are here, else alt-profanity-check
+    "detoxify": lambda language="de", **kwargs: DetoxifyScorer(**kwargs),
+    "profanity": lambda language="de", **kwargs: OffensiveScorer(),
+    "language": lambda language="de", **kwargs: LanguageScorer(target=language),
+    "refusal": lambda language="de", **kwargs: RefusalScorer(),
+}
+# Recorded by generation itself, not scored: sweep(scorers=...) accepts the name and skips it.
+RECORDED = ("ended_turn",)
+RENAMED = {"turn_end": "ended_turn"}
+
+
+def scorer_name(name: str) -> str:
+    """The registry's spelling of a scorer name; an old spelling warns once and gives the new one."""
+    if name in RENAMED:
+        warnings.warn(f"scorer {name!r} is now called {RENAMED[name]!r}; the old name goes in the next release",
+                      DeprecationWarning, stacklevel=3)
+        return RENAMED[name]
+    return name
+
+
+def make_scorer(name: str, language: str = "de", **kwargs):
+    """A scorer by name, from ``SCORERS``: ``offensive`` (Detoxify if its weights are here, else
+    alt-profanity-check), ``detoxify``, ``profanity``, ``language``, ``refusal``."""
+    name = scorer_name(name)
+    if name in RECORDED:
+        raise UsageError(f"{name} needs no scorer: every generated reply records it "
                          "(sweep(scorers=...) accepts the name and skips it)")
-    raise UsageError(f"unknown scorer {name!r}: one of offensive, detoxify, profanity, language, refusal "
-                     "(and turn_end in sweep's scorers)")
+    if name not in SCORERS:
+        raise UsageError(f"unknown scorer {name!r}: one of {', '.join(SCORERS)} "
+                         f"(and {', '.join(RECORDED)} in sweep's scorers)")
+    return SCORERS[name](language=language, **kwargs)
 
 
 @functools.lru_cache(maxsize=8)

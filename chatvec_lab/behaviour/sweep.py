@@ -17,9 +17,10 @@ from typing import Mapping, Sequence
 import pandas as pd
 
 from chatvec_lab.errors import NotFound, UsageError
-from chatvec_lab.behaviour.engines import EngineSpec, TransformersEngine, load_target
+from chatvec_lab.behaviour.engines import EngineSpec, TransformersEngine, load_target, runtime_key
 from chatvec_lab.analysis.intervals import estimate, metric_kind, wilson_interval  # noqa: F401 (wilson_interval: re-exported)
-from chatvec_lab.behaviour.grid import CellCache, check_cache_dir, check_seeds, files_key, read_table, vector_key, write_table, CellRunner, GridSettings, LocalExecutor, make_cells, run_grid
+from chatvec_lab.behaviour.cache import CellCache, check_cache_dir, files_key, read_table, vector_key, write_table
+from chatvec_lab.behaviour.grid import check_seeds, CellRunner, GridSettings, LocalExecutor, make_cells, run_grid
 from chatvec_lab.core.live import LiveModel
 from chatvec_lab.io.output import atomic_file, check_clear_of_inputs, check_output_path
 from chatvec_lab.core.vector import ChatVector, named_vectors
@@ -96,7 +97,8 @@ def _model_fingerprint(target) -> object:
 def sweep(target, vectors, coefficients, prompts: Sequence[str], *, tokenizer=None, scorers=DEFAULT_SCORERS,
           seeds: int | Sequence[int] = 1, max_new_tokens: int = 64, language: str = "de",
           heldout: Mapping[str, Sequence[str]] | None = None, cache_dir=None, progress: bool = True,
-          live: LiveModel | None = None, executor=None, **gen_kwargs) -> pd.DataFrame:
+          live: LiveModel | None = None, executor=None, device="auto", dtype="auto", batch_size: int | None = None,
+          **gen_kwargs) -> pd.DataFrame:
     """Generate and score for every coefficient point; returns the tidy table.
 
     ``target``: a model folder (loaded once) or a model (with ``tokenizer=``); ``vectors``: a vector or
@@ -104,6 +106,10 @@ def sweep(target, vectors, coefficients, prompts: Sequence[str], *, tokenizer=No
     ``heldout``: ``{language: texts}`` for perplexity columns ``ppl_<language>``. ``executor``: where the
     grid's cells run (``grid.LocalExecutor``, the default, or ``grid.RayExecutor``; see ``grid``); with
     ``cache_dir`` each finished cell is kept there, so an interrupted sweep resumes with the missing cells.
+    ``device`` / ``dtype``: where and in which precision a target folder is loaded (``auto``: the GPU if there is
+    one, and the checkpoint's own dtype; see ``chatvec_lab.io.devices``); cached results are kept per device kind
+    and dtype. ``batch_size``: prompts generated together (None: every prompt of a cell, up to a memory-aware cap;
+    replies do not depend on it in float32, see ``generation.generate``).
     The model is left exactly as it was found.
     """
     prompts = [p for p in prompts]
@@ -123,11 +129,12 @@ def sweep(target, vectors, coefficients, prompts: Sequence[str], *, tokenizer=No
         check_cache_dir(cache_dir, [*([Path(target)] if isinstance(target, (str, Path)) else []),
                                     *(p for v in vectors.values() for p in v.input_paths())])
     key_target = _model_fingerprint(target)
+    runtime = runtime_key(target, live, device, dtype)  # a device this machine lacks is refused here, before any work
     if cache_dir is not None and key_target is not None:
         key = _fingerprint({"target": key_target, "vectors": {k: vector_key(v) for k, v in vectors.items()},
                             "points": points, "prompts": prompts, "scorers": scorer_names, "seeds": seed_list,
                             "max_new_tokens": max_new_tokens, "language": language, "heldout": heldout,
-                            "gen": gen_kwargs, "version": 3})
+                            "gen": gen_kwargs, "runtime": runtime, "version": 3})
         cache_file = Path(cache_dir) / f"sweep-{key}.json"
         cached = read_table(cache_file)
         if cached is not None and len(cached) == len(points) * len(seed_list) * len(prompts):
@@ -139,7 +146,7 @@ def sweep(target, vectors, coefficients, prompts: Sequence[str], *, tokenizer=No
     cell_cache = None
     if cache_dir is not None and key_target is not None:
         cell_cache = CellCache(cache_dir, {"target": key_target, "vectors": {k: vector_key(v) for k, v in vectors.items()},
-                                           **settings.key()}, prompts)
+                                           "runtime": runtime, **settings.key()}, prompts)
     executor = executor if executor is not None else LocalExecutor()
     engine, saved = None, {}
 
@@ -147,11 +154,11 @@ def sweep(target, vectors, coefficients, prompts: Sequence[str], *, tokenizer=No
         nonlocal engine, saved, live, tokenizer
         if live is None:
             if isinstance(target, (str, Path)):
-                model, tokenizer = load_target(target)
+                model, tokenizer = load_target(target, device=device, dtype=dtype)
             else:
                 model = target
-            live = LiveModel(model, vectors)
-        engine = TransformersEngine(live.model, tokenizer, live=live)
+            live = LiveModel(model, vectors, checkpoint=target if isinstance(target, (str, Path)) else None)
+        engine = TransformersEngine(live.model, tokenizer, live=live, batch_size=batch_size)
         saved = dict(live.coefficients)
         return CellRunner(engine, settings, scorers=list(scorers))
 
@@ -165,7 +172,7 @@ def sweep(target, vectors, coefficients, prompts: Sequence[str], *, tokenizer=No
             raise UsageError("a distributed sweep loads the model in each worker: give the target as a folder or hub id")
         if any(not isinstance(sc, str) for sc in scorers):
             raise UsageError("a distributed sweep builds its scorers in each worker: give scorers by name")
-        spec = EngineSpec.of(target, vectors)
+        spec = EngineSpec.of(target, vectors, device=device, dtype=dtype, batch_size=batch_size)
     try:
         result = run_grid(executor, make_runner, spec, settings, cells, cache=cell_cache, progress=progress)
     finally:
@@ -228,7 +235,8 @@ def run_sweep_cli(args, executor=None) -> None:
     scorers = [s.strip() for s in args.scorers.split(",") if s.strip()]
     df = sweep(args.target, vectors, args.alphas, prompts, scorers=scorers, seeds=args.seeds,
                max_new_tokens=args.max_new_tokens, language=args.language, cache_dir=args.cache_dir,
-               progress=not args.quiet, executor=executor)
+               progress=not args.quiet, executor=executor, device=getattr(args, "device", "auto"),
+               dtype=getattr(args, "dtype", "auto"), batch_size=getattr(args, "batch_size", None))
     out = Path(args.csv)
     with atomic_file(out, args.overwrite, inputs) as tmp:
         df.to_csv(tmp, index=False)

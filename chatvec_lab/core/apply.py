@@ -1,8 +1,10 @@
 """Apply chat vectors: ``target + Σ αᵢ·vectorᵢ``, to a new model folder or to a model in memory.
 
 Everything is checked and planned before anything is written (:mod:`chatvec_lab.core.plan`); then tensors are
-streamed one by one: read target tensor, add the scaled deltas in float32, cast back to the
-target's dtype, write. The output folder appears only when it is complete.
+streamed one by one: read target tensor, add the scaled deltas in float32 (:mod:`chatvec_lab.core.tensor_merge`),
+cast back to the target's dtype, write. The output folder appears only when it is complete. Along the way the
+target is compared with the vector's base (the lineage check), and the output takes the target's tokenizer and
+config files, with a chat model's template where asked (:mod:`chatvec_lab.core.tokens`).
 """
 from __future__ import annotations
 
@@ -18,22 +20,26 @@ from typing import Iterable, Mapping
 import pandas as pd
 import torch
 
-from chatvec_lab.errors import MismatchError, NonFiniteError, SourceError, UsageError, require_bool
-from chatvec_lab.io.output import (DEFAULT_SHARD_BYTES, ShardedSafetensorsWriter, atomic_folder, check_output_path,
-                                source_paths, write_json)
-from chatvec_lab.io.naming import parse
-from chatvec_lab.io.vocab import TokenRows, Vocabulary, added_tokens, check_chat_template, load_tokenizer
-from chatvec_lab.io.formats import read_json_object
-from chatvec_lab.io.paging import Prefetcher, paged_rows
-from chatvec_lab.io.sources import WeightSource, model_folder, module_state, open_weights
-from chatvec_lab.core.vector import (CHUNK_ELEMENTS, ChatVector, ModelDifference, without_vocabulary, check_finite,
-                                check_same_architecture, compile_pattern, row_blocks)
+from chatvec_lab.core.extraction import check_same_architecture
+from chatvec_lab.core.metadata import without_vocabulary
 from chatvec_lab.core.plan import (EMBEDDING_POLICIES, MAX_LAYERS, TARGET_ONLY_POLICIES, Alpha, Status, TensorPlan,
-                              coefficient_for, layer_filter, plan_apply)
+                                   coefficient_for, layer_filter, plan_apply)
+from chatvec_lab.core.tensor_merge import merge_tensor, merge_token_rows
+from chatvec_lab.core.terms import ModelDifference, row_blocks
+from chatvec_lab.core.tokens import ChatTurn, TokenMap, chat_turn_of, grow_vocabulary
+from chatvec_lab.core.vector import ChatVector, compile_pattern
+from chatvec_lab.errors import SourceError, UsageError, check_finite, require_bool
+from chatvec_lab.io.formats import read_json_object
+from chatvec_lab.io.naming import parse
+from chatvec_lab.io.output import atomic_folder, check_output_path, source_paths, write_json
+from chatvec_lab.io.paging import Prefetcher
+from chatvec_lab.io.shards import DEFAULT_SHARD_BYTES, ShardedSafetensorsWriter
+from chatvec_lab.io.sources import WeightSource, model_folder, module_state, open_weights
+from chatvec_lab.io.vocab import Vocabulary, added_tokens
 
 __all__ = [
     "ApplyOptions", "ApplyReport", "LineageWarning", "ChatTurn", "apply_vectors", "apply_to_model",
-    "merge_tensor", "merge_token_rows", "is_finite", "LINEAGE_WARN", "LINEAGE_STRIDE", "MODEL_FILES",
+    "merge_tensor", "merge_token_rows", "LINEAGE_WARN", "LINEAGE_STRIDE", "MODEL_FILES",
     # planning lives in chatvec_lab.core.plan; its names stay importable from here
     "Alpha", "EMBEDDING_POLICIES", "TARGET_ONLY_POLICIES", "MAX_LAYERS", "Status", "TensorPlan",
     "coefficient_for", "layer_filter", "plan_apply",
@@ -143,140 +149,6 @@ def _as_pairs(vectors) -> list[tuple[ChatVector, Alpha]]:
     return pairs
 
 
-def merge_tensor(target_tensor: torch.Tensor, plan: TensorPlan, pairs: list[tuple[ChatVector, Alpha]],
-                 chunk: int = CHUNK_ELEMENTS) -> torch.Tensor:
-    """``target + Σ αᵢ·vᵢ``, accumulated in float32 a block of rows at a time, in the target's dtype.
-
-    What is written is checked: a block that is not finite in the target's dtype raises, naming the tensor and
-    the cause (the target, a vector, a coefficient too large for float32, or a result past the dtype's range)."""
-    out = torch.empty_like(target_tensor)
-    sources = plan.sources or [plan.name if plan.name in vec else None for vec, _ in pairs]
-    active = [(coef, vec, src) for coef, (vec, _), src in zip(plan.coefficients, pairs, sources)
-              if coef != 0 and src is not None]
-    streams = [(coef, vec.blocks(src, rows=plan.rows, chunk=chunk, check=False)) for coef, vec, src in active]
-    # a large memory-mapped target is faulted in a block ahead, by a background thread
-    for index in paged_rows([target_tensor], row_blocks(tuple(target_tensor.shape), plan.rows, chunk)):
-        acc = target_tensor[index].to(torch.float32, copy=True)
-        for coef, stream in streams:
-            _, delta = next(stream)
-            if coef != 1:
-                delta.mul_(coef)  # multiply, then add: the naive formula's rounding
-            acc.add_(delta)
-        out[index] = acc
-        if not is_finite(out[index]):
-            _explain_nonfinite(plan, index, target_tensor, active, chunk, acc, out.dtype)
-    if plan.rows is not None and plan.rows < target_tensor.shape[0]:
-        out[plan.rows:] = target_tensor[plan.rows:]
-        check_finite(plan.name, out[plan.rows:], "the target")
-    return out
-
-
-def merge_token_rows(target_tensor: torch.Tensor, plan: TensorPlan, pairs: list[tuple[ChatVector, Alpha]],
-                     target_only: str = "keep", chunk: int = CHUNK_ELEMENTS) -> torch.Tensor:
-    """A token-indexed tensor whose rows are matched to the vectors' by token: each target row gets α times the
-    delta of its token's row; a row of a token the chat model added is replaced by the chat model's row; rows of
-    tokens a vector lacks keep the target's (``target_only='keep'``) or get α times the vector's mean delta
-    (``'mean'``); a union vocabulary appends the chat model's rows of the tokens it adds."""
-    rows_in = target_tensor.shape[0]
-    out = torch.zeros((plan.out_rows or rows_in, *target_tensor.shape[1:]), dtype=target_tensor.dtype)
-    active = [(coef, vec.row_reader(src), tr, _mean_delta(vec, src, tr) if target_only == "mean" else None)
-              for coef, (vec, _), src, tr in zip(plan.coefficients, pairs, plan.sources, plan.token_rows)
-              if coef != 0 and src is not None and tr is not None]
-    for index in row_blocks(tuple(target_tensor.shape), None, chunk):
-        acc = target_tensor[index].to(torch.float32, copy=True)
-        for coef, read, tr, mean in active:
-            rows, absolute = tr.rows[index], tr.absolute[index]
-            delta = (rows >= 0) & ~absolute
-            if delta.any():
-                acc[delta] += read(rows[delta]).mul_(coef)
-            if absolute.any():
-                acc[absolute] = read(rows[absolute])
-            if mean is not None and (rows < 0).any():
-                acc[rows < 0] += mean * coef
-        out[index] = acc
-        if not is_finite(out[index]):
-            raise NonFiniteError(f"tensor {plan.name!r}: a block of rows matched by token is not finite in "
-                                 f"{str(out.dtype).replace('torch.', '')} (check the vectors and coefficients)")
-    for coef, read, tr, _ in active:
-        for vector_row, out_row in tr.appended:
-            out[out_row] = read(torch.tensor([vector_row]))[0].to(out.dtype)
-    return out
-
-
-def _mean_delta(vec: ChatVector, name: str, tr: TokenRows) -> torch.Tensor:
-    """The mean delta over the vector's rows that are differences (not chat-added rows)."""
-    total, count = None, 0
-    chat_rows = set(vec.chat_rows)
-    for index, block in vec.blocks(name):
-        keep = [i for i in range(index.start, index.stop) if i not in chat_rows] if chat_rows else None
-        part = block if keep is None else block[torch.tensor(keep, dtype=torch.long) - index.start]
-        s = part.sum(0)
-        total = s if total is None else total + s
-        count += part.shape[0]
-    return total / max(count, 1)
-
-
-def is_finite(x: torch.Tensor) -> bool:
-    """True when every value is finite: one cheap sum, and an exact count only when the sum is not finite."""
-    if not x.is_floating_point() or bool(torch.isfinite(x.sum())):
-        return True
-    return bool(torch.isfinite(x).all())
-
-
-def _explain_nonfinite(plan: TensorPlan, index, target_tensor, active, chunk, acc, dtype) -> None:
-    """Raise the reason a merged block is not finite (only on that rare path are the inputs read again)."""
-    name = plan.name
-    check_finite(name, target_tensor[index].float(), "the target")
-    for coef, vec, src in active:
-        raw = next(block for i, block in vec.blocks(src, rows=plan.rows, chunk=chunk, check=False) if i == index)
-        check_finite(name, raw, "a vector (its base or chat)")
-        if not is_finite(raw * coef):
-            raise NonFiniteError(f"tensor {name!r}: coefficient {coef:g} × the vector overflows float32 "
-                                 f"(largest |delta| {float(raw.abs().max()):.3g}); use a smaller coefficient")
-    if not is_finite(acc):
-        raise NonFiniteError(f"tensor {name!r}: target + Σ coefficient·vector overflows float32; "
-                             "use smaller coefficients")
-    raise NonFiniteError(f"tensor {name!r}: the result (largest |value| {float(acc.abs().max()):.3g}) does not fit "
-                         f"the target's {str(dtype).replace('torch.', '')} (largest {torch.finfo(dtype).max:.3g}); "
-                         "use a smaller coefficient")
-
-
-class _TokenMap:
-    """Rows of chosen tokens taken from the chat model's embedding and lm_head (the paper's special-token fix)."""
-
-    def __init__(self, token_map, chat: WeightSource, target_folder: Path | None, chat_folder: Path | None):
-        if target_folder is None or chat_folder is None:
-            raise SourceError("a token map needs the tokenizers of both the target and the chat model")
-        ttok = load_tokenizer(target_folder)
-        ctok = load_tokenizer(chat_folder)
-        pairs = token_map.items() if isinstance(token_map, Mapping) else [(t, t) for t in token_map]
-        for pair in pairs:
-            if not all(isinstance(t, str) and t for t in pair):
-                raise UsageError(f"token map entries must be token strings, not {pair[0]!r}")
-        self.rows: list[tuple[int, int, str]] = []
-        for target_token, chat_token in pairs:
-            tid, cid = _token_id(ttok, target_token, "target"), _token_id(ctok, chat_token, "chat")
-            self.rows.append((tid, cid, target_token))
-        self.chat = chat
-
-    def apply(self, name: str, tensor: torch.Tensor) -> bool:
-        if not parse(name).is_embedding_like or name not in self.chat:
-            return False
-        chat_t = self.chat.get(name)
-        for tid, cid, token in self.rows:
-            if tid >= tensor.shape[0] or cid >= chat_t.shape[0]:
-                raise MismatchError(f"token {token!r}: row {tid}/{cid} is outside {name!r}")
-            tensor[tid] = chat_t[cid].to(tensor.dtype)
-        return True
-
-
-def _token_id(tokenizer, token: str, which: str) -> int:
-    tid = tokenizer.convert_tokens_to_ids(token)
-    if tid is None or tid == tokenizer.unk_token_id or not isinstance(tid, int):
-        raise MismatchError(f"token {token!r} is not a single token in the {which} tokenizer")
-    return tid
-
-
 def _lineage(acc: list[float], target_t: torch.Tensor, base_t: torch.Tensor | None) -> None:
     """Accumulate ‖target − base‖² and ‖base‖² over weight matrices (norm gains near 1 would hide a stranger)."""
     if base_t is None or target_t.dim() < 2 or not target_t.is_floating_point():
@@ -309,84 +181,9 @@ def _resolve_base(base, pairs) -> tuple[WeightSource | None, bool]:
     return None, False
 
 
-@dataclass
-class ChatTurn:
-    """What a merged model needs from the chat model to chat like it: its template and where its turns end."""
-
-    template: str
-    eos_token: str | None  # the chat tokenizer's end-of-turn token (e.g. Llama-3's <|eot_id|>)
-    eos_ids: list[int]  # in the target's vocabulary: where generation stops (the chat model's ids, then the target's)
-    source: str = ""
-
-    def describe(self) -> str:
-        return (f"chat template and end of turn from {self.source}: eos_token {self.eos_token!r}, "
-                f"generation stops at token ids {self.eos_ids}")
-
-
-def _chat_turn_of(spec, target_folder: Path | None) -> ChatTurn | None:
-    """The chat template and end-of-turn tokens of the model ``spec``, mapped into the target's vocabulary by token
-    string; None when no spec is given. Refuses a model without a template, and end-of-turn tokens the target's
-    tokenizer lacks."""
-    if spec is None:
-        return None
-    folder = model_folder(spec)
-    template = _read_chat_template(folder) if folder else None
-    if template is None:
-        raise SourceError(f"no chat template found in {spec}")
-    check_chat_template(template, spec)  # before the merge: never written into an output that cannot chat
-    chat_tokens = _eos_tokens(folder)
-    eos_token = chat_tokens[0] if chat_tokens else None
-    if target_folder is None or not chat_tokens:
-        return ChatTurn(template, eos_token, [], str(spec))
-    target_tok = _tokenizer(target_folder)
-    if target_tok is None:
-        return ChatTurn(template, eos_token, [], str(spec))
-    ids = []
-    for token in chat_tokens + _eos_tokens(target_folder):
-        tid = target_tok.convert_tokens_to_ids(token)
-        if not isinstance(tid, int) or (tid == target_tok.unk_token_id and token != target_tok.unk_token):
-            if token in chat_tokens:
-                raise MismatchError(f"the chat model {spec} ends its turns with {token!r}, which the target's "
-                                    "tokenizer lacks: the merged model could never stop where the chat model does")
-            continue
-        if tid not in ids:
-            ids.append(tid)
-    return ChatTurn(template, eos_token, ids, str(spec))
-
-
-def _tokenizer(folder: Path):
-    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        return None
-    return load_tokenizer(folder)
-
-
-def _eos_tokens(folder: Path) -> list[str]:
-    """A model's end tokens as strings: its tokenizer's eos_token, then its generation_config's eos_token_id(s)."""
-    tokens: list[str] = []
-    cfg = folder / "tokenizer_config.json"
-    if cfg.is_file():
-        eos = read_json_object(cfg, "tokenizer config").get("eos_token")
-        eos = eos.get("content") if isinstance(eos, dict) else eos
-        if isinstance(eos, str):
-            tokens.append(eos)
-    gen = folder / "generation_config.json"
-    if gen.is_file():
-        ids = read_json_object(gen, "generation config").get("eos_token_id")
-        ids = [ids] if isinstance(ids, int) else ids if isinstance(ids, list) else []
-        tok = _tokenizer(folder) if ids else None
-        if tok is not None:
-            for i in ids:
-                if isinstance(i, int) and not isinstance(i, bool):
-                    if not 0 <= i < len(tok):
-                        raise SourceError(f"bad generation config {gen}: eos_token_id {i} is not a token id of the "
-                                          f"tokenizer beside it (0 to {len(tok) - 1})")
-                    token = tok.convert_ids_to_tokens(i)
-                    if isinstance(token, str) and token not in tokens:
-                        tokens.append(token)
-    return tokens
-
-
 def _copy_model_files(target_folder: Path | None, out: Path, turn: ChatTurn | None) -> None:
+    """The target's config and tokenizer files (``MODEL_FILES``) into the output, with the chat ``turn`` (template,
+    end-of-turn tokens) written into them when one is taken from a chat model."""
     if target_folder:
         for fname in MODEL_FILES:
             if (target_folder / fname).is_file():
@@ -406,17 +203,6 @@ def _copy_model_files(target_folder: Path | None, out: Path, turn: ChatTurn | No
         gen = read_json_object(gen_file, "generation config") if gen_file.is_file() else {}
         gen["eos_token_id"] = turn.eos_ids if len(turn.eos_ids) > 1 else turn.eos_ids[0]
         write_json(gen_file, gen)
-
-
-def _read_chat_template(folder: Path) -> str | None:
-    if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text()
-    cfg = folder / "tokenizer_config.json"
-    if cfg.is_file():
-        value = read_json_object(cfg, "tokenizer config").get("chat_template")
-        if isinstance(value, str):
-            return value
-    return None
 
 
 def _report(plans, notes, lineage, out=None) -> ApplyReport:
@@ -444,7 +230,7 @@ class _Prepared:
     notes: list[str]
     base: WeightSource | None  # for the lineage check
     shared_base: bool  # the base is the vector's own (its tensors are read anyway)
-    token_map: _TokenMap | None
+    token_map: TokenMap | None
     new_tokens: dict[str, int]  # union vocabulary: token → output id
 
 
@@ -480,7 +266,7 @@ def _prepare(target, vectors, opts: ApplyOptions) -> _Prepared:
             (t.chat for v, _ in pairs for _, t in v.terms if isinstance(t, ModelDifference)), None)
         if chat_src is None:
             raise SourceError("a token map needs the chat model: pass chat= (--chat)")
-        rows = _TokenMap(token_map, chat_src, model_folder(target), chat_src.folder)
+        rows = TokenMap(token_map, chat_src, model_folder(target), chat_src.folder)
     return _Prepared(target_src, pairs, plans, notes, base_src, shared_base, rows, new_tokens or {})
 
 
@@ -516,7 +302,7 @@ def apply_vectors(target, vectors, out, *, options: ApplyOptions | None = None, 
     target_src, pairs, plans, notes = prep.target, prep.pairs, prep.plans, prep.notes
     base_src = prep.base if opts.check_lineage else None
     base, chat, target_only = opts.base, opts.chat, opts.target_only
-    turn = _chat_turn_of(chat_template_from, model_folder(target))  # before the merge: a bad template fails now
+    turn = chat_turn_of(chat_template_from, model_folder(target))  # before the merge: a bad template fails now
     if turn is not None:
         notes.append(turn.describe())
     inputs = [*source_paths(target_src), *(p for vec, _ in pairs for p in vec.input_paths()),
@@ -544,7 +330,7 @@ def apply_vectors(target, vectors, out, *, options: ApplyOptions | None = None, 
                 result = merge_tensor(t, p, pairs)
             else:
                 result = t
-                check_finite(name, t, "the target")  # copied as it is, but still written: no NaN passes
+                check_finite(t, f"tensor {name!r} in the target")  # copied as it is, but still written: no NaN passes
             if lineage is not None:
                 _lineage(lineage, t, _base_for(name, base_src, prep.shared_base, pairs, p))
             if prep.token_map is not None and parse(name).is_embedding_like:
@@ -555,7 +341,7 @@ def apply_vectors(target, vectors, out, *, options: ApplyOptions | None = None, 
         writer.close()
         _copy_model_files(model_folder(target), tmp, turn)
         if prep.new_tokens:
-            _grow_vocabulary(model_folder(target), tmp, prep.new_tokens, pairs, plans)
+            grow_vocabulary(model_folder(target), tmp, prep.new_tokens, pairs, plans)
         report = _report(plans, notes, lineage, out=Path(out))
         write_json(tmp / "chatvec_apply.json", {
             "target": target_src.fingerprint(hash_files=False),
@@ -570,29 +356,6 @@ def apply_vectors(target, vectors, out, *, options: ApplyOptions | None = None, 
 
 def _out_shape(shape: tuple[int, ...], plan: TensorPlan) -> tuple[int, ...]:
     return (plan.out_rows, *shape[1:]) if plan.out_rows else tuple(shape)
-
-
-def _grow_vocabulary(target_folder: Path | None, out: Path, new_tokens: dict[str, int], pairs, plans) -> None:
-    """A union vocabulary: the output's tokenizer gains the chat-added tokens, at the ids their rows were written
-    to, and its config the new vocabulary size."""
-    from tokenizers import AddedToken
-
-    tok = load_tokenizer(target_folder)
-    special = set()
-    for vec, _ in pairs:
-        special |= set(vec.metadata.get("special_tokens") or [])
-    tok.add_tokens([AddedToken(t, special=t in special, normalized=False) for t in new_tokens])
-    got = {t: tok.convert_tokens_to_ids(t) for t in new_tokens}
-    if got != new_tokens:
-        raise MismatchError(f"the target's tokenizer gave the added tokens other ids than planned: {got}")
-    tok.save_pretrained(str(out))
-    rows = max((p.out_rows for p in plans.values() if p.out_rows), default=None)
-    cfg_file = out / "config.json"
-    if rows and cfg_file.is_file():
-        cfg = read_json_object(cfg_file, "config")
-        holder = cfg["text_config"] if "vocab_size" not in cfg and isinstance(cfg.get("text_config"), dict) else cfg
-        holder["vocab_size"] = rows
-        write_json(cfg_file, cfg)
 
 
 def apply_to_model(target, vectors, *, options: ApplyOptions | None = None, inplace: bool = False, **kwargs):

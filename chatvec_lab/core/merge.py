@@ -9,6 +9,10 @@ toy family): sparsify each source (``dare_*``: random, seeded per tensor; ``brea
 disjoint mean (``ties``, ``dare_ties``, ``breadcrumbs_ties``) or a weighted sum (``linear``, ``dare_linear``,
 ``breadcrumbs``), divided by the weights that took part when ``normalize``. The result is a ``ChatVector``
 whose tensors are computed when asked for, so merging two 7B vectors holds a few tensors in memory.
+
+Whole models from a mergekit YAML config — every method of ``core/merge_methods.REGISTRY`` (also
+task_arithmetic, della, slerp, nuslerp, multislerp, karcher, model_stock), per-model weight and density —
+are merged by ``core/model_merge.merge_from_config`` (``chatvec merge CONFIG.yml -o OUT``).
 """
 from __future__ import annotations
 

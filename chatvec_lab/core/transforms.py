@@ -3,8 +3,11 @@
 Each takes and returns float32 tensors and never modifies its input. The vector algebra (``vector.py``)
 applies them lazily, one tensor at a time; ``merge.py`` combines several sources with them.
 
-- ``magnitude``: keep the ``density`` share of entries with the largest |value| (TIES' trim; "magnitude" in
-  mergekit); ties in |value| are broken by position, as ``argsort`` orders them.
+- ``magnitude``: keep the ``max(1, int(density · numel))`` entries with the largest |value| (TIES' trim;
+  "magnitude" in mergekit, whose rule this is: a positive density keeps at least one entry of a non-empty
+  tensor). Which of several entries with the same |value| at the cut is kept is decided by
+  ``torch.argsort(|value|, descending=True)``, an unstable sort: the same call mergekit makes, so both keep
+  the same entries, but the choice is not "by position" and may differ between torch versions.
 - ``magnitude_outliers``: drop the ``gamma`` share of largest entries, then the smallest, keeping ``density``
   (model breadcrumbs).
 - ``bernoulli``: keep each entry with probability ``density`` from a seeded generator, rescaled so the
@@ -56,9 +59,9 @@ def magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
     _check_density(density)
     if density >= 1:
         return delta.clone()
-    k = int(density * delta.numel())
-    if k == 0:
-        return torch.zeros_like(delta)
+    if delta.numel() == 0:
+        return delta.clone()
+    k = max(1, int(density * delta.numel()))  # mergekit's rule: a positive density keeps at least one entry
     keep = torch.argsort(delta.abs().reshape(-1), descending=True)[:k]
     mask = torch.zeros(delta.numel(), dtype=delta.dtype)
     mask[keep] = 1

@@ -1,50 +1,39 @@
 """The chat vector: ``θ_chat − θ_base``, a task vector you can add, scale, save and apply.
 
 A ``ChatVector`` is lazy: it is a linear combination of *terms* (a difference of two models, a
-saved vector, or tensors in memory), evaluated one tensor at a time, in float32. So
-``0.5 * (v1 + v2)`` costs nothing until a tensor is asked for, and extracting from two 7B
-folders holds only a few tensors in memory.
+saved vector, or tensors in memory: :mod:`chatvec_lab.core.terms`), evaluated one tensor at a time, a block of
+rows at a time, in float32. So ``0.5 * (v1 + v2)`` costs nothing until a tensor is asked for, and extracting
+from two 7B folders holds only a few tensors in memory.
 
     v = ChatVector.from_models("meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-7b-chat-hf")
     v.save("llama2-chat-vector")
     apply_vectors("my-cp-model", [(v, 1.0)], out="my-cp-chat")
+
+How two models become a vector is in :mod:`chatvec_lab.core.extraction`; how a vector is saved and opened in
+:mod:`chatvec_lab.core.storage`, and what its ``chatvec.json`` may hold in :mod:`chatvec_lab.core.metadata`.
 """
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import math
 import os
 import re
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import torch
 
-from chatvec_lab.errors import MismatchError, NonFiniteError, SourceError, UsageError, require_bool
-from chatvec_lab.io.output import DEFAULT_SHARD_BYTES, ShardedSafetensorsWriter, atomic_folder, source_paths, write_json
-from chatvec_lab.io.naming import parse
-from chatvec_lab.io.formats import json_type, read_json_object, short_repr
+from chatvec_lab.core.extraction import list_names, model_difference
+from chatvec_lab.core.metadata import FORMAT, recorded_models, without_vocabulary
+from chatvec_lab.core.storage import open_saved, save_vector
+from chatvec_lab.core.terms import CHUNK_ELEMENTS, ModelDifference, StoredVector, Transformed, row_blocks
+from chatvec_lab.errors import MismatchError, SourceError, UsageError, check_finite, require_bool
+from chatvec_lab.io.formats import short_repr
+from chatvec_lab.io.output import source_paths
 from chatvec_lab.io.paging import paged_rows, read_blocks
+from chatvec_lab.io.shards import DEFAULT_SHARD_BYTES
 from chatvec_lab.io.sources import WeightSource, open_weights
-from chatvec_lab.version import __version__
-from chatvec_lab.io.vocab import Vocabulary, row_map
-
-METADATA_FILE = "chatvec.json"
-BASE_CONFIG_FILE = "base_config.json"
-FORMAT = "chatvec/1"
-
-
-CHUNK_ELEMENTS = 1 << 20  # rows are processed in blocks of about this many values (4 MB in float32)
-
-
-def check_finite(name: str, tensor: torch.Tensor, where: str) -> None:
-    """Raise if ``tensor`` holds NaN/Inf. A sum is finite only if every term is: one cheap pass."""
-    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum())):
-        return
-    bad = int((~torch.isfinite(tensor)).sum())
-    if bad:
-        raise NonFiniteError(f"tensor {name!r} in {where} holds {bad} NaN/Inf values")
+from chatvec_lab.io.vocab import Vocabulary
 
 
 def compile_pattern(pattern, what: str):
@@ -59,283 +48,13 @@ def compile_pattern(pattern, what: str):
         raise UsageError(f"{what} {pattern!r} is not a valid regular expression: {e}") from None
 
 
-def row_blocks(shape: tuple[int, ...], rows: int | None = None, chunk: int = CHUNK_ELEMENTS):
-    """Index blocks of whole rows covering the first ``rows`` rows (all by default)."""
-    if len(shape) == 0:
-        yield ...
-        return
-    n = shape[0] if rows is None else rows
-    if n == 0 or math.prod(shape[1:]) == 0:  # no values: one block, however many (empty) rows
-        yield slice(0, n)
-        return
-    per_row = math.prod(shape[1:])
-    step = max(1, chunk // per_row)
-    for start in range(0, n, step):
-        yield slice(start, min(n, start + step))
-
-
-def _list_names(names: Iterable[str], limit: int = 5) -> str:
-    names = sorted(names)
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(repr(n) for n in names[:limit]) + more
-
-
-def check_same_architecture(a: WeightSource, b: WeightSource, a_label: str, b_label: str) -> None:
-    ca, cb = a.config, b.config
-    if ca and cb:
-        ta, tb = ca.get("model_type"), cb.get("model_type")
-        if ta and tb and ta != tb:
-            raise MismatchError(f"{a_label} is a {ta!r} model but {b_label} is a {tb!r} model: "
-                                "a chat vector needs two models of one architecture")
-
-
-class ModelDifference:
-    """chat − base, with the last base tensor kept for the lineage check of ``apply``.
-
-    ``base_rows`` (token-indexed tensors whose vocabularies differ): for each chat row, the base row of the same
-    token, or -1 for a token the chat model added; such rows hold the chat model's own row, not a difference."""
-
-    def __init__(self, base: WeightSource, chat: WeightSource, base_rows: dict[str, torch.Tensor] | None = None):
-        self.base, self.chat = base, chat
-        self.base_rows = base_rows or {}
-        self.last_base: tuple[str, torch.Tensor] | None = None
-        self.description = f"base {base.description} or chat {chat.description}"
-
-    def raw(self, name: str):
-        b, c = self.base.get(name), self.chat.get(name)
-        self.last_base = (name, b)
-        return c, b, self.base_rows.get(name)
-
-    @staticmethod
-    def block(raw, index) -> torch.Tensor:
-        c, b, base_rows = raw
-        if base_rows is None:
-            return c[index].to(torch.float32) - b[index].to(torch.float32)
-        return ModelDifference.gather(raw, torch.arange(c.shape[0])[index])
-
-    @staticmethod
-    def gather(raw, rows: torch.Tensor) -> torch.Tensor:
-        """The delta of the given rows (a new float32 tensor)."""
-        c, b, base_rows = raw
-        out = c[rows].to(torch.float32)
-        at = base_rows[rows] if base_rows is not None else rows
-        known = at >= 0
-        out[known] -= b[at[known]].to(torch.float32)
-        return out
-
-    def base_tensor(self, name: str) -> torch.Tensor:
-        if self.last_base and self.last_base[0] == name:
-            return self.last_base[1]
-        return self.base.get(name)
-
-    def sources(self) -> dict[str, WeightSource]:
-        return {"base": self.base, "chat": self.chat}
-
-    def set_sources(self, base, chat) -> None:
-        self.base, self.chat = base, chat
-
-
-class StoredVector:
-    def __init__(self, source: WeightSource):
-        self.source = source  # may be swapped for a Prefetcher around ``store``
-        self.store = source
-        self.description = source.description
-
-    def raw(self, name: str):
-        return self.source.get(name)
-
-    def sources(self) -> dict[str, WeightSource]:
-        return {"source": self.source}
-
-    def set_sources(self, source) -> None:
-        self.source = source
-
-    @staticmethod
-    def block(raw, index) -> torch.Tensor:
-        return raw[index].to(torch.float32, copy=True)  # always a new tensor: callers scale it in place
-
-    @staticmethod
-    def gather(raw, rows: torch.Tensor) -> torch.Tensor:
-        return raw[rows].to(torch.float32)
-
-
-class Transformed:
-    """A term computed per tensor from other vectors (low rank, trimming, DARE, merges): tensor ``name`` is
-    ``fn(name)``, made whole when asked for, from the input vectors' own tensors (also lazy)."""
-
-    def __init__(self, fn, inputs: list["ChatVector"], description: str):
-        self.fn, self.inputs, self.description = fn, inputs, description
-
-    def raw(self, name: str) -> torch.Tensor:
-        return self.fn(name)
-
-    @staticmethod
-    def block(raw, index) -> torch.Tensor:
-        return raw[index].clone()
-
-    @staticmethod
-    def gather(raw, rows: torch.Tensor) -> torch.Tensor:
-        return raw[rows].clone()
-
-    def sources(self) -> dict[str, WeightSource]:
-        return {f"{i}.{j}.{key}": src for i, vec in enumerate(self.inputs) for j, (_, term) in enumerate(vec.terms)
-                for key, src in term.sources().items()}
-
-
-def _chat_to_base_rows(chat_rows: int, base_rows: int, chat: Vocabulary, base: Vocabulary) -> torch.Tensor:
-    """For each chat row, the base row of the same token (-1: a token the chat model added). Rows past a
-    vocabulary's end (padding) match by index."""
-    out = row_map(chat_rows, chat, base)
-    out[out >= base_rows] = -1
-    for j in range(len(chat), min(chat_rows, base_rows)):
-        if j >= len(base):
-            out[j] = j
-    return out
-
-
-def without_vocabulary(metadata: dict) -> dict:
-    return {k: v for k, v in metadata.items() if k != "vocabulary"}
-
-
-def _recorded(metadata: dict) -> Iterator[dict]:
-    """The base and chat fingerprints recorded in a vector's metadata, through combinations of vectors."""
-    if not isinstance(metadata, dict):
-        return
-    for key in ("base", "chat"):
-        if isinstance(metadata.get(key), dict):
-            yield metadata[key]
-    for part in metadata.get("combination_of") or []:
-        yield from _recorded(part)
-
-
-# ------------------------------------------------------------------ a saved vector's metadata, read strictly
-
-METADATA_KEYS = frozenset({"format", "base", "chat", "source_dtype", "dtype", "tensors", "parameters",
-                           "chatvec_lab_version", "created", "vocabulary", "chat_rows", "special_tokens", "shards",
-                           "combination_of", "signs", "scaled_by", "selected", "transform", "merge"})
-
-
-def padding_allowance(rows: int) -> int:
-    """How many rows of a token-indexed tensor may lie past its vocabulary as padding: checkpoints pad their
-    embeddings to a multiple of 64 or 128 (a few to ~2 % more, DeepSeek's 102,400 rows for 100,015 tokens);
-    never half the rows."""
-    return min(max(rows // 32, 127), rows // 2)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_fingerprint(value, field: str, bad) -> None:
-    if not isinstance(value, dict):
-        raise bad(field, f"is {json_type(value)}, not an object (the model the vector was built from)")
-    for key in ("source", "path", "revision"):
-        if key in value and value[key] is not None and not isinstance(value[key], str):
-            raise bad(f"{field}.{key}", f"is {json_type(value[key])}, not a string")
-    sha = value.get("sha256")
-    if sha is not None and not (isinstance(sha, dict) and all(
-            isinstance(k, str) and isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for k, v in sha.items())):
-        raise bad(f"{field}.sha256", "is not an object of file name → 64 hex digits")
-
-
-def _check_recorded(meta, field: str, bad, depth: int = 0) -> None:
-    """The parts of a (nested) metadata object that the lab reads: recorded models, combinations, scaling."""
-    if depth > 32:
-        raise bad(field, "nests combinations more than 32 deep")
-    for key in ("base", "chat"):
-        if key in meta and meta[key] is not None:
-            _check_fingerprint(meta[key], f"{field}{key}", bad)
-    if "combination_of" in meta:
-        parts = meta["combination_of"]
-        if not isinstance(parts, list) or not all(isinstance(p, dict) for p in parts):
-            raise bad(f"{field}combination_of", "is not a list of objects (the metadata of each vector combined)")
-        for i, part in enumerate(parts):
-            _check_recorded(part, f"{field}combination_of[{i}].", bad, depth + 1)
-    if "signs" in meta and not (isinstance(meta["signs"], list) and all(_is_number(x) for x in meta["signs"])):
-        raise bad(f"{field}signs", "is not a list of finite numbers")
-    if "scaled_by" in meta and not _is_number(meta["scaled_by"]):
-        raise bad(f"{field}scaled_by", f"is {short_repr(meta['scaled_by'], 40)}, not a finite number")
-    for key in ("selected", "transform", "merge"):
-        if key in meta and not isinstance(meta[key], dict):
-            raise bad(f"{field}{key}", f"is {json_type(meta[key])}, not an object")
-
-
-def check_vector_metadata(metadata: dict, shapes: dict[str, tuple[int, ...]], where, files=None) -> None:
-    """Refuse, in one line naming the field, a saved vector's ``chatvec.json`` whose values the lab would misread:
-    wrong types, rows out of range or repeated, a vocabulary that does not fit the token-indexed tensors (shorter
-    by more than padding: the deltas of the rows it leaves out would be dropped), shards other than the files
-    read, a misspelt key. ``files``: the weight files the vector was opened from. Runs before anything is written."""
-    def bad(field: str, why: str) -> SourceError:
-        return SourceError(f"bad chat vector metadata {where}: {field!r} {why}")
-
-    import difflib
-
-    for key in metadata:
-        close = difflib.get_close_matches(key, METADATA_KEYS, n=1, cutoff=0.75)
-        if key not in METADATA_KEYS and close:
-            raise bad(key, f"is not a field of a chat vector: {close[0]!r} was probably meant")
-    fmt = metadata.get("format")
-    if fmt is not None and fmt != FORMAT:
-        raise bad("format", f"is {short_repr(fmt, 40)}; this version reads {FORMAT!r}")
-    for key in ("source_dtype", "dtype", "created", "chatvec_lab_version"):
-        if metadata.get(key) is not None and not isinstance(metadata[key], str):
-            raise bad(key, f"is {json_type(metadata[key])}, not a string")
-    if metadata.get("dtype") not in (None, "float32"):
-        raise bad("dtype", f"is {metadata['dtype']!r}: a saved vector holds float32 tensors")
-    for key in ("tensors", "parameters"):
-        if key in metadata and not (_is_int(metadata[key]) and metadata[key] >= 0):
-            raise bad(key, f"is {short_repr(metadata[key], 40)}, not a non-negative integer")
-    _check_recorded(metadata, "", bad)
-
-    token_rows = {n: s[0] for n, s in shapes.items() if len(s) >= 1 and parse(n).is_token_indexed}
-    vocab = metadata.get("vocabulary")
-    if vocab is not None:
-        if not isinstance(vocab, list) or not all(isinstance(t, str) for t in vocab):
-            raise bad("vocabulary", "is not a list of token strings (the token of each row)")
-        for name, rows in token_rows.items():
-            if rows - len(vocab) > padding_allowance(rows):
-                raise bad("vocabulary", f"lists {len(vocab)} tokens but {name!r} has {rows} rows: the deltas of "
-                                        f"{rows - len(vocab)} rows would belong to no token (more than padding)")
-    chat_rows = metadata.get("chat_rows")
-    if chat_rows is not None:
-        if not isinstance(chat_rows, list) or not all(_is_int(i) for i in chat_rows):
-            raise bad("chat_rows", "is not a list of row numbers (integers)")
-        if len(set(chat_rows)) != len(chat_rows):
-            dup = next(i for i in chat_rows if chat_rows.count(i) > 1)
-            raise bad("chat_rows", f"lists row {dup} twice")
-        if chat_rows and vocab is None:
-            raise bad("chat_rows", "needs a 'vocabulary': rows of tokens the chat model added belong to its tokens")
-        rows = max(token_rows.values(), default=None)
-        wrong = next((i for i in chat_rows if i < 0 or (rows is not None and i >= rows)), None)
-        if wrong is not None:
-            raise bad("chat_rows", f"holds row {wrong}, outside the token-indexed tensors' rows 0..{(rows or 1) - 1}")
-    special = metadata.get("special_tokens")
-    if special is not None and not (isinstance(special, list) and all(isinstance(t, str) for t in special)):
-        raise bad("special_tokens", "is not a list of token strings")
-    shards = metadata.get("shards")
-    if shards is not None:
-        if not (isinstance(shards, list) and all(isinstance(f, str) and f and Path(f).name == f and f.endswith(
-                ".safetensors") for f in shards)):
-            raise bad("shards", "is not a list of .safetensors file names in the vector's folder")
-        if len(set(shards)) != len(shards):
-            raise bad("shards", "lists a file twice")
-        if files is not None and set(shards) != {Path(f).name for f in files}:
-            extra = sorted({Path(f).name for f in files} - set(shards))
-            missing = sorted(set(shards) - {Path(f).name for f in files})
-            raise bad("shards", f"lists {missing[0]}, which is not among the vector's weight files" if missing else
-                      f"does not list {extra[0]}, which lies beside it (a file that is not this vector's)")
-
 
 def check_compatible(a: "ChatVector", b: "ChatVector") -> None:
     """Two vectors can be combined: the same tensors, shapes and token rows; else which tensor and why."""
     missing, extra = set(a.shapes) - set(b.shapes), set(b.shapes) - set(a.shapes)
     if missing or extra:
-        detail = (f"only the left has {_list_names(missing)}" if missing else "") + \
-                 ("; " if missing and extra else "") + (f"only the right has {_list_names(extra)}" if extra else "")
+        detail = (f"only the left has {list_names(missing)}" if missing else "") + \
+                 ("; " if missing and extra else "") + (f"only the right has {list_names(extra)}" if extra else "")
         raise MismatchError(f"cannot combine vectors with different tensors: {detail}")
     for name, shape in a.shapes.items():
         if b.shapes[name] != shape:
@@ -347,11 +66,9 @@ def check_compatible(a: "ChatVector", b: "ChatVector") -> None:
 class ChatVector:
     """``Σ cᵢ · termᵢ``: a lazy map from tensor name to float32 delta.
 
-    A term is one of ``ModelDifference`` (chat − base, read from two models), ``StoredVector`` (a saved
-    vector) or ``Transformed`` (computed per tensor from other vectors). Each has ``raw(name)`` (what it
-    reads for one tensor), ``block(raw, index)`` and ``gather(raw, rows)`` (float32 deltas of row blocks or
-    chosen rows, new tensors), ``sources()`` (the weight sources it reads) and ``description``; the first two
-    also ``set_sources(...)`` (read-ahead swaps them)."""
+    A term is a ``ModelDifference`` (chat − base, read from two models), a ``StoredVector`` (a saved vector) or
+    a ``Transformed`` (computed per tensor from other vectors); :mod:`chatvec_lab.core.terms` says what each
+    offers."""
 
     def __init__(self, terms: list[tuple[float, object]], shapes: dict[str, tuple[int, ...]], metadata: dict,
                  base_config: dict | None = None):
@@ -370,83 +87,28 @@ class ChatVector:
     # ------------------------------------------------------------ construction
     @classmethod
     def from_models(cls, base, chat, allow_pickle: bool = False, hash_files: bool = True) -> "ChatVector":
-        """``chat − base``. Both are opened lazily; names, shapes and architectures are checked now."""
+        """``chat − base``. Both are opened lazily; names, shapes and architectures are checked now
+        (:func:`chatvec_lab.core.extraction.model_difference`)."""
         require_bool(allow_pickle=allow_pickle, hash_files=hash_files)
-        b = open_weights(base, allow_pickle=allow_pickle)
-        c = open_weights(chat, allow_pickle=allow_pickle)
-        check_same_architecture(b, c, f"base {b.description}", f"chat {c.description}")
-        missing, extra = set(b.keys()) - set(c.keys()), set(c.keys()) - set(b.keys())
-        if missing:
-            raise MismatchError(f"chat {c.description} lacks tensors of base {b.description}: {_list_names(missing)}")
-        if extra:
-            raise MismatchError(f"chat {c.description} has tensors that base {b.description} lacks: {_list_names(extra)}")
-        base_vocab, chat_vocab = Vocabulary.of_folder(b.folder), Vocabulary.of_folder(c.folder)
-        shapes, base_rows = {}, {}
-        for name in b.keys():
-            if not b.dtype(name).is_floating_point:
-                continue  # integer buffers (e.g. position ids) are not weights
-            bshape, cshape = tuple(b.shape(name)), tuple(c.shape(name))
-            token_rows = parse(name).is_embedding_like and bshape[1:] == cshape[1:] and len(bshape) >= 1
-            if token_rows and base_vocab and chat_vocab and (bshape != cshape or base_vocab != chat_vocab):
-                base_rows[name] = _chat_to_base_rows(cshape[0], bshape[0], chat_vocab, base_vocab)
-            elif bshape != cshape:
-                hint = (" (a vocabulary that grew: give both models their tokenizers, so rows can be matched by token)"
-                        if token_rows else "")
-                raise MismatchError(f"shape mismatch for {name!r}: base {bshape} vs chat {cshape}{hint}")
-            shapes[name] = cshape
-        if not shapes:
-            raise MismatchError(f"base {b.description} and chat {c.description} hold no floating-point tensor: "
-                                "there is no chat vector to extract")
-        dtypes = sorted({str(b.dtype(n)).replace("torch.", "") for n in shapes})
-        chat_rows = sorted({int(i) for rows in base_rows.values() for i in (rows < 0).nonzero().flatten()})
-        metadata = {
-            "format": FORMAT,
-            "base": b.fingerprint(hash_files),
-            "chat": c.fingerprint(hash_files),
-            "source_dtype": ",".join(dtypes),
-            "dtype": "float32",
-            "tensors": len(shapes),
-            "parameters": sum(math.prod(s) for s in shapes.values()),
-            "chatvec_lab_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        }
-        if chat_vocab is not None:
-            metadata["vocabulary"] = chat_vocab.to_json()  # the token of each row of the token-indexed tensors
-            metadata["chat_rows"] = chat_rows  # rows of tokens the chat model added: its own rows, not differences
-            metadata["special_tokens"] = sorted(chat_vocab.special & {chat_vocab.tokens[i] for i in chat_rows
-                                                                      if i < len(chat_vocab)})
-        return cls([(1.0, ModelDifference(b, c, base_rows))], shapes, metadata, base_config=b.config)
+        term, shapes, metadata, base_config = model_difference(base, chat, allow_pickle, hash_files)
+        return cls([(1.0, term)], shapes, metadata, base_config=base_config)
 
     @classmethod
     def load(cls, path) -> "ChatVector":
-        """Open a vector saved with :meth:`save` (lazily)."""
-        if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
-            raise SourceError(f"a saved vector is opened from its folder (str or os.PathLike), "
-                              f"not {type(path).__name__}")
-        path = Path(path)
-        meta_file = path / METADATA_FILE
-        if not meta_file.exists():
-            raise SourceError(f"{path} is not a saved chat vector (no {METADATA_FILE}); "
-                              "to build one from two models use ChatVector.from_models / `chatvec extract`")
-        metadata = read_json_object(meta_file, "chat vector metadata")
-        source = open_weights(path)
-        base_file = path / BASE_CONFIG_FILE
-        base_config = read_json_object(base_file, "base model config") if base_file.exists() else None
-        if base_config is not None and not isinstance(base_config.get("model_type", ""), str):
-            raise SourceError(f"bad base model config {base_file}: 'model_type' is "
-                              f"{json_type(base_config['model_type'])}, not a string")
-        shapes = {n: source.shape(n) for n in source.keys()}
-        check_vector_metadata(metadata, shapes, meta_file, files=getattr(source, "files", None))
+        """Open a vector saved with :meth:`save` (lazily; its metadata checked now)."""
+        source, shapes, metadata, base_config = open_saved(path)
         return cls([(1.0, StoredVector(source))], shapes, metadata, base_config=base_config)
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> "ChatVector":
+        """A vector of the given deltas, held in memory (as float32)."""
         source = open_weights({k: v.detach().to(torch.float32) for k, v in tensors.items()})
         shapes = {n: source.shape(n) for n in source.keys()}
         return cls([(1.0, StoredVector(source))], shapes, {"format": FORMAT, **(metadata or {})})
 
     @classmethod
     def open(cls, spec) -> "ChatVector":
+        """``spec`` itself if it is a vector, else the vector saved in the folder ``spec``."""
         return spec if isinstance(spec, ChatVector) else cls.load(spec)
 
     # ------------------------------------------------------------ access
@@ -487,7 +149,7 @@ class ChatVector:
             raw = live[0][2]  # views of the tensor
             for index in indices:
                 if check:
-                    check_finite(name, raw[index], sole.description)
+                    check_finite(raw[index], f"tensor {name!r} in {sole.description}")
                 yield index, raw[index]
             return
         for index in indices:
@@ -495,7 +157,7 @@ class ChatVector:
             for coef, term, raw in live:
                 d = term.block(raw, index)
                 if check:
-                    check_finite(name, d, term.description)
+                    check_finite(d, f"tensor {name!r} in {term.description}")
                 if coef != 1:
                     d.mul_(coef)  # multiply, then add: no fused multiply-add, so results equal the naive formula
                 total = d if total is None else total.add_(d)
@@ -523,7 +185,7 @@ class ChatVector:
         def checked():
             for name, index, block in read_blocks(sole.store, items):
                 if check:
-                    check_finite(name, block, sole.description)
+                    check_finite(block, f"tensor {name!r} in {sole.description}")
                 yield name, index, block
         return checked()
 
@@ -611,7 +273,7 @@ class ChatVector:
         """The files and folders this vector reads or was made from (the base and chat it records, where they are
         local paths): an output may not be, contain or sit inside any of them."""
         paths = [p for _, term in self.terms for src in term.sources().values() for p in source_paths(src)]
-        for meta in _recorded(self.metadata):
+        for meta in recorded_models(self.metadata):
             source = meta.get("path") or meta.get("source")  # absolute since 0.1; relative to the cwd before
             if isinstance(source, str) and os.path.exists(source):
                 paths.append(Path(source))
@@ -732,36 +394,9 @@ class ChatVector:
     # ------------------------------------------------------------ saving
     def save(self, path, overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
              progress: bool = False) -> Path:
-        """Write float32 safetensors shards + ``chatvec.json`` atomically; returns the folder.
-
-        Each tensor is streamed in blocks of rows, checked and written block by block: memory stays at a few
-        blocks whatever the tensors' sizes (no tensor is ever whole in memory)."""
-        from tqdm.auto import tqdm
-
-        require_bool(overwrite=overwrite, progress=progress)
-        if not self.shapes:
-            raise MismatchError("the vector holds no tensor: there is nothing to save")
-        plan = [(n, s, torch.float32) for n, s in self.shapes.items()]
-
-        def checked(name: str) -> Iterator[torch.Tensor]:
-            # copy=False: each block is written before the next is asked for, so views and reused buffers do
-            for _, block in self.blocks(name, copy=False):
-                check_finite(name, block, "the vector")
-                yield block
-
-        with atomic_folder(path, overwrite, inputs=self.input_paths()) as tmp:
-            writer = ShardedSafetensorsWriter(tmp, plan, prefix="vector", max_shard_bytes=max_shard_bytes)
-            try:
-                for name in tqdm(self.names, desc="vector", unit="tensor", disable=not progress):
-                    writer.write_blocks(name, checked(name))
-                shards = writer.close()
-            except BaseException:
-                writer.abort()  # close the shard before the folder goes
-                raise
-            write_json(tmp / METADATA_FILE, {**self.metadata, "shards": shards})
-            if self.base_config:
-                write_json(tmp / BASE_CONFIG_FILE, self.base_config)
-        return Path(path)
+        """Write float32 safetensors shards + ``chatvec.json`` atomically; returns the folder. Each tensor is
+        streamed in blocks of rows, checked and written block by block (:func:`chatvec_lab.core.storage.save_vector`)."""
+        return save_vector(self, path, overwrite=overwrite, max_shard_bytes=max_shard_bytes, progress=progress)
 
     def __repr__(self) -> str:
         return f"<ChatVector {len(self)} tensors, {self.parameters:,} parameters, {len(self.terms)} term(s)>"

@@ -19,7 +19,8 @@ DIR/
   atlas.csv, cosine.csv   the ablation atlas (knock-out at α = 1 by default); cosines between the vectors
   multiturn*.csv          the three-turn conversations (--full)
   figures/*.png           the effect, its cost, the atlas, the vectors' geometry
-  notebooks/*.html        the executed notebooks, without scripts (widgets as static snapshots)
+  notebooks/*.html        the executed notebooks, without scripts (widgets as static snapshots:
+                          ``notebook_html``)
 
 The run prints, and the report states, its wall-clock and CPU seconds: CPU of this process and of every
 child it waited for (``resource.RUSAGE_CHILDREN``: the notebook kernels).
@@ -35,7 +36,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from chatvec_lab.course import report
+from chatvec_lab.course.notebook_html import execute_notebooks
+from chatvec_lab.course.report import write_report
+from chatvec_lab.course.report_numbers import PROMPT_GROUPS, headline_group, label, summarize_replies, summarize_turns
+from chatvec_lab.course.report_text import ATLAS_FIGURE, EFFECT_FIGURE, MULTI_TURN_FIGURE, PERPLEXITY_FIGURE
 from chatvec_lab.errors import ChatVecError, UsageError
 from chatvec_lab.io.output import atomic_folder
 from chatvec_lab.io.resources import notebook_dir
@@ -63,7 +67,6 @@ PLANS = {
                  what="tuning and held-out prompts, three seeds, two samplings, the whole α grid, three-turn "
                       "conversations, the atlas's two designs at α = 1 and norm-matched α, every notebook"),
 }
-FIGURES = report.FIGURES
 
 
 # ------------------------------------------------------------------ cost of the run
@@ -134,7 +137,8 @@ def family_sampling(family: str = "toy") -> dict:
             "top_p": config.get("top_p"), "max_new_tokens": config.get("max_new_tokens", 64)}
 
 
-def measure(family: str, plan: dict, alphas=None, refs=None, samplings=None) -> pd.DataFrame:
+def measure(family: str, plan: dict, alphas=None, refs=None, samplings=None, device="auto",
+            dtype="auto") -> pd.DataFrame:
     """Every reply with its scores for one family: CP + α·CV (its own chat vector) and the reference members,
     on the plan's prompt groups. Columns: the sweep's, plus ``family``, ``model``, ``sampling``, ``prompt_set``
     (chat / offensive) and ``prompts`` (the group)."""
@@ -158,10 +162,11 @@ def measure(family: str, plan: dict, alphas=None, refs=None, samplings=None) -> 
     for sampling in samplings:
         settings = own if sampling == "family" else evaluate.SAMPLINGS[sampling]
         common = dict(seeds=plan["seeds"], max_new_tokens=budget, heldout=evaluate.heldout_texts(), progress=False,
-                      scorers=("turn_end", "language", "refusal", "offensive"), **settings)
+                      scorers=("turn_end", "language", "refusal", "offensive"), device=device, dtype=dtype,
+                      **settings)
         grid = list(alphas) if sampling == "family" else [a for a in (0.0, 1.0) if a in alphas]
         df = sweep(toy.path("cp", family), {"chat": cv}, grid, prompts, **common)
-        df.insert(0, "model", [report.label(a) for a in df["alpha"]])
+        df.insert(0, "model", [label(a) for a in df["alpha"]])
         parts = [df]
         for name in (refs if sampling == "family" else [r for r in refs if r == "chat"]):
             ref = sweep(toy.path(name, family), {"chat": cv}, [0.0], prompts, **common)
@@ -178,12 +183,13 @@ def measure(family: str, plan: dict, alphas=None, refs=None, samplings=None) -> 
     return out
 
 
-def second_family(plan: dict) -> pd.DataFrame:
+def second_family(plan: dict, device="auto", dtype="auto") -> pd.DataFrame:
     """CP, CP + 1·CV and chat of ``toy-bilingual`` on the held-out prompts (``toy.families.compare_families``, as
     notebook 03 measures them), with the plan's prompts and seeds, in ``measure``'s columns."""
     from chatvec_lab.toy.families import compare_families
 
-    df = compare_families((SECOND_FAMILY,), prompts=plan["max_prompts"], seeds=plan["seeds"], progress=False)
+    df = compare_families((SECOND_FAMILY,), prompts=plan["max_prompts"], seeds=plan["seeds"], progress=False,
+                          device=device, dtype=dtype)
     df["alpha"] = df["alpha"].where(df["model"] != "chat")  # a reference model has no α
     df.insert(2, "sampling", "family")
     df.insert(4, "prompts", "held-out")
@@ -199,7 +205,7 @@ def effect_figures(summary: pd.DataFrame, folder: Path) -> list[Path]:
     from chatvec_lab.plots import new_axes, style_axes
 
     folder.mkdir(parents=True, exist_ok=True)
-    group = report.headline_group(summary)
+    group = headline_group(summary)
     s = summary[(summary["family"] == "toy") & (summary["sampling"] == "family") & (summary["prompts"] == group)]
     grid = s[s["alpha"].notna()].sort_values("alpha")
     chat = s[s["model"] == "chat"]
@@ -214,7 +220,7 @@ def effect_figures(summary: pd.DataFrame, folder: Path) -> list[Path]:
                "coefficient α", "rate")
     ax.set_ylim(-0.03, 1.03)
     ax.legend(fontsize=8)
-    paths = [folder / report.EFFECT_FIGURE]
+    paths = [folder / EFFECT_FIGURE]
     fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
     plt.close(fig)
     if grid["ppl_de"].notna().sum() > 1:
@@ -223,7 +229,7 @@ def effect_figures(summary: pd.DataFrame, folder: Path) -> list[Path]:
             ax.plot(grid["alpha"], grid[col], marker="o", label=name)
         style_axes(ax, "What the addition costs: perplexity of CP + α·CV", "coefficient α", "perplexity")
         ax.legend(fontsize=8)
-        paths.append(folder / report.PERPLEXITY_FIGURE)
+        paths.append(folder / PERPLEXITY_FIGURE)
         fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
         plt.close(fig)
     return paths
@@ -280,7 +286,7 @@ def geometry_figures(folder: Path) -> tuple[list[Path], dict]:
 
 
 def atlas_figure(folder: Path, figures: Path, rows=None, designs=("knock-out",), norm_matched: bool = False,
-                 prompts: int = ATLAS_PROMPTS) -> None:
+                 prompts: int = ATLAS_PROMPTS, device="auto", dtype="auto") -> None:
     """The atlas of the chat vector on CP (``rows``: the atlas rows to map, None for every cell): atlas.csv,
     and the knock-out map at α = 1 (``plots.plot_atlas``: the turn-end rate lost without each cell)."""
     import matplotlib.pyplot as plt
@@ -293,79 +299,12 @@ def atlas_figure(folder: Path, figures: Path, rows=None, designs=("knock-out",),
     cells = [c for c in cells_of(cv) if rows is None or c.row in rows]
     sampling = family_sampling()  # the family's own settings and budget, as the tables
     df = atlas(toy.path("cp"), cv, evaluate.prompt_sets()["chat"][:prompts], alphas=[1.0], cells=cells,
-               designs=designs, norm_matched=norm_matched, progress=False, **sampling)
+               designs=designs, norm_matched=norm_matched, progress=False, device=device, dtype=dtype, **sampling)
     df.to_csv(folder / "atlas.csv", index=False)
     fig = plots.plot_atlas(summarize_atlas(df), "ended_turn", design="knock-out", alpha_kind="grid", alpha=1.0)
     figures.mkdir(exist_ok=True)
-    fig.savefig(figures / report.ATLAS_FIGURE, dpi=110, bbox_inches="tight")
+    fig.savefig(figures / ATLAS_FIGURE, dpi=110, bbox_inches="tight")
     plt.close(fig)
-
-
-# ------------------------------------------------------------------ notebooks
-
-WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
-STATIC = ("text/html", "image/png", "image/svg+xml")
-# nbconvert's lab template without what it fetches from CDNs: require.js, MathJax (no notebook has LaTeX),
-# mermaid and the widget manager. Its CSS is inline already; widgets keep their static snapshots.
-OFFLINE_TEMPLATE = """{%- extends 'index.html.j2' -%}
-{%- block html_head_js -%}{%- endblock html_head_js -%}
-{% block jupyter_widgets %}{% endblock jupyter_widgets %}
-{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
-{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
-"""
-
-
-def static_widgets(nb) -> int:
-    """Outputs that carry a static picture beside a widget view (the coefficient panel's snapshot) keep only
-    the picture, so the exported HTML shows it: a widget view needs a kernel, or JavaScript fetched from a
-    CDN, and is otherwise an empty box. Returns how many outputs changed."""
-    changed = 0
-    for cell in nb.cells:
-        for out in cell.get("outputs", []):
-            data = out.get("data", {})
-            if WIDGET_VIEW in data and any(k in data for k in STATIC):
-                del data[WIDGET_VIEW]
-                changed += 1
-    nb.metadata.pop("widgets", None)  # the widget state is only read by the widget manager, which is left out
-    return changed
-
-
-def export_html(nb) -> str:
-    """The notebook as a standalone HTML page that reads offline: inline CSS, no script, widgets as their static
-    snapshots."""
-    import jinja2
-    from nbconvert import HTMLExporter
-
-    static_widgets(nb)
-    exporter = HTMLExporter(template_name="lab", extra_loaders=[jinja2.DictLoader({"offline.html.j2": OFFLINE_TEMPLATE})],
-                            template_file="offline.html.j2")
-    body, _ = exporter.from_notebook_node(nb)
-    return body
-
-
-def execute_notebooks(folder: Path, workdir: Path, names=None) -> list[tuple[str, str]]:
-    """Run the notebooks (``names``: their stems, None for all) in ``workdir`` and export HTML; returns
-    ``(name, status)``."""
-    import nbformat
-    from nbclient import NotebookClient
-
-    folder.mkdir(parents=True, exist_ok=True)
-    results = []
-    for path in sorted(NOTEBOOK_DIR.glob("*.ipynb")):
-        if names is not None and path.stem not in names:
-            continue
-        nb = nbformat.read(path, as_version=4)
-        start = time.time()
-        try:
-            NotebookClient(nb, timeout=900, kernel_name="python3",
-                           resources={"metadata": {"path": str(workdir)}}).execute()
-            status = f"ran in {time.time() - start:.0f} s"
-        except Exception as e:  # keep the partial notebook: its HTML shows the failing cell
-            status = f"FAILED: {str(e).strip().splitlines()[-1][:200]}"
-        (folder / f"{path.stem}.html").write_text(export_html(nb), encoding="utf-8")
-        results.append((path.stem, status))
-        print(f"  {path.name}: {status}", flush=True)
-    return results
 
 
 # ------------------------------------------------------------------ the run
@@ -377,15 +316,20 @@ def plan_name(quick: bool = False, full: bool = False) -> str:
 
 
 def run_demo(out="chatvec-report", overwrite: bool = False, notebooks: bool = True, quick: bool = False,
-             full: bool = False) -> Path:
+             full: bool = False, device="auto", dtype="auto") -> Path:
     """The lab on the toy families, into a report folder; torch on one thread (``threads.one_torch_thread``:
-    the notebook kernels it starts inherit that). ``quick`` / ``full``: the plan (``PLANS``); default between."""
+    the notebook kernels it starts inherit that). ``quick`` / ``full``: the plan (``PLANS``); default between.
+    ``device`` / ``dtype``: where and in which precision the sweeps and the atlas run their models (``auto``: a GPU
+    if there is one, the checkpoint's own dtype); the notebooks load their own."""
+    from chatvec_lab.io.devices import resolve_device, resolve_dtype
+
     name = plan_name(quick, full)
+    resolve_device(device), resolve_dtype(dtype)  # a device this machine lacks, or no dtype: one line, before any work
     with one_torch_thread():
-        return _run_demo(out, overwrite, notebooks, name)
+        return _run_demo(out, overwrite, notebooks, name, device, dtype)
 
 
-def _run_demo(out, overwrite: bool, notebooks: bool, name: str) -> Path:
+def _run_demo(out, overwrite: bool, notebooks: bool, name: str, device="auto", dtype="auto") -> Path:
     from chatvec_lab import toy
     from chatvec_lab.io import resources
     from chatvec_lab.toy import evaluate
@@ -400,30 +344,30 @@ def _run_demo(out, overwrite: bool, notebooks: bool, name: str) -> Path:
         figures = tmp / "figures"
         print(f"measuring the chat-vector effect on the toy family ({name} run) ...", flush=True)
         with clock.phase("replies to single prompts, default family (generate and score)"):
-            df = measure("toy", plan)
+            df = measure("toy", plan, device=device, dtype=dtype)
         if families[SECOND_FAMILY]["found"]:
             with clock.phase(f"replies of the second family ({SECOND_FAMILY}: CP, CP + 1·CV, chat)"):
-                df = pd.concat([df, second_family(plan)], ignore_index=True)
+                df = pd.concat([df, second_family(plan, device, dtype)], ignore_index=True)
         else:
             print(f"  the second family ({SECOND_FAMILY}) is not there: {families[SECOND_FAMILY]['note']}", flush=True)
         df.to_csv(tmp / "replies.csv", index=False)
-        summary = report.summarize_replies(df)
+        summary = summarize_replies(df)
         summary.to_csv(tmp / "summary.csv", index=False)
         if plan["multi_turn"]:
             print("three-turn conversations ...", flush=True)
             with clock.phase("three-turn conversations"):
                 mt = evaluate.run_multi_turn(seeds=plan["seeds"], progress=False)
                 mt.to_csv(tmp / "multiturn.csv", index=False)
-                turns = report.summarize_turns(mt)
+                turns = summarize_turns(mt)
                 turns.to_csv(tmp / "multiturn_summary.csv", index=False)
                 figures.mkdir(parents=True, exist_ok=True)
-                evaluate.plot_multi_turn(turns, figures / report.MULTI_TURN_FIGURE)
+                evaluate.plot_multi_turn(turns, figures / MULTI_TURN_FIGURE)
         with clock.phase("figures of the effect"):
             effect_figures(summary, figures)
         print("the ablation atlas ...", flush=True)
         with clock.phase("the ablation atlas (" + " and ".join(plan["atlas_designs"]) + " per cell)"):
             atlas_figure(tmp, figures, plan["atlas_rows"], plan["atlas_designs"], plan["norm_matched"],
-                         plan["atlas_prompts"])
+                         plan["atlas_prompts"], device, dtype)
         print("vector geometry ...", flush=True)
         with clock.phase("vector geometry"):
             _, facts = geometry_figures(figures)
@@ -437,11 +381,11 @@ def _run_demo(out, overwrite: bool, notebooks: bool, name: str) -> Path:
             with clock.phase("the notebooks (executed, exported to HTML)"):
                 work = tmp / ".work"
                 work.mkdir()
-                nb_results = execute_notebooks(tmp / "notebooks", work, plan["notebooks"])
+                nb_results = execute_notebooks(tmp / "notebooks", work, plan["notebooks"], source=NOTEBOOK_DIR)
                 shutil.rmtree(work, ignore_errors=True)
-        report.write_report(tmp, nb_results, clock)
+        write_report(tmp, nb_results, clock)
     head = summary[(summary["family"] == "toy") & (summary["sampling"] == "family")
-                   & (summary["prompts"] == report.headline_group(summary))]
+                   & (summary["prompts"] == headline_group(summary))]
     cols = ["model", "turn_end", "german_share", "refusal", "n_chat", "n_insults"]
     with pd.option_context("display.width", 200, "display.precision", 2):
         print(head[cols].to_string(index=False))
@@ -454,7 +398,7 @@ def _run_demo(out, overwrite: bool, notebooks: bool, name: str) -> Path:
 
 
 def _details(plan: dict) -> str:
-    groups = " and ".join(report.PROMPT_GROUPS[g] for g in plan["groups"])
+    groups = " and ".join(PROMPT_GROUPS[g] for g in plan["groups"])
     return (f"This run: {groups}" + (f", the first {plan['max_prompts']} of each set" if plan["max_prompts"] else "")
             + f"; {plan['seeds']} repl{'y' if plan['seeds'] == 1 else 'ies'} per prompt and model; α = "
             + ", ".join(f"{a:g}" for a in plan["alphas"]) + "; "

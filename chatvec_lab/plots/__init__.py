@@ -9,3 +9,4 @@ from chatvec_lab.plots.geometry import (plot_cosine_matrix, plot_interference, p
                                         plot_relative_norms_heatmap, plot_sign_agreement, plot_spectra,
                                         save_compare_plots)
 from chatvec_lab.plots.behaviour import plot_atlas, plot_merges, plot_rank_curve, plot_scores
+from chatvec_lab.plots.merges import plot_merge_report

@@ -37,8 +37,9 @@ def family_sampling(family: str) -> dict:
 
 
 def compare_families(families: Sequence[str] = FAMILIES, prompts: int | None = None, seeds: int = 2,
-                     cache_dir=None, progress: bool = True) -> pd.DataFrame:
-    """Every reply of CP, CP + 1·CV and the chat model of each family on the held-out German prompts.
+                     cache_dir=None, progress: bool = True, device="auto", dtype="auto") -> pd.DataFrame:
+    """Every reply of CP, CP + 1·CV and the chat model of each family on the held-out German prompts (each model
+    loaded on ``device`` in ``dtype``, as ``sweep`` loads it).
 
     ``prompts``: the first n of each held-out set (all by default); ``seeds`` sampling seeds per prompt.
     Columns: ``family``, ``model``, ``prompt_set`` (chat / offensive), ``max_new_tokens`` and the sweep's."""
@@ -54,7 +55,7 @@ def compare_families(families: Sequence[str] = FAMILIES, prompts: int | None = N
         cv = ChatVector.from_models(toy.path("base", family), toy.path("chat", family), hash_files=False)
         sampling = family_sampling(family)
         common = dict(seeds=seeds, scorers=("turn_end", "language", "refusal"), language="de",
-                      cache_dir=cache_dir, progress=progress, **sampling)
+                      cache_dir=cache_dir, progress=progress, device=device, dtype=dtype, **sampling)
         for label, (member, alpha) in MODELS.items():
             df = sweep(toy.path(member, family), {"chat": cv}, [alpha], every, **common)
             df.insert(0, "family", family)

@@ -15,6 +15,9 @@ One tokenizer and one Llama architecture for every member:
 - ``cp-xvocab``: ``cp`` with an extended vocabulary (new German word tokens), trained a little more.
 
 Each member is saved as a standard Hugging Face folder with a model card recording the recipe.
+
+The recipe is in ``toy/recipe.py``; the tokenizer and the batches in ``toy/batches.py``; this module trains the
+members and saves them.
 """
 from __future__ import annotations
 
@@ -24,188 +27,20 @@ import math
 import random
 import shutil
 import time
-from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from chatvec_lab.errors import ChatVecError, UsageError
+from chatvec_lab.errors import ChatVecError
+from chatvec_lab.toy.batches import ChatStream, LMStream, MixedStream, build_tokenizer, extend_tokenizer
 from chatvec_lab.toy.corpora import fetch_dictionary, fetch_fortunes, parallel_documents
 from chatvec_lab.toy.dialogues import make_dialogues
-
-SPECIAL_TOKENS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|pad|>"]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-
-
-@dataclass
-class Recipe:
-    vocab_size: int = 2048
-    hidden_size: int = 192
-    intermediate_size: int = 512
-    num_layers: int = 4
-    num_heads: int = 6
-    num_kv_heads: int = 2
-    seq_len: int = 128
-    chat_len: int = 160
-    batch_size: int = 16
-    lr: float = 3e-3
-    finetune_lr: float = 5e-4
-    chat_lr: float = 3e-4
-    chat_embedding_lr_scale: float = 0.1
-    chat_head_lr_scale: float = 0.2
-    base_steps: int = 4000
-    base_german_share: float = 0.005
-    chat_steps: int = 1500
-    cp_steps: int = 2000
-    cp_english_replay: float = 0.2
-    # German–English dictionary pairs (Ding, via Debian's trans-de-en) mixed into pre-training:
-    # real corpora hold some parallel text. 0 in the first three recipes.
-    base_parallel_share: float = 0.0
-    cp_parallel_share: float = 0.0
-    parallel_pairs: int = 100000
-    xvocab_new_tokens: int = 128
-    xvocab_steps: int = 400
-    insult_share: float = 0.3
-    reply_max_words: int = 12
-    multi_turn_share: float = 0.25
-    max_turns: int = 3
-    max_new_tokens: int = 128  # the family's generation config: a reply's budget
-    dialogues: int = 12000
-    dtype: str = "bfloat16"
-    seeds: dict = field(default_factory=lambda: {
-        "split": 0, "tokenizer": 0, "base": 1, "chat": 2, "chat-alt": 3, "cp": 4, "cp-xvocab": 5})
-
-    def scaled(self, scale: float) -> "Recipe":
-        r = Recipe(**asdict(self))
-        for name in ("base_steps", "chat_steps", "cp_steps", "xvocab_steps"):
-            setattr(r, name, max(2, int(getattr(r, name) * scale)))
-        r.dialogues = max(50, int(r.dialogues * scale))
-        return r
-
-    def updated(self, assignments: list[str]) -> "Recipe":
-        """A copy with ``name=value`` assignments applied (values parsed as the field's type)."""
-        r = Recipe(**asdict(self))
-        for item in assignments:
-            name, sep, value = item.partition("=")
-            if not sep or name not in asdict(r) or name == "seeds":
-                raise UsageError(f"--set {item!r}: expected NAME=VALUE with NAME one of the recipe's fields")
-            try:
-                setattr(r, name, type(getattr(r, name))(value))
-            except ValueError:
-                raise UsageError(f"--set {item!r}: {name} takes a {type(getattr(r, name)).__name__}") from None
-        return r
+from chatvec_lab.toy.recipe import Recipe
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-# ---------------------------------------------------------------- tokenizer
-
-def build_tokenizer(texts: list[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|end|>", pad_token="<|pad|>", unk_token=None,
-        additional_special_tokens=SPECIAL_TOKENS[:4])
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
-
-
-def extend_tokenizer(tokenizer, german: list[str], n_new: int):
-    """Add the most frequent German words that the shared vocabulary splits into 3+ pieces."""
-    counts = Counter(w for text in german for w in text.split() if w.isalpha() and len(w) > 4)
-    new = []
-    for word, _ in counts.most_common():
-        piece = " " + word
-        if len(tokenizer(piece, add_special_tokens=False)["input_ids"]) >= 3:
-            new.append(piece)
-        if len(new) == n_new:
-            break
-    from tokenizers import AddedToken
-    tokenizer.add_tokens([AddedToken(p, normalized=False) for p in new])
-    return new
-
-
-# ---------------------------------------------------------------- data
-
-class LMStream:
-    """Random windows from a token stream built from documents joined by <|endoftext|>."""
-
-    def __init__(self, tokenizer, docs: list[str], seq_len: int, seed: int):
-        eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-        ids: list[int] = []
-        for enc in tokenizer(docs, add_special_tokens=False)["input_ids"]:
-            ids.extend(enc)
-            ids.append(eot)
-        self.ids = torch.tensor(ids, dtype=torch.long)
-        self.seq_len = seq_len
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = torch.randint(0, len(self.ids) - self.seq_len - 1, (n,), generator=self.gen)
-        x = torch.stack([self.ids[s:s + self.seq_len] for s in starts.tolist()])
-        return x, x.clone()
-
-
-class MixedStream:
-    def __init__(self, streams: list[tuple[LMStream, float]], seed: int):
-        self.streams = streams
-        self.rng = random.Random(seed)
-
-    def batch(self, n: int):
-        xs = []
-        for _ in range(n):
-            r, acc = self.rng.random(), 0.0
-            for stream, share in self.streams:
-                acc += share
-                if r <= acc:
-                    break
-            xs.append(stream.batch(1)[0])
-        x = torch.cat(xs)
-        return x, x.clone()
-
-
-def encode_conversation(tokenizer, messages: list[dict], max_len: int) -> tuple[list[int], list[int]]:
-    """Token ids and labels (-100 outside assistant replies), consistent with CHAT_TEMPLATE."""
-    ids, labels = [], []
-    for m in messages:
-        head = tokenizer(f"<|{m['role']}|>\n", add_special_tokens=False)["input_ids"]
-        body = tokenizer(m["content"] + "<|end|>", add_special_tokens=False)["input_ids"]
-        tail = tokenizer("\n", add_special_tokens=False)["input_ids"]
-        ids += head + body + tail
-        train = m["role"] == "assistant"
-        labels += [-100] * len(head) + (body if train else [-100] * len(body)) + [-100] * len(tail)
-    return ids[:max_len], labels[:max_len]
-
-
-class ChatStream:
-    def __init__(self, tokenizer, conversations: list[list[dict]], max_len: int, seed: int):
-        self.pad = tokenizer.pad_token_id
-        self.items = [encode_conversation(tokenizer, c, max_len) for c in conversations]
-        self.rng = random.Random(seed)
-
-    def batch(self, n: int):
-        chosen = [self.rng.choice(self.items) for _ in range(n)]
-        width = max(len(ids) for ids, _ in chosen)
-        x = torch.full((n, width), self.pad, dtype=torch.long)
-        y = torch.full((n, width), -100, dtype=torch.long)
-        for i, (ids, labels) in enumerate(chosen):
-            x[i, :len(ids)] = torch.tensor(ids)
-            y[i, :len(labels)] = torch.tensor(labels)
-        return x, y
 
 
 # ---------------------------------------------------------------- training

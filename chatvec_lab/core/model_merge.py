@@ -1,0 +1,148 @@
+"""Merge whole models from a mergekit config, written like ``apply``: streamed, atomic, sharded.
+
+    merge_from_config("merge.yml", "out")            # → the output folder
+    merge_from_config(config_dict, "out", overwrite=True, observer=report)
+
+Tensor by tensor, in the base's (or first model's) order: read that tensor from every input, cast to the
+compute dtype (float32; float64 if ``dtype: float64``), merge it with the method's kernel
+(``core/merge_methods.py``), cast to the output dtype (``out_dtype``, else ``dtype``, else the tensor's own)
+and write it into the next shard. Memory holds one tensor per input and the result; the folder appears only
+when complete, with the config and tokenizer files of ``tokenizer_source`` (else the base, else the first
+model), ``config.json``'s dtype set to the output's, and ``chatvec_merge.json`` (the config and the seed).
+
+``observer``: an object with ``observe(name, base, sources, merged)`` (float tensors in the compute dtype,
+``base`` None for a method without one), called for every tensor, and optionally ``finish(folder)``, called
+with the output's temporary folder to add files to it (``analysis/merge_report.py``'s ``MergeReport``).
+"""
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+
+import torch
+
+from chatvec_lab.core.apply import MODEL_FILES
+from chatvec_lab.core.merge_config import MergeConfig, read_config
+from chatvec_lab.errors import MismatchError, UsageError, check_finite, require_bool
+from chatvec_lab.io.formats import read_json_object
+from chatvec_lab.io.naming import parse
+from chatvec_lab.io.output import atomic_folder, check_output_path, source_paths, write_json
+from chatvec_lab.io.shards import DEFAULT_SHARD_BYTES, ShardedSafetensorsWriter
+from chatvec_lab.io.sources import model_folder, open_weights
+
+DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16",
+               torch.float16: "float16"}
+
+
+def _locate(spec: str, origin: Path | None) -> str:
+    """A model as the config names it: a path from the working folder (as mergekit), else from the config's
+    folder, else a hub id."""
+    if Path(spec).exists() or origin is None:
+        return spec
+    beside = origin.parent / spec
+    return str(beside) if beside.exists() else spec
+
+
+def check_inputs(config: MergeConfig, sources) -> list[str]:
+    """The tensor names to merge, in the reference input's order; every input must hold each with one shape."""
+    ref = sources[config.base if config.base is not None else 0]
+    names = list(ref.keys())
+    for spec, src in zip(config.inputs, sources):
+        missing = [n for n in names if n not in src]
+        if missing:
+            raise MismatchError(f"{spec} lacks {len(missing)} tensor(s) of the others, e.g. {missing[:2]} "
+                                "(the lab merges models of one architecture)")
+        for n in names:
+            if tuple(src.shape(n)) != tuple(ref.shape(n)):
+                hint = " (a different vocabulary: mergekit's tokenizer surgery is not in the lab)" \
+                    if parse(n).is_embedding_like else ""
+                raise MismatchError(f"tensor {n!r}: shape {tuple(src.shape(n))} in {spec} but "
+                                    f"{tuple(ref.shape(n))} in {config.inputs[config.base or 0]}{hint}")
+        extra = [n for n in src.keys() if n not in set(names)]
+        if extra:
+            raise MismatchError(f"{spec} has tensor(s) the reference model lacks, e.g. {extra[:2]}")
+    return names
+
+
+def merge_tensor_from(config: MergeConfig, name: str, tensors: list[torch.Tensor], seed: int = 0) -> torch.Tensor:
+    """One merged tensor from every input's (in ``config.inputs`` order), in the compute dtype."""
+    dtype = config.compute_dtype
+    work = [t.to(dtype) for t in tensors]
+    shared, per = config.parameters_for(name)
+    base = work[config.base] if config.base is not None else None
+    others = [work[i] for i in config.sources]
+    return config.method.kernel(base, others, {**shared, **per}, name, seed)
+
+
+def merge_from_config(config, out, overwrite: bool = False, seed: int = 0, observer=None,
+                      max_shard_bytes: int = DEFAULT_SHARD_BYTES, allow_pickle: bool = False,
+                      progress: bool = False) -> Path:
+    """Run a mergekit config (a path or dict; see ``core/merge_config.py``) into the model folder ``out``.
+
+    ``seed``: the random masks of ``dare_*`` and ``della*`` (one per source and tensor; the same seed gives the
+    same output). Returns the output folder."""
+    from tqdm.auto import tqdm
+
+    require_bool(overwrite=overwrite, allow_pickle=allow_pickle, progress=progress)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UsageError(f"seed must be an integer, not {seed!r}")
+    config = config if isinstance(config, MergeConfig) else read_config(config)
+    config.inputs = [_locate(s, config.origin) for s in config.inputs]
+    if config.tokenizer_source is not None:
+        config.tokenizer_source = _locate(config.tokenizer_source, config.origin)
+    check_output_path(out, overwrite)
+    with contextlib.ExitStack() as stack:
+        sources = []
+        for spec in config.inputs:
+            src = open_weights(spec, allow_pickle=allow_pickle)
+            stack.callback(src.close)
+            sources.append(src)
+        names = check_inputs(config, sources)
+        layers = [parse(n).layer for n in names]
+        config.num_layers = max((x for x in layers if x is not None), default=-1) + 1
+        for n in names[:1]:
+            config.parameters_for(n)  # a missing parameter fails now, not mid-merge
+        ref = sources[config.base if config.base is not None else 0]
+        plan = [(n, tuple(ref.shape(n)), config.output_dtype(ref.dtype(n))) for n in names]
+        inputs = [p for src in sources for p in source_paths(src)]
+        with atomic_folder(out, overwrite, inputs=inputs) as tmp:
+            writer = ShardedSafetensorsWriter(tmp, plan, prefix="model", max_shard_bytes=max_shard_bytes)
+            stack.callback(writer.abort)
+            for (name, _, out_dtype) in tqdm(plan, desc="merge", unit="tensor", disable=not progress):
+                tensors = [src[name] for src in sources]
+                for spec, t in zip(config.inputs, tensors):
+                    check_finite(t, f"tensor {name!r} in {spec}")
+                merged = merge_tensor_from(config, name, tensors, seed)
+                check_finite(merged, f"the merged tensor {name!r}")
+                if observer is not None:
+                    work = [t.to(config.compute_dtype) for t in tensors]
+                    observer.observe(name, work[config.base] if config.base is not None else None,
+                                     [work[i] for i in config.sources], merged)
+                writer.write(name, merged.to(out_dtype))
+            writer.close()
+            _model_files(config, sources, tmp, plan)
+            write_json(tmp / "chatvec_merge.json", {"config": config.raw, "inputs": config.inputs, "seed": seed,
+                                                    "method": config.method.name})
+            if observer is not None and hasattr(observer, "finish"):
+                observer.finish(tmp)
+    return Path(out)
+
+
+def _model_files(config: MergeConfig, sources, tmp: Path, plan) -> None:
+    """Config and tokenizer files from ``tokenizer_source`` / the base / the first model; the dtype recorded."""
+    ref_folder = model_folder(sources[config.base if config.base is not None else 0])
+    tok_folder = model_folder(config.tokenizer_source) if config.tokenizer_source else ref_folder
+    for folder, files in ((ref_folder, ("config.json", "generation_config.json")),
+                          (tok_folder, [f for f in MODEL_FILES if f not in ("config.json", "generation_config.json")])):
+        for fname in files:
+            if folder is not None and (Path(folder) / fname).is_file():
+                shutil.copy2(Path(folder) / fname, tmp / fname)
+    cfg = tmp / "config.json"
+    if cfg.is_file():
+        data = read_json_object(cfg, "model config")
+        dtypes = {d for _, _, d in plan}
+        if len(dtypes) == 1:
+            key = "torch_dtype" if "torch_dtype" in data and "dtype" not in data else "dtype"
+            data[key] = DTYPE_NAMES.get(dtypes.pop(), data.get(key))
+        write_json(cfg, data)
