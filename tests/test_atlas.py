@@ -139,3 +139,13 @@ def test_bad_coefficient_rules_are_usage_errors(cv):
             coefficient_for(info, bad)
     with pytest.raises(UsageError, match="method"):
         cv.low_rank(4, method="svd")
+
+
+@pytest.mark.parametrize("seeds", [10**20, 0, -1, 2.5, "3", True, [0, 0]])
+def test_atlas_refuses_bad_seeds_before_any_work(seeds):
+    """Review round 3 (L3): atlas(seeds=10**20) through the API ate memory; 2.5 / "3" gave bare TypeErrors."""
+    from chatvec_lab import ChatVector, toy
+    from chatvec_lab.errors import UsageError
+    cv = ChatVector.from_models(toy.path("base"), toy.path("chat"))
+    with pytest.raises(UsageError, match="seed"):
+        atlas(toy.path("cp"), cv, ["Hallo"], seeds=seeds, progress=False)

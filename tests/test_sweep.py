@@ -253,3 +253,18 @@ def test_sweep_cache_is_keyed_by_content_not_by_when_the_vector_was_built(tmp_pa
         sweep(models / "cp", build(), [0.5], PROMPTS[:2], max_new_tokens=6, cache_dir=tmp_path / "c", progress=False)
     monkeypatch.setattr(sw, "generate", real_generate)
     assert len(list((tmp_path / "c").glob("sweep-*.json"))) == 1
+
+
+def test_read_prompts_keeps_what_the_file_says(tmp_path):
+    """Review round 3: prompts split at U+2028 / form feed, a BOM, `"prompt": null`, `{` in a text file, non-UTF-8."""
+    (tmp_path / "odd.txt").write_text("\ufeffone\u2028still one\ntwo\x0cstill two\n{not json}\n", encoding="utf-8")
+    assert read_prompts(tmp_path / "odd.txt") == ["one\u2028still one", "two\x0cstill two", "{not json}"]
+    (tmp_path / "bom.jsonl").write_text("\ufeff" + json.dumps({"prompt": "a"}) + "\n", encoding="utf-8")
+    assert read_prompts(tmp_path / "bom.jsonl") == ["a"]
+    for bad in ({"prompt": None}, {"prompt": 3}, {"prompt": ["a"]}, {"prompt": " "}, ["prompt"]):
+        (tmp_path / "bad.jsonl").write_text(json.dumps(bad) + "\n")
+        with pytest.raises(ValueError, match="string 'prompt' field"):
+            read_prompts(tmp_path / "bad.jsonl")
+    (tmp_path / "latin.txt").write_bytes("Grüße\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin.txt: not UTF-8"):
+        read_prompts(tmp_path / "latin.txt")

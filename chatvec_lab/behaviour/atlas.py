@@ -32,7 +32,7 @@ from chatvec_lab.behaviour.engines import EngineSpec, TransformersEngine, load_t
 from chatvec_lab.errors import UsageError
 from chatvec_lab.analysis.intervals import estimate, metric_kind
 from chatvec_lab.behaviour.cache import CellCache, check_cache_dir, files_key, vector_key
-from chatvec_lab.behaviour.grid import CellRunner, GridCell, GridSettings, LocalExecutor, run_grid
+from chatvec_lab.behaviour.grid import CellRunner, check_seeds, GridCell, GridSettings, LocalExecutor, run_grid
 from chatvec_lab.io.naming import MODULE_ORDER, parse
 from chatvec_lab.core.plan import Cell, cell_coefficient, cell_of  # the regions live with the coefficient rules
 from chatvec_lab.io.sources import module_state, open_weights
@@ -99,7 +99,13 @@ def atlas(target, vector: ChatVector, prompts: Sequence[str], *, alphas: Sequenc
     unknown = set(designs) - set(DESIGNS)
     if unknown:
         raise UsageError(f"unknown design(s) {sorted(unknown)}: choose from {DESIGNS}")
-    alphas = [float(a) for a in alphas]
+    seed_list = check_seeds(seeds)  # a count or distinct integer seeds: one clear line before any work
+    try:
+        alphas = [float(a) for a in alphas]
+    except (TypeError, ValueError):
+        raise UsageError(f"alphas must be numbers, not {alphas!r}") from None
+    if not alphas or any(not math.isfinite(a) for a in alphas) or len(set(alphas)) != len(alphas):
+        raise UsageError(f"alphas must be distinct finite numbers, not {alphas}")
     executor = executor if executor is not None else LocalExecutor()
     local = isinstance(executor, LocalExecutor)
     if isinstance(target, torch.nn.Module):
@@ -124,7 +130,7 @@ def atlas(target, vector: ChatVector, prompts: Sequence[str], *, alphas: Sequenc
     runs = [r for r in runs if not math.isnan(r[3])]
     grid_cells = []
     for design, cell, kind, alpha in runs:
-        for seed in range(seeds):
+        for seed in seed_list:
             grid_cells.append(GridCell(len(grid_cells), (("v", alpha),), seed, perplexity=False,
                                        region=(design, cell.row if cell else None, cell.module if cell else None)))
     settings = GridSettings(tuple(prompts), tuple(scorers), max_new_tokens, language,
@@ -154,7 +160,7 @@ def atlas(target, vector: ChatVector, prompts: Sequence[str], *, alphas: Sequenc
     per_cell = len(prompts)
     if len(rows) != per_cell * len(grid_cells):  # every cell is the prompts' rows, cached or fresh
         raise RuntimeError(f"the atlas grid returned {len(rows)} rows for {len(grid_cells)} cells × {per_cell} prompts")
-    for gc, (design, cell, kind, alpha) in zip(grid_cells, (r for r in runs for _ in range(seeds))):
+    for gc, (design, cell, kind, alpha) in zip(grid_cells, (r for r in runs for _ in seed_list)):
         df = rows.iloc[gc.index * per_cell:(gc.index + 1) * per_cell].drop(columns=["alpha", "alpha_v"])
         df = df.reset_index(drop=True)
         if cell is None:

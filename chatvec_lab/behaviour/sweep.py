@@ -39,20 +39,30 @@ METRIC_LABELS = {
 
 
 def read_prompts(path) -> list[str]:
-    """One prompt a line, or JSONL with a ``prompt`` field. Blank lines are skipped."""
+    """One prompt a line (``.txt`` and others), or JSONL with a string ``prompt`` field (``.jsonl``).
+
+    Lines end at ``\n`` only (a U+2028 or form feed inside a prompt stays in it); a UTF-8 byte-order mark is
+    dropped; blank lines are skipped."""
     path = Path(path)
     if not path.is_file():
-        raise NotFound(f"prompt file {path} not found")
+        raise NotFound(f"prompt file {path} not found" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text (byte {e.start}); save the prompts as UTF-8") from None
     prompts = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(text.split("\n"), 1):
+        line = line.rstrip("\r")
         if not line.strip():
             continue
-        if path.suffix == ".jsonl" or line.lstrip().startswith("{"):
+        if path.suffix == ".jsonl":
             try:
                 item = json.loads(line)
-                prompts.append(str(item["prompt"]))
-            except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: JSON nested too deeply
-                raise UsageError(f"{path}:{i}: expected a JSON object with a 'prompt' field") from None
+            except (ValueError, RecursionError):  # RecursionError: JSON nested too deeply
+                item = None
+            if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
+                raise UsageError(f"{path}:{i}: expected a JSON object with a non-empty string 'prompt' field")
+            prompts.append(item["prompt"])
         else:
             prompts.append(line.strip())
     if not prompts:
