@@ -153,3 +153,14 @@ def test_cli_atlas_checks_the_second_vector_before_any_work(tmp_path, cv, capsys
     err = capsys.readouterr().err
     assert "density" in err or "twice" in err
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_alpha_zero_rows_are_the_untouched_target_once():
+    """Review round 3 (L2): α = 0 rows were labelled as the first variant and counted once per variant."""
+    from chatvec_lab.behaviour.ablations import UNTOUCHED, compare_variants
+    cv = ChatVector.from_models(toy.path("base"), toy.path("chat"))
+    df = compare_variants(toy.path("cp"), {"a": cv, "b": cv * 0.5}, [0.0, 1.0], PROMPTS[:2], seeds=1,
+                          max_new_tokens=4, scorers=("language",), progress=False)
+    zero = df[df["alpha"] == 0]
+    assert set(zero["variant"]) == {UNTOUCHED} and len(zero) == 2
+    assert set(df[df["alpha"] == 1]["variant"]) == {"a", "b"}

@@ -25,17 +25,27 @@ MERGE_SETTINGS = {  # the defaults mergekit's examples use for two sources
 }
 
 
+UNTOUCHED = "untouched"  # the variant label of α = 0 rows: the target itself
+
+
 def compare_variants(target, variants: Mapping[str, ChatVector], alphas: Sequence[float], prompts: Sequence[str],
                      **sweep_kwargs) -> pd.DataFrame:
-    """``sweep`` over ``{label: vector}``, one variant at a time at each α; adds ``variant`` and ``alpha``."""
+    """``sweep`` over ``{label: vector}``, one variant at a time at each α; adds ``variant`` and ``alpha``.
+
+    At α = 0 every variant is the untouched target: it is run once and labelled ``UNTOUCHED`` (not counted
+    once per variant, which would label it as the first variant and multiply its replies)."""
     if not variants:
         raise UsageError("no variant to compare")
+    if UNTOUCHED in variants:
+        raise UsageError(f"{UNTOUCHED!r} labels the α = 0 rows: rename that variant")
     labels = list(variants)
-    points = [{label: float(a)} for label in labels for a in alphas]
+    alphas = [float(a) for a in alphas]
+    points = ([{label: 0.0 for label in labels}] if 0.0 in alphas else []) + \
+        [{label: a} for label in labels for a in alphas if a != 0.0]
     df = sweep(target, dict(variants), points, prompts, **sweep_kwargs)
     alpha_columns = [f"alpha_{label}" for label in labels]
     active = df[alpha_columns].ne(0)
-    df.insert(0, "variant", [labels[row.argmax()] if row.any() else labels[0] for row in active.to_numpy()])
+    df.insert(0, "variant", [labels[row.argmax()] if row.any() else UNTOUCHED for row in active.to_numpy()])
     df["alpha"] = df[alpha_columns].sum(axis=1)
     return df.drop(columns=alpha_columns)
 
@@ -50,10 +60,10 @@ def rank_curve(target, vector: ChatVector, ranks: Sequence[int], prompts: Sequen
         raise UsageError(f"ranks must be positive integers, not {ranks}")
     variants = {f"rank {r}": vector.low_rank(r, method=method) for r in ranks} | {"full": vector}
     df = compare_variants(target, variants, alphas, prompts, **sweep_kwargs)
-    rank_of = {f"rank {r}": r for r in ranks} | {"full": 0}
+    rank_of = {f"rank {r}": r for r in ranks} | {"full": 0, UNTOUCHED: -1}  # -1: no vector at all (α = 0)
     dense = 4 * vector.parameters
     df.insert(1, "rank", df["variant"].map(rank_of))
-    df.insert(2, "stored_bytes", [dense if r == 0 else vector.low_rank_bytes(r) for r in df["rank"]])
+    df.insert(2, "stored_bytes", [dense if r == 0 else 0 if r < 0 else vector.low_rank_bytes(r) for r in df["rank"]])
     return df
 
 
@@ -82,6 +92,6 @@ def summarize(df: pd.DataFrame, metrics: Sequence[str] | None = None) -> pd.Data
     keys = [k for k in ("variant", "rank", "stored_bytes", "alpha") if k in df.columns]
     out = summarize_sweep(df, metrics, by=keys)
     if "rank" in out.columns:  # the full vector (rank 0) last, the ranks in numeric order
-        out = out.assign(_order=out["rank"].replace(0, float("inf"))).sort_values(["_order", "alpha"])
+        out = out.assign(_order=out["rank"].replace(0, float("inf")).replace(-1, float("-inf"))).sort_values(["_order", "alpha"])
         out = out.drop(columns="_order").reset_index(drop=True)
     return out
