@@ -561,3 +561,27 @@ def test_merge_and_apply_leave_no_file_open(toy_vector, tmp_path, monkeypatch):
         gc.collect()
     resource_warnings = [w for w in seen if issubclass(w.category, ResourceWarning)]
     assert not leaked and not resource_warnings, (leaked, [str(w.message) for w in resource_warnings])
+
+
+def test_apply_refuses_to_truncate_an_integer_target_tensor(tmp_path):
+    """Review round 3 (D1): a float delta added to an int8 target tensor was truncated, reported as added."""
+    import os
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from chatvec_lab import ChatVector, apply_vectors, toy
+    from chatvec_lab.errors import MismatchError
+    target = tmp_path / "int8-target"
+    shutil.copytree(toy.path("cp"), target)
+    shard = next(p for p in target.iterdir() if p.suffix == ".safetensors")
+    state = load_file(shard)
+    name = next(n for n in state if "mlp.up_proj" in n)
+    state[name] = (state[name].float() * 100).to(torch.int8)
+    save_file(state, shard, metadata={"format": "pt"})
+    before = shard.read_bytes()
+    cv = ChatVector.from_models(toy.path("base"), toy.path("chat"))
+    with pytest.raises(MismatchError, match=f"{name}.*int8"):
+        apply_vectors(target, [(cv, 1.0)], out=tmp_path / "out")
+    assert not (tmp_path / "out").exists() and shard.read_bytes() == before
+    assert os.listdir(tmp_path) == ["int8-target"]

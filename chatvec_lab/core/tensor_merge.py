@@ -13,7 +13,7 @@ import torch
 from chatvec_lab.core.plan import Alpha, TensorPlan
 from chatvec_lab.core.terms import CHUNK_ELEMENTS, row_blocks
 from chatvec_lab.core.vector import ChatVector
-from chatvec_lab.errors import NonFiniteError, check_finite, count_nonfinite
+from chatvec_lab.errors import MismatchError, NonFiniteError, check_finite, count_nonfinite
 from chatvec_lab.io.paging import paged_rows
 from chatvec_lab.io.vocab import TokenRows
 
@@ -24,6 +24,10 @@ def merge_tensor(target_tensor: torch.Tensor, plan: TensorPlan, pairs: list[tupl
 
     What is written is checked: a block that is not finite in the target's dtype raises, naming the tensor and
     the cause (the target, a vector, a coefficient too large for float32, or a result past the dtype's range)."""
+    if not (target_tensor.is_floating_point() or target_tensor.is_complex()) and any(c != 0 for c in plan.coefficients):
+        raise MismatchError(f"tensor {plan.name!r}: the target stores it as {target_tensor.dtype} (quantized or "
+                            "integer); adding a float delta would truncate it. Apply to a float checkpoint "
+                            "(dequantize first), or leave the tensor out with --exclude")
     out = torch.empty_like(target_tensor)
     sources = plan.sources or [plan.name if plan.name in vec else None for vec, _ in pairs]
     active = [(coef, vec, src) for coef, (vec, _), src in zip(plan.coefficients, pairs, sources)
