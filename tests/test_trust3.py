@@ -585,3 +585,13 @@ def test_apply_refuses_to_truncate_an_integer_target_tensor(tmp_path):
         apply_vectors(target, [(cv, 1.0)], out=tmp_path / "out")
     assert not (tmp_path / "out").exists() and shard.read_bytes() == before
     assert os.listdir(tmp_path) == ["int8-target"]
+
+
+def test_errors_never_send_a_user_to_a_flag_the_command_lacks():
+    """Review round 3 (L4): info/sweep/atlas told users to pass --allow-pickle / --embeddings, which they lack."""
+    from chatvec_lab.cli import build_parser, flags_of_this_command
+    parser = build_parser()
+    for command in ("info", "sweep", "atlas"):
+        line = flags_of_this_command("pass allow_pickle=True (--allow-pickle); or [--embeddings tokens]", parser, command)
+        assert f"chatvec {command} has no --allow-pickle" in line and "chatvec apply" in line
+    assert flags_of_this_command("x (--allow-pickle)", parser, "apply") == "x (--allow-pickle)"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import os
 import signal
 import sys
@@ -40,11 +41,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def flags_of_this_command(message: str, parser, command: str) -> str:
+    """The library's messages name the flag that fixes a problem; where this command has no such flag, say so
+    (and where it lives) instead of sending the user to a flag that does not exist here."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    own = {o for a in sub[command]._actions for o in a.option_strings}
+    missing = sorted({f for f in re.findall(r"--[a-z][a-z-]*", message) if f not in own})
+    if not missing:
+        return message
+    elsewhere = sorted(name for name, p in sub.items()
+                       if name != command and all(f in {o for a in p._actions for o in a.option_strings} for f in missing))
+    where = f" (it is a flag of: {', '.join('chatvec ' + n for n in elsewhere)}; or use the Python API)" if elsewhere \
+        else " (use the Python API)"
+    return f"{message} [note: chatvec {command} has no {', '.join(missing)}{where}]"
+
+
 def main(argv=None) -> int:
     from chatvec_lab.io.output import Interrupted
 
     argv = join_negative_numbers(list(sys.argv[1:] if argv is None else argv))
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         args.func(args)
         sys.stdout.flush()
@@ -53,7 +70,8 @@ def main(argv=None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except ChatVecError as e:
-        print(f"chatvec {args.command}: error: {one_line(e)}", file=sys.stderr)
+        print(f"chatvec {args.command}: error: {flags_of_this_command(one_line(e), parser, args.command)}",
+              file=sys.stderr)
         return 2
     except (ValueError, OSError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
