@@ -149,3 +149,14 @@ def test_atlas_refuses_bad_seeds_before_any_work(seeds):
     cv = ChatVector.from_models(toy.path("base"), toy.path("chat"))
     with pytest.raises(UsageError, match="seed"):
         atlas(toy.path("cp"), cv, ["Hallo"], seeds=seeds, progress=False)
+
+
+def test_norm_matched_effects_have_their_reference_without_alpha_one():
+    """Review round 3 (D6): `--alphas 0.5` made every norm-matched effect NaN, exit 0."""
+    cv = ChatVector.from_models(toy.path("base"), toy.path("chat"))
+    cell = cells_of(cv)[0]
+    df = atlas(toy.path("cp"), cv, ["Hallo, wie geht es?"], alphas=(0.5,), cells=[cell], designs=("knock-out",),
+               max_new_tokens=4, scorers=("language",), progress=False)
+    s = summarize_atlas(df)
+    matched = s[s["alpha_kind"] == "norm-matched"]
+    assert len(matched) and matched["ended_turn_effect"].notna().all()

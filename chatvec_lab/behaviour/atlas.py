@@ -121,7 +121,10 @@ def atlas(target, vector: ChatVector, prompts: Sequence[str], *, alphas: Sequenc
     vector = ChatVector.open(vector)
     norms = cell_norms(vector, state)
     cells = list(cells) if cells is not None else cells_of(vector)
-    runs = [("target", None, "grid", 0.0)] + [("full", None, "grid", a) for a in alphas]
+    # norm-matched effects are measured against the full vector at α = 1: run that reference even when the grid
+    # lacks it (else every such effect is NaN)
+    references = alphas + ([1.0] if norm_matched and 1.0 not in alphas else [])
+    runs = [("target", None, "grid", 0.0)] + [("full", None, "grid", a) for a in references]
     for cell in cells:
         for design in designs:
             runs += [(design, cell, "grid", a) for a in alphas]
