@@ -595,3 +595,23 @@ def test_errors_never_send_a_user_to_a_flag_the_command_lacks():
         line = flags_of_this_command("pass allow_pickle=True (--allow-pickle); or [--embeddings tokens]", parser, command)
         assert f"chatvec {command} has no --allow-pickle" in line and "chatvec apply" in line
     assert flags_of_this_command("x (--allow-pickle)", parser, "apply") == "x (--allow-pickle)"
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "3", "{not json"])
+def test_a_generation_config_that_is_not_an_object_is_one_line(tmp_path, content, capsys):
+    """Review round 3 (D12): generation_config.json holding a JSON list gave a traceback and exit 1."""
+    import shutil
+
+    from chatvec_lab import toy
+    from chatvec_lab.cli import main
+    target = tmp_path / "cp"
+    shutil.copytree(toy.path("cp"), target)
+    (target / "generation_config.json").write_text(content)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hallo\n")
+    cv = tmp_path / "cv"
+    assert main(["extract", "--base", str(toy.path("base")), "--chat", str(toy.path("chat")), "-o", str(cv), "-q"]) == 0
+    code = main(["sweep", "--target", str(target), "--vector", str(cv), "--alphas", "0", "--prompts", str(prompts),
+                 "--max-new-tokens", "2", "--csv", str(tmp_path / "out.csv")])
+    err = capsys.readouterr().err
+    assert code == 2 and "generation_config.json" in err and "Traceback" not in err

@@ -24,6 +24,25 @@ from chatvec_lab.behaviour.scoring import perplexity
 from chatvec_lab.core.vector import ChatVector
 
 
+def check_json_objects(target, names) -> None:
+    """Each of ``names`` in a model folder, when present, holds one JSON object (transformers would raise a
+    traceback on a list or a number); a one-line SourceError naming the file otherwise."""
+    import json
+    from pathlib import Path
+
+    folder = Path(str(target))
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise SourceError(f"{path}: not valid JSON ({type(e).__name__})") from None
+        if not isinstance(value, dict):
+            raise SourceError(f"{path}: expected a JSON object, found a {type(value).__name__}")
+
+
 def load_target(target, device="auto", dtype="auto"):
     """A model folder or hub id → ``(model in eval mode, tokenizer)``, on ``device`` in ``dtype``.
 
@@ -36,6 +55,7 @@ def load_target(target, device="auto", dtype="auto"):
     from chatvec_lab.io.vocab import load_tokenizer
 
     where = resolve_device(device)
+    check_json_objects(target, ("config.json", "generation_config.json"))
     tokenizer = load_tokenizer(target, check_template=True)  # before the model: a bad tokenizer fails at once
     precision = resolve_dtype(dtype, target)
     try:
