@@ -268,3 +268,11 @@ def test_read_prompts_keeps_what_the_file_says(tmp_path):
     (tmp_path / "latin.txt").write_bytes("Grüße\n".encode("latin-1"))
     with pytest.raises(ValueError, match="latin.txt: not UTF-8"):
         read_prompts(tmp_path / "latin.txt")
+
+
+def test_duplicate_alphas_are_refused():
+    """Review round 3 (D20): `--alphas 1,1` pooled the same α twice as independent replies."""
+    from chatvec_lab.behaviour.sweep import check_coefficients
+    with pytest.raises(ValueError, match="given twice"):
+        check_coefficients([1.0, 1.0], ["chat"])
+    assert check_coefficients([0.0, 1.0], ["chat"]) == [{"chat": 0.0}, {"chat": 1.0}]

@@ -91,6 +91,13 @@ def check_coefficients(coefficients, names: Sequence[str]) -> list[dict[str, flo
         out.append({n: clean.get(n, 0.0) for n in names})
     if not out:
         raise UsageError("no coefficients to sweep")
+    seen = set()
+    for point in out:
+        key = tuple(point.items())
+        if key in seen:
+            raise UsageError(f"α {point} is given twice: its replies would be pooled as if independent, "
+                             "narrowing the intervals (use more seeds for more replies)")
+        seen.add(key)
     return out
 
 
