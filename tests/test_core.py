@@ -518,3 +518,15 @@ def test_large_mapped_tensors_are_paged_in_and_dropped_block_by_block(tmp_path, 
     assert torch.equal(got, chat[name] - base[name])
     streamed = [(n, b) for n, _, b in vec.stream([name], chunk=1 << 18)]
     assert torch.equal(torch.cat([b for _, b in streamed]), got)
+
+
+def test_numpy_and_torch_scalars_scale_a_vector():
+    """Review round 3 (D17): `np.float64(0.5) * vector` failed with a numpy string-dtype error."""
+    from chatvec_lab import toy
+    import numpy as np
+    cv = ChatVector.from_models(toy.path("base"), toy.path("chat"))
+    name = cv.names[0]
+    for scalar in (np.float64(0.5), np.float32(0.5), torch.tensor(0.5).item()):
+        scaled = scalar * cv
+        assert isinstance(scaled, ChatVector)
+        assert torch.equal(scaled[name], 0.5 * cv[name])

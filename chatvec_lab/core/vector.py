@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 import re
 from pathlib import Path
@@ -313,7 +314,11 @@ class ChatVector:
     def __sub__(self, other):
         return self._combine(other, -1.0)
 
+    __array_ufunc__ = None  # `np.float64(0.5) * v`: numpy defers to __rmul__ instead of making an array of v
+
     def __mul__(self, scalar):
+        if isinstance(scalar, numbers.Real) and not isinstance(scalar, bool) and hasattr(scalar, "__float__"):
+            scalar = float(scalar)  # numpy and torch scalars
         if not isinstance(scalar, (int, float)) or isinstance(scalar, bool):
             return NotImplemented
         meta = {**self.metadata, "scaled_by": scalar * self.metadata.get("scaled_by", 1.0)}
