@@ -530,3 +530,13 @@ def test_numpy_and_torch_scalars_scale_a_vector():
         scaled = scalar * cv
         assert isinstance(scaled, ChatVector)
         assert torch.equal(scaled[name], 0.5 * cv[name])
+
+
+def test_numpy_layer_indices_are_layers():
+    """Review round 3 (D22): `layers=np.arange(...)` was refused as "not integers"."""
+    import numpy as np
+
+    from chatvec_lab.core.plan import layer_filter
+    assert layer_filter(np.arange(0, 3), None, None).layers == {0, 1, 2}
+    with pytest.raises(ValueError, match="non-negative integers"):
+        layer_filter(np.array([0.5]), None, None)

@@ -8,6 +8,7 @@ vector tensor it takes its delta from, and which rows. ``coefficient_for`` turns
 """
 from __future__ import annotations
 
+import numbers
 import math
 import re
 from dataclasses import dataclass, field
@@ -59,9 +60,9 @@ def _layer_set(layers) -> set[int] | None:
         raise UsageError(f"layers {layers} holds {len(layers):,} layers; no model has more than {MAX_LAYERS:,}")
     out = set()
     for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or layer < 0:  # numpy ints welcome
             raise UsageError(f"layers must be non-negative integers, not {layer!r}")
-        out.add(layer)
+        out.add(int(layer))
         if len(out) > MAX_LAYERS:
             raise UsageError(f"layers holds more than {MAX_LAYERS:,} layers; no model has that many")
     if not out:
