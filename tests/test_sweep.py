@@ -276,3 +276,13 @@ def test_duplicate_alphas_are_refused():
     with pytest.raises(ValueError, match="given twice"):
         check_coefficients([1.0, 1.0], ["chat"])
     assert check_coefficients([0.0, 1.0], ["chat"]) == [{"chat": 0.0}, {"chat": 1.0}]
+
+
+def test_a_prompt_longer_than_the_context_is_refused():
+    """Review round 3 (D16): prompts past the model's context were generated and scored silently."""
+    from chatvec_lab.behaviour.engines import load_target
+    from chatvec_lab.behaviour.generation import generate
+    model, tokenizer = load_target(toy.path("cp"), dtype="float32")
+    long_prompt = "Hallo " * (model.config.max_position_embeddings + 10)
+    with pytest.raises(ValueError, match="prompt 2 takes .* context"):
+        generate(model, tokenizer, ["Hallo", long_prompt], max_new_tokens=4)

@@ -216,6 +216,11 @@ def generate(model, tokenizer, prompts: Sequence, *, max_new_tokens: int = 64, d
                          f"{batch_size!r}")
     conversations = [as_conversation(p) for p in prompts]
     encoded = [render(tokenizer, c, chat_template) for c in conversations]
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    longest = max(range(len(encoded)), key=lambda i: len(encoded[i]))
+    if isinstance(context, int) and len(encoded[longest]) + max_new_tokens > context:
+        raise UsageError(f"prompt {longest + 1} takes {len(encoded[longest]):,} tokens; with max_new_tokens="
+                         f"{max_new_tokens} that passes the model's context of {context:,} tokens: shorten it")
     if do_sample:  # a setting left at None is the model's own (its generation config), as for model.generate()
         temperature = _model_setting(model, "temperature", temperature, 1.0)
         top_k, top_p = _model_setting(model, "top_k", top_k, 50), _model_setting(model, "top_p", top_p, 1.0)
