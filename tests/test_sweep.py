@@ -286,3 +286,11 @@ def test_a_prompt_longer_than_the_context_is_refused():
     long_prompt = "Hallo " * (model.config.max_position_embeddings + 10)
     with pytest.raises(ValueError, match="prompt 2 takes .* context"):
         generate(model, tokenizer, ["Hallo", long_prompt], max_new_tokens=4)
+
+
+def test_the_recorded_metric_is_accepted_by_its_new_name():
+    """One name per metric (issue 24): `ended_turn` is what generation records; sweep accepts it as a scorer name."""
+    cv = ChatVector.from_models(toy.path("base"), toy.path("chat"))
+    df = sweep(toy.path("cp"), {"chat": cv}, [1.0], ["Hallo"], scorers=["ended_turn", "language"],
+               max_new_tokens=4, progress=False)
+    assert "ended_turn" in df and "share_de" in df

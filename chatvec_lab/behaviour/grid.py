@@ -23,7 +23,7 @@ from typing import Callable, Mapping, Sequence
 import pandas as pd
 
 from chatvec_lab.behaviour.cache import CellCache
-from chatvec_lab.behaviour.scoring import make_scorer, score_all
+from chatvec_lab.behaviour.scoring import RECORDED, make_scorer, score_all
 from chatvec_lab.core.plan import Cell, cell_coefficient
 from chatvec_lab.errors import Unavailable, UsageError
 
@@ -107,7 +107,7 @@ class CellRunner:
         self.engine, self.settings = engine, settings
         wanted = scorers if scorers is not None else settings.scorers
         self.scorers = [make_scorer(s, language=settings.language) if isinstance(s, str) else s
-                        for s in wanted if s != "turn_end"]
+                        for s in wanted if s not in ("turn_end", *RECORDED)]  # recorded by generation itself
 
     def run(self, cell: GridCell) -> pd.DataFrame:
         s = self.settings
