@@ -615,3 +615,13 @@ def test_a_generation_config_that_is_not_an_object_is_one_line(tmp_path, content
                  "--max-new-tokens", "2", "--csv", str(tmp_path / "out.csv")])
     err = capsys.readouterr().err
     assert code == 2 and "generation_config.json" in err and "Traceback" not in err
+
+
+def test_info_max_rows_must_be_positive(capsys):
+    """Review round 3 (D18): `info --max-rows -1` printed half its output, then a pandas message."""
+    from chatvec_lab import toy
+    from chatvec_lab.cli import main
+    with pytest.raises(SystemExit) as stop:
+        main(["info", str(toy.path("cp")), "--max-rows", "-1"])
+    captured = capsys.readouterr()
+    assert stop.value.code == 2 and "--max-rows" in captured.err and captured.out == ""

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 from chatvec_lab.cli.arguments import (Command, add_quiet, add_write_options, layer_list, matrix_rank,
-                                       one_number)
+                                       one_number, positive_int)
 from chatvec_lab.core.threads import one_torch_thread
 from chatvec_lab.errors import ChatVecError
 
@@ -147,7 +147,7 @@ def _token_map(text: str | None) -> dict[str, str]:
 def info_arguments(i) -> None:
     i.add_argument("path")
     i.add_argument("--no-norms", action="store_true", help="skip reading tensors (headers only)")
-    i.add_argument("--max-rows", type=int, default=40)
+    i.add_argument("--max-rows", type=positive_int, default=40)
     add_quiet(i)
 
 
