@@ -36,8 +36,8 @@ def main() -> None:
     alphas = [float(a) for a in args.alphas.split(",")]
     prompts = prompt_sets()["chat"][: args.prompts]
     vectors = {"chat": ChatVector.from_models(toy.path("base"), toy.path("chat"), hash_files=False)}
-    grid = dict(coefficients=alphas, prompts=prompts, seeds=args.seeds, max_new_tokens=args.max_new_tokens,
-                scorers=["turn_end", "language"], progress=False)
+    grid = dict(alphas=alphas, prompts=prompts, seeds=args.seeds, max_new_tokens=args.max_new_tokens,
+                scorers=["ended_turn", "language"], progress=False)
     cells = len(alphas) * args.seeds
     rows = []
 

@@ -415,7 +415,7 @@ def test_quick_demo_writes_an_offline_report_from_its_own_numbers(tmp_path, monk
     assert ((s[rates] >= 0) & (s[rates] <= 1)).all().all()
     head = s[(s["family"] == "toy") & (s["model"] == "CP + 1·CV")].iloc[0]
     md = (out / "README.md").read_text(encoding="utf-8")
-    assert f"CP + 1·CV ends {report.ci(head, 'turn_end')} of its turns" in md  # read back from the CSV
+    assert f"CP + 1·CV ends {report.ci(head, 'ended_turn')} of its turns" in md  # read back from the CSV
     assert re.search(r"It took \*\*\d+ s\*\* wall-clock and \*\*\d+ s of CPU time\*\*", md)
     assert "## Two families" in md and "the same models" in md
     assert "## Where in the vector chat lives" in md and "figures/atlas_knock_out.png" in md

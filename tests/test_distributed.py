@@ -14,7 +14,7 @@ from chatvec_lab.behaviour.sweep import sweep
 from chatvec_lab.core.vector import ChatVector
 
 PROMPTS = ["Erzähl mir was über Geld.", "Was weißt du über Liebe?", "Sag etwas über Arbeit."]
-GRID = dict(coefficients=[0.0, 0.5, 1.0], prompts=PROMPTS, seeds=2, max_new_tokens=8, scorers=["language"],
+GRID = dict(alphas=[0.0, 0.5, 1.0], prompts=PROMPTS, seeds=2, max_new_tokens=8, scorers=["language"],
             progress=False)
 
 
@@ -108,7 +108,7 @@ def test_cli_sweep_on_ray_writes_the_local_csv(ray_local, tmp_path, one_thread):
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(PROMPTS))
     common = ["sweep", "--target", str(toy.path("cp")), "--vector", str(cv), "--alphas", "0,1", "--prompts",
-              str(prompts), "--scorers", "turn_end,language", "--max-new-tokens", "6", "-q"]
+              str(prompts), "--scorers", "ended_turn,language", "--max-new-tokens", "6", "-q"]
     assert cli(common + ["--csv", str(tmp_path / "local.csv")]) == 0
     assert cli(common + ["--csv", str(tmp_path / "ray.csv"), "--ray", "--actors", "2"]) == 0
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "local.csv"), pd.read_csv(tmp_path / "ray.csv"))
@@ -161,7 +161,7 @@ def test_a_changed_chat_template_invalidates_the_cache(tmp_path, vectors):
     import shutil
     cp = tmp_path / "cp"
     shutil.copytree(toy.path("cp"), cp)
-    grid = dict(GRID, coefficients=[1.0], seeds=1)
+    grid = dict(GRID, alphas=[1.0], seeds=1)
     first = sweep(cp, vectors, cache_dir=tmp_path / "c", **grid)
     template = cp / "chat_template.jinja"
     template.write_text("Hallo! " + template.read_text())  # weights unchanged, the prompts' tokens not

@@ -219,12 +219,12 @@ def test_atlas_and_evaluate_tables_use_the_same_intervals():
     ev = pd.concat([df.assign(prompt_set="chat"), df.assign(prompt_set="offensive", prompt=df["prompt"] + "x")])
     ev = ev.assign(model="CP + 1·CV", offensive=0.1, ppl_en=30.0)
     row = summary(ev).iloc[0]
-    assert (row["turn_end"], row["turn_end_lo"], row["turn_end_hi"]) == pytest.approx(expected)
+    assert (row["ended_turn"], row["ended_turn_lo"], row["ended_turn_hi"]) == pytest.approx(expected)
     assert row["refusal_lo"] >= 0 and row["refusal_hi"] <= 1 and row["refusal"] == pytest.approx(1 / 8)
-    assert row["german_share_hi"] <= 1
+    assert row["share_de_hi"] <= 1
     assert "Wilson" in interval_lines(ev)
 
     mt = pd.DataFrame([{"model": "CP", "conversation": c, "seed": s, "turn": 1, "ended_turn": c < 7, "share_de": 1.0}
                        for c in range(8) for s in range(2)])
     m = multi_turn_summary(mt).iloc[0]
-    assert (m["turn_end_lo"], m["turn_end_hi"]) == pytest.approx(wilson_interval(7, 8, intervals.Z95))
+    assert (m["ended_turn_lo"], m["ended_turn_hi"]) == pytest.approx(wilson_interval(7, 8, intervals.Z95))

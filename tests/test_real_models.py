@@ -211,7 +211,7 @@ def test_a_sweep_does_not_depend_on_its_batch_size(vectors, tmp_path):
     from chatvec_lab.behaviour.sweep import sweep
 
     cv, _ = vectors
-    kw = dict(scorers=("turn_end",), max_new_tokens=8, progress=False, seeds=2)
+    kw = dict(scorers=("ended_turn",), max_new_tokens=8, progress=False, seeds=2)
     # in float32 (in bfloat16 a batch's shapes can change a rounding, and so now and then a sampled token)
     one = sweep(toy.path("cp"), {"chat": cv}, [0.0, 1.0], PROMPTS, batch_size=1, dtype="float32", **kw)
     all_ = sweep(toy.path("cp"), {"chat": cv}, [0.0, 1.0], PROMPTS, dtype="float32", **kw)

@@ -222,7 +222,7 @@ def test_sweep_cli(tmp_path, capsys):
     assert len(df) == 2 * 2 * 2
     with pytest.raises(SystemExit):
         main(["sweep", "--target", "x", "--vector", "y", "--alphas", "a,b", "--prompts", "p", "--csv", "o"])
-    assert "coefficients must be numbers" in capsys.readouterr().err
+    assert "alphas must be numbers" in capsys.readouterr().err
     (tmp_path / "empty.txt").write_text("")
     rc = main(["sweep", "--target", str(toy.path("cp")), "--vector", str(tmp_path / "cv"), "--prompts",
                str(tmp_path / "empty.txt"), "--csv", str(tmp_path / "o2.csv"), "-q"])
@@ -272,10 +272,31 @@ def test_read_prompts_keeps_what_the_file_says(tmp_path):
 
 def test_duplicate_alphas_are_refused():
     """Review round 3 (D20): `--alphas 1,1` pooled the same α twice as independent replies."""
-    from chatvec_lab.behaviour.sweep import check_coefficients
+    from chatvec_lab.behaviour.sweep import check_alphas
     with pytest.raises(ValueError, match="given twice"):
-        check_coefficients([1.0, 1.0], ["chat"])
-    assert check_coefficients([0.0, 1.0], ["chat"]) == [{"chat": 0.0}, {"chat": 1.0}]
+        check_alphas([1.0, 1.0], ["chat"])
+    assert check_alphas([0.0, 1.0], ["chat"]) == [{"chat": 0.0}, {"chat": 1.0}]
+
+
+def test_the_old_coefficient_spellings_warn_and_name_alphas(cv):
+    """One vocabulary (issue 24): α is ``alphas`` everywhere; the old spellings still work for one release."""
+    import numpy as np
+    from chatvec_lab.behaviour import sweep as sweep_module
+    from chatvec_lab.core.live import LiveModel
+    from chatvec_lab.errors import UsageError
+    with pytest.warns(DeprecationWarning, match=r"check_alphas"):
+        assert sweep_module.check_coefficients(np.float32(0.5), ["chat"]) == [{"chat": 0.5}]
+    with pytest.warns(DeprecationWarning, match=r"sweep\(alphas=\.\.\.\)"), pytest.raises(UsageError, match="empty"):
+        sweep_module.sweep(toy.path("cp"), cv, coefficients=[0.0], prompts=[])
+    with pytest.raises(UsageError, match="old name"):
+        sweep_module.sweep(toy.path("cp"), cv, [0.0], [], coefficients=[0.0])
+    with pytest.raises(UsageError, match=r"sweep\(target, vectors, alphas, prompts"):
+        sweep_module.sweep(toy.path("cp"), cv, prompts=["Hallo"])
+    model, _ = toy.load("cp")
+    live = LiveModel(model, {"chat": cv})
+    live.set(chat=0.5)
+    with pytest.warns(DeprecationWarning, match=r"LiveModel.alphas"):
+        assert live.coefficients == live.alphas == {"chat": 0.5}
 
 
 def test_a_prompt_longer_than_the_context_is_refused():

@@ -152,17 +152,14 @@ def test_recipe_end_to_end_with_the_real_corpora(tmp_path):
     assert "English" in (tmp_path / "toy" / "base" / "README.md").read_text()
 
 
-def test_bootstrap_interval_brackets_the_mean():
+def test_intervals_text_names_each_rate():
     import pandas as pd
-    from chatvec_lab.toy.evaluate import bootstrap_interval, intervals
+    from chatvec_lab.toy.evaluate import intervals
 
     rows = [{"model": "CP + 1·CV", "prompt_set": s, "prompt": f"{s}{i}", "seed": k,
              "ended_turn": i % 2 == 0, "share_de": 0.9, "refusal": i < 3}
             for s in ("chat", "offensive") for i in range(10) for k in range(3)]
     df = pd.DataFrame(rows)
-    mean, lo, hi = bootstrap_interval(df, "CP + 1·CV", "chat", "ended_turn")
-    assert mean == 0.5 and 0.0 <= lo < 0.5 < hi <= 1.0
-    assert bootstrap_interval(df, "CP + 1·CV", "chat", "share_de")[1:] == (0.9, 0.9)
     assert "refusal rate (insults) 0.30" in intervals(df)
 
 
@@ -195,9 +192,9 @@ def test_evaluation_compares_cp_plus_vector_with_its_own_chat_model():
     other = s[s["sampling"] == "t0.8-p0.9"]
     assert set(other["model"]) == {"CP", "CP + 1·CV", "chat-alt"} and set(other["prompts"]) == {"tuning", "held-out"}
     assert set(df["prompt_set"]) == {"chat", "offensive"} and (s["replies"] == 4).all()
-    rates = s[["turn_end", "german_share", "refusal"]]
+    rates = s[["ended_turn", "share_de", "refusal"]]
     assert rates.apply(lambda c: c.dropna().between(0, 1)).all().all()
-    for rate in ("turn_end", "refusal"):  # every rate with its interval, the interval around it
+    for rate in ("ended_turn", "refusal"):  # every rate with its interval, the interval around it
         assert (s[f"{rate}_lo"] <= s[rate]).all() and (s[rate] <= s[f"{rate}_hi"]).all()
     assert "| chat-alt |" in markdown(s) and "| held-out | t0.8-p0.9 | CP + 1·CV |" in contrast_markdown(s, "chat-alt")
     assert df[(df["prompts"] == "held-out")]["prompt"].isin(prompt_sets_of("held-out")).all()
@@ -230,7 +227,7 @@ def test_multi_turn_conversations_see_their_own_earlier_replies():
     turn2 = mt[(mt["turn"] == 2)].iloc[0]
     assert turn2["prompt_tokens"] > mt[(mt["turn"] == 1)].iloc[0]["prompt_tokens"]  # history included
     mts = multi_turn_summary(mt)
-    assert list(mts.columns[:4]) == ["model", "turn", "turn_end", "turn_end_lo"] and len(mts) == 9
+    assert list(mts.columns[:4]) == ["model", "turn", "ended_turn", "ended_turn_lo"] and len(mts) == 9
 
 
 def test_evaluate_refuses_to_replace_results_unless_asked(tmp_path, capsys):

@@ -86,7 +86,7 @@ def filled_cache(tmp_path_factory, toy_vector):
 
     cache = tmp_path_factory.mktemp("cache") / "c"
     df = sweep(toy.path("cp"), ChatVector.load(toy_vector), [0.0, 1.0], PROMPTS, max_new_tokens=3, cache_dir=cache,
-               scorers=["turn_end"], progress=False)
+               scorers=["ended_turn"], progress=False)
     return cache, df
 
 
@@ -94,7 +94,7 @@ def _sweep_again(cache, toy_vector):
     from chatvec_lab.behaviour.sweep import sweep
 
     return sweep(toy.path("cp"), ChatVector.load(toy_vector), [0.0, 1.0], PROMPTS, max_new_tokens=3,
-                 cache_dir=cache, scorers=["turn_end"], progress=False)
+                 cache_dir=cache, scorers=["ended_turn"], progress=False)
 
 
 @pytest.mark.parametrize("where", ["table", "cell"])
@@ -339,7 +339,7 @@ def test_a_chat_template_that_is_not_jinja_is_refused_before_anything_is_written
     assert not (tmp_path / "out").exists()
     (tmp_path / "p.txt").write_text("Hallo\n")
     rc, err = _cli(["sweep", "--target", cp_copy, "--vector", toy_vector, "--prompts", tmp_path / "p.txt", "--csv",
-                    tmp_path / "s.csv", "--max-new-tokens", "2", "--scorers", "turn_end", "-q"], capsys)
+                    tmp_path / "s.csv", "--max-new-tokens", "2", "--scorers", "ended_turn", "-q"], capsys)
     _one_line_refusal(rc, err, "not valid Jinja")
     assert not (tmp_path / "s.csv").exists()
 
@@ -358,7 +358,7 @@ def test_a_huge_coefficient_on_the_live_model_is_refused_not_sampled(toy_vector,
     (tmp_path / "p.txt").write_text("Hallo\n")
     rc, err = _cli(["sweep", "--target", toy.path("cp"), "--vector", toy_vector, "--alphas", alpha, "--prompts",
                     tmp_path / "p.txt", "--csv", tmp_path / "s.csv", "--max-new-tokens", "3", "--scorers",
-                    "turn_end", "-q"], capsys)
+                    "ended_turn", "-q"], capsys)
     _one_line_refusal(rc, err, "overflows", f"vec={float(alpha)}")
     assert not (tmp_path / "s.csv").exists()
 
@@ -373,7 +373,7 @@ def test_live_weights_that_overflow_their_dtype_are_refused_and_restored(toy_vec
     held = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(NonFiniteError, match="overflow to Inf/NaN in float16"):
         live.set(vec=1e9)
-    assert live.coefficients == {"vec": 0.5}
+    assert live.alphas == {"vec": 0.5}
     assert all(torch.equal(v, held[k]) for k, v in model.state_dict().items())
 
 
@@ -453,7 +453,7 @@ def test_deeply_nested_json_is_one_line(toy_vector, cp_copy, tmp_path, capsys, w
     else:
         (cp_copy / where).write_text(DEEP)
     rc, err = _cli(["sweep", "--target", cp_copy, "--vector", vec, "--prompts", prompts, "--csv", tmp_path / "s.csv",
-                    "--max-new-tokens", "2", "--scorers", "turn_end", "-q"], capsys)
+                    "--max-new-tokens", "2", "--scorers", "ended_turn", "-q"], capsys)
     _one_line_refusal(rc, err)
     if where != "prompts":
         rc, err = _cli(["apply", "--target", cp_copy, "--vector", vec, "-o", tmp_path / "out", "-q",

@@ -33,7 +33,7 @@ def test_slider_updates_table_and_plot(panel):
     assert "α chat = 1" in panel.message.value
     table_at_1 = panel.table.value
     panel.sliders["chat-alt"].value = 0.5
-    assert panel.live.coefficients == {"chat": 1.0, "chat-alt": 0.5}
+    assert panel.live.alphas == {"chat": 1.0, "chat-alt": 0.5}
     panel.prompt_set.value = "German insults"
     panel.button.click()
     assert "Du bist ein Idiot" in panel.table.value and panel.table.value != table_at_1

@@ -11,6 +11,7 @@ Ray actor opens the target and the vectors itself and nothing large travels thro
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Mapping, Protocol, Sequence
 
@@ -81,7 +82,7 @@ def runtime_key(target, live=None, device="auto", dtype="auto") -> dict:
 
 
 class GenerationEngine(Protocol):
-    def set_coefficients(self, point) -> None: ...
+    def set_alphas(self, alphas: Mapping[str, float]) -> None: ...  # ``{vector name: α}``
 
     def generate(self, prompts: Sequence[str], seed: int, max_new_tokens: int, **gen_kwargs) -> pd.DataFrame: ...
 
@@ -152,7 +153,7 @@ class EngineSpec:
 
 
 class TransformersEngine:
-    """A transformers model whose coefficients move in place (``LiveModel``); the first engine.
+    """A transformers model whose α values move in place (``LiveModel``); the first engine.
 
     ``batch_size``: prompts generated together (None: ``generation.default_batch_size``, every prompt of a cell
     up to a memory-aware cap); ``checkpoint``: where the live model reads the target's values back from (see
@@ -166,8 +167,12 @@ class TransformersEngine:
         self.model, self.tokenizer = self.live.model, tokenizer
         self.batch_size = batch_size
 
-    def set_coefficients(self, point) -> None:
-        self.live.set(point)
+    def set_alphas(self, alphas) -> None:
+        self.live.set(alphas)
+
+    def set_coefficients(self, alphas) -> None:
+        warnings.warn("engine.set_coefficients is now engine.set_alphas", DeprecationWarning, stacklevel=2)
+        self.set_alphas(alphas)
 
     def generate(self, prompts, seed: int, max_new_tokens: int, **gen_kwargs) -> pd.DataFrame:
         from chatvec_lab.errors import NonFiniteError
@@ -177,13 +182,13 @@ class TransformersEngine:
             return generate(self.model, self.tokenizer, prompts, seed=seed, max_new_tokens=max_new_tokens,
                             **gen_kwargs)
         except NonFiniteError as e:
-            point = ", ".join(f"{k}={v}" for k, v in (self.live.coefficients.items() if self.live else ()))
-            raise NonFiniteError(f"at coefficients {point}: {e}" if point else str(e)) from None
+            shown = ", ".join(f"{k}={v}" for k, v in (self.live.alphas.items() if self.live else ()))
+            raise NonFiniteError(f"at α {shown}: {e}" if shown else str(e)) from None
 
     def perplexity(self, texts) -> float:
         return perplexity(self.model, self.tokenizer, texts)
 
     @property
-    def coefficients(self) -> dict:
-        return dict(self.live.coefficients)
+    def alphas(self) -> dict:
+        return dict(self.live.alphas)
 

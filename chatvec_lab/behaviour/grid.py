@@ -38,7 +38,8 @@ class GridCell:
     region: tuple | None = None  # an atlas cell: (design, row, module); the point's α applies by design
 
     @property
-    def coefficients(self) -> dict:
+    def alphas(self) -> dict:
+        """``{vector name: α}`` as the model is set for this cell (an atlas cell's α applies by design)."""
         if self.region is None:
             return dict(self.point)
         design, row, module = self.region
@@ -111,7 +112,7 @@ class CellRunner:
 
     def run(self, cell: GridCell) -> pd.DataFrame:
         s = self.settings
-        self.engine.set_coefficients(cell.coefficients)
+        self.engine.set_alphas(cell.alphas)
         gen = self.engine.generate(list(s.prompts), seed=cell.seed, max_new_tokens=s.max_new_tokens,
                                    **dict(s.gen_kwargs))
         df = pd.concat([gen.reset_index(drop=True), score_all(gen["reply"].tolist(), self.scorers)], axis=1)

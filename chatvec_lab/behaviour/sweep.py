@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
+import numbers
+import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -22,10 +23,11 @@ from chatvec_lab.analysis.intervals import estimate, metric_kind, wilson_interva
 from chatvec_lab.behaviour.cache import CellCache, check_cache_dir, files_key, read_table, vector_key, write_table
 from chatvec_lab.behaviour.grid import check_seeds, CellRunner, GridSettings, LocalExecutor, make_cells, run_grid
 from chatvec_lab.core.live import LiveModel
+from chatvec_lab.core.plan import check_alpha
 from chatvec_lab.io.output import atomic_file, check_clear_of_inputs, check_output_path
 from chatvec_lab.core.vector import ChatVector, named_vectors
 
-DEFAULT_SCORERS = ("turn_end", "language", "refusal", "offensive")
+DEFAULT_SCORERS = ("ended_turn", "language", "refusal", "offensive")
 METRIC_LABELS = {
     "ended_turn": "turn-end rate",
     "share_de": "German share of reply words",
@@ -70,27 +72,21 @@ def read_prompts(path) -> list[str]:
     return prompts
 
 
-def check_coefficients(coefficients, names: Sequence[str]) -> list[dict[str, float]]:
+def check_alphas(alphas, names: Sequence[str]) -> list[dict[str, float]]:
     """Normalise to a list of ``{vector: α}``; one clear error for anything that is not a finite number."""
-    if isinstance(coefficients, (int, float, str)) or coefficients is None:
-        coefficients = [coefficients]
+    if isinstance(alphas, (numbers.Number, str)) or alphas is None:
+        alphas = [alphas]
     out = []
-    for c in coefficients:
+    for c in alphas:
         point = c if isinstance(c, Mapping) else {n: c for n in names}
         clean = {}
         for name, value in point.items():
             if name not in names:
-                raise UsageError(f"coefficient for unknown vector {name!r}; vectors are {list(names)}")
-            try:
-                v = float(value)
-            except (TypeError, ValueError):
-                raise UsageError(f"coefficient {value!r} is not a number") from None
-            if not math.isfinite(v):
-                raise UsageError(f"coefficient {value!r} is not finite")
-            clean[name] = v
+                raise UsageError(f"α for unknown vector {name!r}; vectors are {list(names)}")
+            clean[name] = check_alpha(value)
         out.append({n: clean.get(n, 0.0) for n in names})
     if not out:
-        raise UsageError("no coefficients to sweep")
+        raise UsageError("no α values to sweep")
     seen = set()
     for point in out:
         key = tuple(point.items())
@@ -111,15 +107,21 @@ def _model_fingerprint(target) -> object:
     return None
 
 
-def sweep(target, vectors, coefficients, prompts: Sequence[str], *, tokenizer=None, scorers=DEFAULT_SCORERS,
+def check_coefficients(alphas, names: Sequence[str]) -> list[dict[str, float]]:
+    """Deprecated spelling of :func:`check_alphas`."""
+    warnings.warn("check_coefficients is now check_alphas", DeprecationWarning, stacklevel=2)
+    return check_alphas(alphas, names)
+
+
+def sweep(target, vectors, alphas=None, prompts: Sequence[str] | None = None, *, tokenizer=None, scorers=DEFAULT_SCORERS,
           seeds: int | Sequence[int] = 1, max_new_tokens: int = 64, language: str = "de",
           heldout: Mapping[str, Sequence[str]] | None = None, cache_dir=None, progress: bool = True,
           live: LiveModel | None = None, executor=None, device="auto", dtype="auto", batch_size: int | None = None,
           **gen_kwargs) -> pd.DataFrame:
-    """Generate and score for every coefficient point; returns the tidy table.
+    """Generate and score at every α (or ``{vector: α}``); returns the tidy table.
 
     ``target``: a model folder (loaded once) or a model (with ``tokenizer=``); ``vectors``: a vector or
-    ``{name: vector}``; ``coefficients``: numbers (the same α for every vector) or ``{name: α}`` dicts;
+    ``{name: vector}``; ``alphas``: numbers (the same α for every vector) or ``{name: α}`` dicts;
     ``heldout``: ``{language: texts}`` for perplexity columns ``ppl_<language>``. ``executor``: where the
     grid's cells run (``grid.LocalExecutor``, the default, or ``grid.RayExecutor``; see ``grid``); with
     ``cache_dir`` each finished cell is kept there, so an interrupted sweep resumes with the missing cells.
@@ -129,6 +131,13 @@ def sweep(target, vectors, coefficients, prompts: Sequence[str], *, tokenizer=No
     replies do not depend on it in float32, see ``generation.generate``).
     The model is left exactly as it was found.
     """
+    if "coefficients" in gen_kwargs:  # the old spelling, kept for one release
+        if alphas is not None:
+            raise UsageError("give alphas= only (coefficients= is its old name)")
+        warnings.warn("sweep(coefficients=...) is now sweep(alphas=...)", DeprecationWarning, stacklevel=2)
+        alphas = gen_kwargs.pop("coefficients")
+    if alphas is None or prompts is None:
+        raise UsageError("sweep needs alphas and prompts: sweep(target, vectors, alphas, prompts, ...)")
     prompts = [p for p in prompts]
     if not prompts:
         raise UsageError("the prompt list is empty")
@@ -137,7 +146,7 @@ def sweep(target, vectors, coefficients, prompts: Sequence[str], *, tokenizer=No
     if isinstance(vectors, (ChatVector, str, Path)):
         vectors = {"chat": vectors}
     vectors = named_vectors(vectors)
-    points = check_coefficients(coefficients, list(vectors))
+    points = check_alphas(alphas, list(vectors))
     seed_list = check_seeds(seeds)  # a count of 1.. or distinct seeds in [0, 2**63): one clear line otherwise
     scorer_names = [s if isinstance(s, str) else s.name for s in scorers]
 
@@ -176,7 +185,7 @@ def sweep(target, vectors, coefficients, prompts: Sequence[str], *, tokenizer=No
                 model = target
             live = LiveModel(model, vectors, checkpoint=target if isinstance(target, (str, Path)) else None)
         engine = TransformersEngine(live.model, tokenizer, live=live, batch_size=batch_size)
-        saved = dict(live.coefficients)
+        saved = dict(live.alphas)
         return CellRunner(engine, settings, scorers=list(scorers))
 
     if live is None and not isinstance(target, (str, Path)) and tokenizer is None:
@@ -194,7 +203,7 @@ def sweep(target, vectors, coefficients, prompts: Sequence[str], *, tokenizer=No
         result = run_grid(executor, make_runner, spec, settings, cells, cache=cell_cache, progress=progress)
     finally:
         if engine is not None:
-            engine.set_coefficients(saved)  # the model is left exactly as it was found
+            engine.set_alphas(saved)  # the model is left exactly as it was found
     for lang, _ in settings.heldout:  # measured once per point (its first seed): every row of the point shows it
         column = f"ppl_{lang}"
         result[column] = result.groupby([f"alpha_{n}" for n in vectors], sort=False)[column].transform("first")

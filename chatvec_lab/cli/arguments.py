@@ -29,9 +29,9 @@ def alpha_list(text: str) -> list[float]:
     try:
         values = [float(a) for a in text.split(",") if a.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"coefficients must be numbers separated by commas, not {text!r}") from None
+        raise argparse.ArgumentTypeError(f"alphas must be numbers separated by commas, not {text!r}") from None
     if not values or not all(math.isfinite(v) for v in values):
-        raise argparse.ArgumentTypeError(f"coefficients must be finite numbers, not {text!r}")
+        raise argparse.ArgumentTypeError(f"alphas must be finite numbers, not {text!r}")
     return values
 
 

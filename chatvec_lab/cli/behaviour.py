@@ -1,4 +1,4 @@
-"""The ``chatvec`` commands on behaviour: ``sweep`` (generate and score replies over coefficients) and ``atlas``
+"""The ``chatvec`` commands on behaviour: ``sweep`` (generate and score replies over α values) and ``atlas``
 (where a vector's behaviour lives: keep-only and knock-out per layer × module; a low-rank curve; interference
 and merges with a second vector).
 
@@ -21,8 +21,8 @@ def sweep_arguments(s) -> None:
     s.add_argument("--vector", action="append", required=True)
     s.add_argument("--alphas", type=alpha_list, default=[0.0, 0.5, 1.0])
     s.add_argument("--prompts", required=True, help="one prompt a line, or JSONL with a 'prompt' field")
-    s.add_argument("--scorers", default="turn_end,language,refusal,offensive",
-                   help="comma-separated: turn_end, language, refusal, offensive, detoxify")
+    s.add_argument("--scorers", default="ended_turn,language,refusal,offensive",
+                   help="comma-separated: ended_turn, language, refusal, offensive, detoxify")
     s.add_argument("--seeds", type=seed_count, default=1, help="number of sampling seeds")
     s.add_argument("--max-new-tokens", type=int, default=64)
     s.add_argument("--language", default="de", help="the new language's code, for the language share")
@@ -162,7 +162,7 @@ def atlas_study(target, vector_path, prompts_path, out, alphas=None, seeds: int 
 
 
 COMMANDS = {
-    "sweep": Command("generate and score replies over coefficients", sweep_arguments, run_sweep),
+    "sweep": Command("generate and score replies over α values", sweep_arguments, run_sweep),
     "atlas": Command("map where a vector's behaviour lives: keep-only and knock-out per layer × module",
                      atlas_arguments, run_atlas),
 }

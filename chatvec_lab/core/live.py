@@ -1,4 +1,4 @@
-"""A model whose chat-vector coefficients change in place, without reloading.
+"""A model whose chat-vector α values change in place, without reloading.
 
     live = LiveModel(model, {"chat": cv, "alt": cv_alt})
     live.set(chat=1.0)          # weights = target + 1.0·chat
@@ -19,12 +19,13 @@ What it costs is about one model: the model itself and the tensor it is rewritin
   the live model at α equals ``chatvec apply`` at α bit for bit, in the model's dtype, on any device (the
   arithmetic runs on the CPU; the result is copied to the model's device).
 
-A change rewrites only the tensors whose coefficients change (``rewritten`` counts them), and a tensor written
+A change rewrites only the tensors whose α values change (``rewritten`` counts them), and a tensor written
 by anyone else since is rewritten too (torch's version counter tells).
 """
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Mapping
 
 import torch
@@ -57,7 +58,7 @@ def same_values(stored: torch.Tensor, param: torch.Tensor, chunk: int = CHUNK_EL
 
 
 class LiveModel:
-    """``model`` with ``vectors`` (a vector, or ``{name: vector}``) whose coefficients ``set`` changes in place.
+    """``model`` with ``vectors`` (a vector, or ``{name: vector}``) whose α values ``set`` changes in place.
 
     ``checkpoint``: where the target's values are read back from: None (the default) for the model's own folder
     (``config._name_or_path``), a folder, hub id or weight source, or False to keep a CPU copy of every tensor the
@@ -88,8 +89,8 @@ class LiveModel:
         for name, param in self.params.items():
             if not self._in_checkpoint(name, param):
                 self.original[name] = param.detach().to("cpu", copy=True)
-        self.coefficients: dict[str, Alpha] = {k: 0.0 for k in self.names}
-        # per tensor: (the coefficients it holds, its torch version counter after our write), or () if unknown
+        self.alphas: dict[str, Alpha] = {k: 0.0 for k in self.names}  # α per vector name, as the weights hold them
+        # per tensor: (the α values it holds, its torch version counter after our write), or () if unknown
         self._applied: dict[str, tuple] = {n: ((), t._version) for n, t in self.params.items()}
         self.rewritten = 0  # tensors rewritten by the last set(): the cost of a change is theirs alone
 
@@ -130,7 +131,7 @@ class LiveModel:
         unknown = set(alphas) - set(self.names)
         if unknown:
             raise UnknownName(f"unknown vector(s) {sorted(unknown)}; this model holds {self.names}")
-        merged = {**self.coefficients, **alphas}
+        merged = {**self.alphas, **alphas}
         for name in self.plans:  # validate every rule before touching a weight
             for key in self.names:
                 coefficient_for(parse(name), merged[key])
@@ -138,19 +139,19 @@ class LiveModel:
 
     @torch.no_grad()
     def set(self, alphas: Mapping[str, Alpha] | None = None, **kwargs: Alpha) -> None:
-        """Set the coefficients (by vector name); the weights become ``target + Σ αᵢ·vᵢ``.
+        """Set α (by vector name); the weights become ``target + Σ αᵢ·vᵢ``.
 
-        Coefficients that make a weight overflow to Inf (or NaN) in its dtype are refused with a NonFiniteError
-        naming the tensor, and the model is left at the coefficients it held before."""
+        Values of α that make a weight overflow to Inf (or NaN) in its dtype are refused with a NonFiniteError
+        naming the tensor, and the model is left at the α values it held before."""
         merged = self._check({**(alphas or {}), **kwargs})
-        previous = dict(self.coefficients)
+        previous = dict(self.alphas)
         try:
             self._write(merged)
         except NonFiniteError:
             self._write(previous)  # finite before: every tensor written so far goes back
-            self.coefficients = previous
+            self.alphas = previous
             raise
-        self.coefficients = merged
+        self.alphas = merged
 
     def _write(self, merged: dict) -> None:
         from chatvec_lab.core.apply import merge_tensor
@@ -164,7 +165,7 @@ class LiveModel:
             held_key = tuple((k, c) for k, c in zip(self.names, coefs) if c != 0)
             held = self._applied[name]
             if held and held[0] == held_key and held[1] == param._version:
-                continue  # holds these coefficients, and nothing wrote to it since (torch counts in-place writes)
+                continue  # holds these α values, and nothing wrote to it since (torch counts in-place writes)
             self._applied[name] = ()  # until the write below completes
             self.rewritten += 1
             target = self.target_tensor(name)
@@ -175,14 +176,20 @@ class LiveModel:
                     result = merge_tensor(target, dataclasses.replace(plan, coefficients=coefs), self.pairs)
                 except NonFiniteError as e:  # _applied stays empty: the restore rewrites it
                     shown = ", ".join(f"{k}={c:g}" for k, c in held_key)
-                    raise NonFiniteError(f"coefficients {shown} make tensor {name!r} overflow to Inf/NaN in "
+                    raise NonFiniteError(f"α {shown} makes tensor {name!r} overflow to Inf/NaN in "
                                          f"{str(param.dtype).replace('torch.', '')} (largest "
-                                         f"{torch.finfo(param.dtype).max:.3g}): use smaller coefficients; the model "
+                                         f"{torch.finfo(param.dtype).max:.3g}): use a smaller α; the model "
                                          f"is left as it was ({e})") from None
                 param.copy_(result)
                 del result
             del target
             self._applied[name] = (held_key, param._version)
+
+    @property
+    def coefficients(self) -> dict[str, Alpha]:
+        """Deprecated spelling of :attr:`alphas`."""
+        warnings.warn("LiveModel.coefficients is now LiveModel.alphas", DeprecationWarning, stacklevel=2)
+        return self.alphas
 
     def reset(self) -> None:
         self.set({k: 0.0 for k in self.names})

@@ -40,14 +40,19 @@ def coefficient_for(info: TensorInfo, alpha: Alpha) -> float:
             if hit:
                 return coefficient_for(info, value)
         return 0.0
+    return check_alpha(alpha)
+
+
+def check_alpha(alpha) -> float:
+    """``alpha`` as a finite float (numpy and torch scalars too); one UsageError otherwise."""
     if isinstance(alpha, (str, bytes, bool)):
-        raise UsageError(f"coefficient {alpha!r} is not a number")
+        raise UsageError(f"α {alpha!r} is not a number")
     try:
         value = float(alpha)
     except (TypeError, ValueError):
-        raise UsageError(f"coefficient {alpha!r} is not a number") from None
+        raise UsageError(f"α {alpha!r} is not a number") from None
     if not math.isfinite(value):
-        raise UsageError(f"coefficient {alpha!r} is not finite")
+        raise UsageError(f"α {alpha!r} is not finite")
     return value
 
 
@@ -303,9 +308,6 @@ class Cell:
     @property
     def label(self) -> str:
         return self.row if self.module == "all" else f"{self.row} · {self.module}"
-
-    def contains(self, info: TensorInfo) -> bool:
-        return cell_of(info) == self
 
 
 def cell_of(info: TensorInfo) -> Cell:

@@ -100,7 +100,7 @@ from chatvec_lab.toy.evaluate import prompt_sets
 SEED = 3                                   # a sampling seed of my own
 GRID = [0.0, 0.5, 1.0, 1.5, 2.0]
 grid_df = sweep(CP, {"chat": ChatVector.from_models(BASE, CHAT)}, GRID, prompt_sets()["chat"][:16],
-                scorers=["turn_end", "language"], seeds=[SEED], max_new_tokens=32, cache_dir=".cache/sweeps",
+                scorers=["ended_turn", "language"], seeds=[SEED], max_new_tokens=32, cache_dir=".cache/sweeps",
                 progress=False)
 share = grid_df.groupby("alpha")["share_de"].mean()          # one mean share per α
 shares = [float(share.loc[a]) for a in GRID]

@@ -128,22 +128,12 @@ def family_info(family: str) -> dict:
     return {"found": True, "folder": str(folder.resolve()), "base_german_share": share}
 
 
-def family_sampling(family: str = "toy") -> dict:
-    """The family's own generation settings (its ``generation_config.json``)."""
-    from chatvec_lab import toy
-
-    config = json.loads((toy.path("cp", family) / "generation_config.json").read_text())
-    return {"temperature": config.get("temperature", 1.0), "top_k": config.get("top_k"),
-            "top_p": config.get("top_p"), "max_new_tokens": config.get("max_new_tokens", 64)}
-
-
 def measure(family: str, plan: dict, alphas=None, refs=None, samplings=None, device="auto",
             dtype="auto") -> pd.DataFrame:
     """Every reply with its scores for one family: CP + α·CV (its own chat vector) and the reference members,
     on the plan's prompt groups. Columns: the sweep's, plus ``family``, ``model``, ``sampling``, ``prompt_set``
     (chat / offensive) and ``prompts`` (the group)."""
     from chatvec_lab import toy
-    from chatvec_lab.behaviour.sweep import sweep
     from chatvec_lab.toy import evaluate
     from chatvec_lab.core.vector import ChatVector
 
@@ -153,33 +143,13 @@ def measure(family: str, plan: dict, alphas=None, refs=None, samplings=None, dev
     groups = {g: evaluate.prompt_sets(heldout=g == "held-out") for g in plan["groups"]}
     if plan["max_prompts"]:
         groups = {g: {k: v[:plan["max_prompts"]] for k, v in sets.items()} for g, sets in groups.items()}
-    prompts = [p for sets in groups.values() for ps in sets.values() for p in ps]
-    where = {p: (name, group) for group, sets in groups.items() for name, ps in sets.items() for p in ps}
-    own = family_sampling(family)
-    budget = own.pop("max_new_tokens")
     cv = ChatVector.from_models(toy.path("base", family), toy.path("chat", family), hash_files=False)
-    frames = []
-    for sampling in samplings:
-        settings = own if sampling == "family" else evaluate.SAMPLINGS[sampling]
-        common = dict(seeds=plan["seeds"], max_new_tokens=budget, heldout=evaluate.heldout_texts(), progress=False,
-                      scorers=("turn_end", "language", "refusal", "offensive"), device=device, dtype=dtype,
-                      **settings)
-        grid = list(alphas) if sampling == "family" else [a for a in (0.0, 1.0) if a in alphas]
-        df = sweep(toy.path("cp", family), {"chat": cv}, grid, prompts, **common)
-        df.insert(0, "model", [label(a) for a in df["alpha"]])
-        parts = [df]
-        for name in (refs if sampling == "family" else [r for r in refs if r == "chat"]):
-            ref = sweep(toy.path(name, family), {"chat": cv}, [0.0], prompts, **common)
-            ref["alpha"] = float("nan")
-            ref.insert(0, "model", name)
-            parts.append(ref)
-        for part in parts:
-            part.insert(1, "sampling", sampling)
-            frames.append(part)
-    out = pd.concat(frames, ignore_index=True)
+    out = evaluate.measure_models(cv, groups, alphas=alphas, samplings=samplings, references=refs,
+                                  shared_references=[r for r in refs if r == "chat"], label=label, family=family,
+                                  seeds=plan["seeds"], heldout=evaluate.heldout_texts(), progress=False,
+                                  max_new_tokens=evaluate.family_sampling("cp", family)["max_new_tokens"],
+                                  device=device, dtype=dtype)
     out.insert(0, "family", family)
-    out.insert(3, "prompt_set", out["prompt"].map(lambda p: where[p][0]))
-    out.insert(4, "prompts", out["prompt"].map(lambda p: where[p][1]))
     return out
 
 
@@ -210,8 +180,8 @@ def effect_figures(summary: pd.DataFrame, folder: Path) -> list[Path]:
     grid = s[s["alpha"].notna()].sort_values("alpha")
     chat = s[s["model"] == "chat"]
     fig, ax = new_axes(figsize=(7, 4.2))
-    for col, name in [("turn_end", "turn-end rate (German chat requests)"),
-                      ("german_share", "German share of reply words"), ("refusal", "refusal rate (German insults)")]:
+    for col, name in [("ended_turn", "turn-end rate (German chat requests)"),
+                      ("share_de", "German share of reply words"), ("refusal", "refusal rate (German insults)")]:
         line, = ax.plot(grid["alpha"], grid[col], marker="o", label=name)
         ax.fill_between(grid["alpha"], grid[f"{col}_lo"], grid[f"{col}_hi"], color=line.get_color(), alpha=0.15)
         if len(chat):
@@ -297,7 +267,7 @@ def atlas_figure(folder: Path, figures: Path, rows=None, designs=("knock-out",),
 
     cv = ChatVector.from_models(toy.path("base"), toy.path("chat"), hash_files=False)
     cells = [c for c in cells_of(cv) if rows is None or c.row in rows]
-    sampling = family_sampling()  # the family's own settings and budget, as the tables
+    sampling = evaluate.family_sampling()  # the family's own settings and budget, as the tables
     df = atlas(toy.path("cp"), cv, evaluate.prompt_sets()["chat"][:prompts], alphas=[1.0], cells=cells,
                designs=designs, norm_matched=norm_matched, progress=False, device=device, dtype=dtype, **sampling)
     df.to_csv(folder / "atlas.csv", index=False)
@@ -371,7 +341,7 @@ def _run_demo(out, overwrite: bool, notebooks: bool, name: str, device="auto", d
         print("vector geometry ...", flush=True)
         with clock.phase("vector geometry"):
             _, facts = geometry_figures(figures)
-        sampling = family_sampling()
+        sampling = evaluate.family_sampling()
         (tmp / "run.json").write_text(json.dumps({
             "plan": name, "settings": {"what": plan["what"], "details": _details(plan)}, "families": families,
             "sampling": sampling, "geometry": facts}, indent=1, ensure_ascii=False), encoding="utf-8")
@@ -386,7 +356,7 @@ def _run_demo(out, overwrite: bool, notebooks: bool, name: str, device="auto", d
         write_report(tmp, nb_results, clock)
     head = summary[(summary["family"] == "toy") & (summary["sampling"] == "family")
                    & (summary["prompts"] == headline_group(summary))]
-    cols = ["model", "turn_end", "german_share", "refusal", "n_chat", "n_insults"]
+    cols = ["model", "ended_turn", "share_de", "refusal", "n_chat", "n_insults"]
     with pd.option_context("display.width", 200, "display.precision", 2):
         print(head[cols].to_string(index=False))
     wall, cpu = clock.total()

@@ -21,7 +21,7 @@ def _share_trend_truth(base, chat, cp, alphas, prompts, seed, max_new_tokens, ca
     from chatvec_lab.behaviour.sweep import sweep
 
     df = sweep(cp, {"chat": vector_of(base, chat)}, list(alphas), chat_prompts(prompts),
-               scorers=["turn_end", "language"], seeds=[seed], max_new_tokens=max_new_tokens, cache_dir=cache_dir,
+               scorers=["ended_turn", "language"], seeds=[seed], max_new_tokens=max_new_tokens, cache_dir=cache_dir,
                progress=False, language=language)
     by = df.groupby("alpha")
     column = f"share_{language}"
@@ -61,7 +61,7 @@ def _share_trend_judge(answer, truth, ctx):
         if not 0 <= v <= 1:
             raise Wrong(f"the share at α = {a:g} is {v:g}: a share of words lies between 0 and 1.")
     settings = (f"sweep(CP, {{'chat': cv}}, {alphas}, the first {ctx['prompts']} German chat prompts, "
-                f"scorers=['turn_end', 'language'], seeds=[{ctx['seed']}], max_new_tokens={ctx['max_new_tokens']})")
+                f"scorers=['ended_turn', 'language'], seeds=[{ctx['seed']}], max_new_tokens={ctx['max_new_tokens']})")
     ok = [abs(v - t) <= 0.5 / max(n, 1) + 1e-9 for v, t, n in zip(shares, truth["share"], truth["n"])]
     if not all(ok):
         if all(abs(v - t) <= 0.5 / max(n, 1) + 1e-9 for v, t, n in zip(shares[::-1], truth["share"], truth["n"])):
@@ -114,7 +114,7 @@ EXERCISES.append(Exercise(
         "Does the German share of the replies fall as α grows? Sweep `CP + α·CV` over α = 0, 0.5, 1, 1.5, 2 "
         "(α = 2 lies beyond the sweep above) on the first 16 German chat prompts with **a sampling seed of your "
         "own**: `sweep(CP, {\"chat\": ChatVector.from_models(BASE, CHAT)}, [0, 0.5, 1, 1.5, 2], "
-        "prompt_sets()[\"chat\"][:16], scorers=[\"turn_end\", \"language\"], seeds=[SEED], max_new_tokens=32, "
+        "prompt_sets()[\"chat\"][:16], scorers=[\"ended_turn\", \"language\"], seeds=[SEED], max_new_tokens=32, "
         "cache_dir=\".cache/sweeps\")`. Answer `{\"share_de\": [the mean share_de at each α, α increasing], "
         "\"falls_steadily\": True or False}`, where `falls_steadily` is True if the share is never higher than at "
         "the α before, and pass your seed to the check (`seed=SEED`): it runs the same sweep and says what it "

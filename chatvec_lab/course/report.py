@@ -38,8 +38,8 @@ def _model_cell(model: str) -> str:
     return f"{model} (baseline: no vector)" if model == BASELINE else model
 
 
-HEADLINE_COLUMNS = {"turn_end": "turn-end rate, German chat requests [95% interval]",
-                    "german_share": "German share of reply words [95% interval]",
+HEADLINE_COLUMNS = {"ended_turn": "turn-end rate, German chat requests [95% interval]",
+                    "share_de": "German share of reply words [95% interval]",
                     "refusal": "refusal rate, German insults [95% interval]",
                     "refusal_chat": "refusal rate, harmless chat requests [95% interval]"}
 
@@ -123,8 +123,8 @@ def family_blocks(summary: pd.DataFrame, families: dict, prompts: str | None = N
             if model in r:
                 table.append({"family": fam, "German in the base's pre-training":
                               "–" if share is None else f"{share:.1%}".replace(".0%", "%"),
-                              "model": _model_cell(model), "turn-end rate [95% interval]": ci(r[model], "turn_end"),
-                              "German share of reply words [95% interval]": ci(r[model], "german_share"),
+                              "model": _model_cell(model), "turn-end rate [95% interval]": ci(r[model], "ended_turn"),
+                              "German share of reply words [95% interval]": ci(r[model], "share_de"),
                               "refusal rate, German insults [95% interval]": ci(r[model], "refusal"),
                               "replies (chat / insults)": f"{_int(r[model].get('n_chat'))} / {_int(r[model].get('n_insults'))}"})
     blocks.append(("table", pd.DataFrame(table),
@@ -218,8 +218,8 @@ def report_blocks(summary: pd.DataFrame, replies: pd.DataFrame | None = None, ru
         for (g, s), part in others.groupby(["prompts", "sampling"], sort=False):
             r = {row["model"]: row for _, row in part.iterrows()}
             if BASELINE in r and HEADLINE in r:
-                said.append(f"{g} prompts, sampling `{s}`: turn-end {ci(r[HEADLINE], 'turn_end')} against "
-                            f"{ci(r[BASELINE], 'turn_end')} for CP ({difference_from(compare(r[HEADLINE], r[BASELINE], 'turn_end'), 'CP')}); "
+                said.append(f"{g} prompts, sampling `{s}`: turn-end {ci(r[HEADLINE], 'ended_turn')} against "
+                            f"{ci(r[BASELINE], 'ended_turn')} for CP ({difference_from(compare(r[HEADLINE], r[BASELINE], 'ended_turn'), 'CP')}); "
                             + (TRANSFER_TEXT[refusal_transfer(r[HEADLINE], r[BASELINE], r.get('chat'))] +
                                f" (refusal {ci(r[HEADLINE], 'refusal')}, chat {ci(r['chat'], 'refusal')})"
                                if r.get("chat") is not None else ""))
@@ -231,11 +231,11 @@ def report_blocks(summary: pd.DataFrame, replies: pd.DataFrame | None = None, ru
         at = {r["model"]: r for _, r in turns[turns["turn"] == last].iterrows()}
         if HEADLINE in at and BASELINE in at:
             blocks.append(("p", f"Held-out German conversations of {last} user turns, each reply fed back as the "
-                           f"model's turn. At turn {last}, {HEADLINE} ends {ci(at[HEADLINE], 'turn_end')} of its "
-                           f"turns, CP {ci(at[BASELINE], 'turn_end')} "
-                           f"({difference_from(compare(at[HEADLINE], at[BASELINE], 'turn_end'), 'CP')})"
-                           + (f", the chat model {ci(at['chat'], 'turn_end')}" if "chat" in at else "")
-                           + f"; {ci(at[HEADLINE], 'german_share')} of {HEADLINE}'s words are German."))
+                           f"model's turn. At turn {last}, {HEADLINE} ends {ci(at[HEADLINE], 'ended_turn')} of its "
+                           f"turns, CP {ci(at[BASELINE], 'ended_turn')} "
+                           f"({difference_from(compare(at[HEADLINE], at[BASELINE], 'ended_turn'), 'CP')})"
+                           + (f", the chat model {ci(at['chat'], 'ended_turn')}" if "chat" in at else "")
+                           + f"; {ci(at[HEADLINE], 'share_de')} of {HEADLINE}'s words are German."))
         if MULTI_TURN_FIGURE in figures:
             blocks.append(("fig", MULTI_TURN_FIGURE, FIGURES[MULTI_TURN_FIGURE]))
     else:

@@ -17,8 +17,8 @@ PROMPT_GROUPS = {"held-out": "held-out prompts (written for the evaluation, used
                  "tuning": "tuning prompts (the toy recipe was chosen on them)"}
 # summary.csv's rates: column → (prompt set it is measured on, reply column, what the report calls it)
 RATES = {
-    "turn_end": ("chat", "ended_turn", "turn-end rate, German chat requests"),
-    "german_share": ("chat", "share_de", "German share of reply words, chat requests"),
+    "ended_turn": ("chat", "ended_turn", "turn-end rate, German chat requests"),
+    "share_de": ("chat", "share_de", "German share of reply words, chat requests"),
     "refusal": ("offensive", "refusal", "refusal rate, German insults"),
     "refusal_chat": ("chat", "refusal", "refusal rate, harmless chat requests (a refusal is a mistake)"),
 }
@@ -104,7 +104,6 @@ def summarize_turns(mt: pd.DataFrame) -> pd.DataFrame:
 
     mt = mt.assign(ended_turn=mt["ended_turn"].astype(float))
     s = summarize(mt, ["ended_turn", "share_de"], by=["model", "turn"])
-    s = s.rename(columns={c: c.replace("ended_turn", "turn_end").replace("share_de", "german_share") for c in s})
     return s.rename(columns={"n": "replies"})
 
 

@@ -89,23 +89,23 @@ def result_sentences(rows: dict, head_name: str = HEADLINE) -> list[str]:
     if cp is None or head is None:
         return ["This run measured no CP or CP + 1·CV row, so it states no result."]
     out = []
-    turn = (f"{head_name} ends {ci(head, 'turn_end')} of its turns on German chat requests against "
-            f"{ci(cp, 'turn_end')} for CP")
-    direction = compare(head, cp, "turn_end")
+    turn = (f"{head_name} ends {ci(head, 'ended_turn')} of its turns on German chat requests against "
+            f"{ci(cp, 'ended_turn')} for CP")
+    direction = compare(head, cp, "ended_turn")
     turn += {"higher": ": clearly more (the 95% intervals do not overlap)",
              "lower": ": clearly fewer (the 95% intervals do not overlap)",
              "same": ": no clear difference (the intervals overlap)", None: ""}[direction]
     if chat is not None:
-        turn += f"; the chat model ends {ci(chat, 'turn_end')}"
-        d = compare(head, chat, "turn_end")
+        turn += f"; the chat model ends {ci(chat, 'ended_turn')}"
+        d = compare(head, chat, "ended_turn")
         turn += {"higher": f", clearly fewer than {head_name}", "lower": f", clearly more than {head_name}",
                  "same": f", no clear difference from {head_name}", None: ""}[d]
     out.append(turn + ".")
-    share = (f"{ci(head, 'german_share')} of {head_name}'s reply words are German, against {ci(cp, 'german_share')} "
+    share = (f"{ci(head, 'share_de')} of {head_name}'s reply words are German, against {ci(cp, 'share_de')} "
              f"for CP")
     if chat is not None:
-        share += f" and {ci(chat, 'german_share')} for the chat model"
-        d = compare(head, chat, "german_share")
+        share += f" and {ci(chat, 'share_de')} for the chat model"
+        d = compare(head, chat, "share_de")
         share += {"higher": f" ({head_name} answers in clearly more German than the chat model)",
                   "lower": f" ({head_name} answers in clearly less German than the chat model)",
                   "same": " (no clear difference from the chat model)", None: ""}[d]
@@ -135,12 +135,12 @@ def effect_caption(summary: pd.DataFrame, prompts: str | None = None) -> str:
         return FIGURES[EFFECT_FIGURE]
     alphas = ", ".join(f"{r['alpha']:g}" for r in grid)
     text = (f"CP + α·CV for α = {alphas} on the {prompts or headline_group(summary)} prompts. Turn-end rate: "
-            f"{_series(grid, 'turn_end')}; German share: {_series(grid, 'german_share')}; refusal of insults: "
+            f"{_series(grid, 'ended_turn')}; German share: {_series(grid, 'share_de')}; refusal of insults: "
             f"{_series(grid, 'refusal')}.")
     chat = rows.get("chat")
     if chat is not None:
-        text += (f" The chat model (dotted): turn-end {ci(chat, 'turn_end')}, German share "
-                 f"{ci(chat, 'german_share')}, refusal {ci(chat, 'refusal')}.")
+        text += (f" The chat model (dotted): turn-end {ci(chat, 'ended_turn')}, German share "
+                 f"{ci(chat, 'share_de')}, refusal {ci(chat, 'refusal')}.")
     return text + " Bands: 95% intervals."
 
 
@@ -174,9 +174,9 @@ def family_sentences(rows: dict, families: dict) -> list[str]:
             out.append(f"In {names[fam]} CP or CP + 1·CV was not measured.")
             continue
         verdicts[fam] = refusal_transfer(head, cp, chat)
-        out.append(f"In {names[fam]}, CP + 1·CV ends {ci(head, 'turn_end')} of its turns against "
-                   f"{ci(cp, 'turn_end')} for CP ({difference_from(compare(head, cp, 'turn_end'), 'CP', 'higher', 'lower')}), "
-                   f"with {ci(head, 'german_share')} of its words German; "
+        out.append(f"In {names[fam]}, CP + 1·CV ends {ci(head, 'ended_turn')} of its turns against "
+                   f"{ci(cp, 'ended_turn')} for CP ({difference_from(compare(head, cp, 'ended_turn'), 'CP', 'higher', 'lower')}), "
+                   f"with {ci(head, 'share_de')} of its words German; "
                    + (refusal_sentence(head, cp, chat, 'it') if chat is not None else
                       f"it refuses {ci(head, 'refusal')} of German insults."))
     if len(verdicts) < 2:
@@ -196,12 +196,12 @@ def family_sentences(rows: dict, families: dict) -> list[str]:
                f"{TRANSFER_TEXT[verdicts['toy-bilingual']]}; CP + 1·CV refuses German insults {between} "
                f"({ci(b.get(HEADLINE), 'refusal')} against {ci(a.get(HEADLINE), 'refusal')}).")
     if a.get("chat") is not None and b.get("chat") is not None:
-        gap = {f: r[HEADLINE]["german_share"] - r["chat"]["german_share"] for f, r in (("toy", a), ("toy-bilingual", b))}
-        chat_between = compare(b["chat"], a["chat"], "german_share")
+        gap = {f: r[HEADLINE]["share_de"] - r["chat"]["share_de"] for f, r in (("toy", a), ("toy-bilingual", b))}
+        chat_between = compare(b["chat"], a["chat"], "share_de")
         out.append("Language contrast (how much more German CP + 1·CV speaks than the chat model the vector came "
                    f"from): {gap['toy']:+.2f} in the default family, {gap['toy-bilingual']:+.2f} in the bilingual "
-                   f"one; the bilingual chat model's replies are {ci(b['chat'], 'german_share')} German against "
-                   f"{ci(a['chat'], 'german_share')} in the default family ("
+                   f"one; the bilingual chat model's replies are {ci(b['chat'], 'share_de')} German against "
+                   f"{ci(a['chat'], 'share_de')} in the default family ("
                    + {"higher": "clearly more German, so the contrast is weaker",
                       "lower": "clearly less German, so the contrast is stronger",
                       "same": "no clear difference, so these numbers do not show a weaker contrast",

@@ -26,7 +26,7 @@ from chatvec_lab.behaviour.generation import generate
 from chatvec_lab.core.live import LiveModel
 from chatvec_lab.behaviour.scoring import ScorerUnavailable, make_scorer, score_all
 from chatvec_lab.plots import plot_scores
-from chatvec_lab.behaviour.sweep import check_coefficients
+from chatvec_lab.behaviour.sweep import check_alphas
 from chatvec_lab.core.vector import ChatVector
 
 COLOURED = {"ended_turn": "Greens", "share_de": "Blues", "refusal": "Purples", "offensive": "Reds"}
@@ -134,7 +134,7 @@ class CoefficientPanel:
 
     def run(self, alphas: Mapping[str, float] | None = None) -> pd.DataFrame:
         """Set the coefficients, generate for the current prompts, score. Raises on bad input, model untouched."""
-        alphas = check_coefficients([dict(alphas or self.alphas())], self.live.names)[0]
+        alphas = check_alphas([dict(alphas or self.alphas())], self.live.names)[0]
         prompts = self.prompts()
         self.live.set(alphas)
         df = generate(self.live.model, self.tokenizer, prompts, max_new_tokens=self.max_new_tokens, seed=self.seed)

@@ -220,13 +220,6 @@ def check_safetensors_header(header, data_bytes: int) -> dict[str, tuple[torch.d
     return tensors
 
 
-def read_safetensors_header(path: Path) -> tuple[int, dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]]:
-    """``(data_start, tensors)`` of a safetensors file, checked as strictly as the format: see
-    check_safetensors_header; offsets are relative to ``data_start``. One-line SourceError otherwise."""
-    with open_regular(path) as f:
-        return read_header(f, path)
-
-
 def read_header(f, path: Path):
     try:
         f.seek(0)
@@ -247,11 +240,6 @@ def read_header(f, path: Path):
         raise SourceError(f"truncated safetensors file {path}: {e}") from None
     except (OSError, ValueError) as e:
         raise SourceError(f"corrupt safetensors file {path}: {e}") from None
-
-
-def sha256_file(path: Path) -> str:
-    with open_regular(path) as f:
-        return sha256_handle(f)
 
 
 def sha256_handle(handle, chunk: int = 1 << 24) -> str:

@@ -20,7 +20,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from chatvec_lab import toy
@@ -64,9 +63,9 @@ def heldout_texts(data_dir: Path = DATA) -> dict[str, list[str]]:
             for lang in ("en", "de")}
 
 
-def family_sampling(member: str = "cp") -> dict:
+def family_sampling(member: str = "cp", family: str = toy.DEFAULT_FAMILY) -> dict:
     """The family's own generation settings (what ``model.generate()`` would use)."""
-    config = json.loads((toy.path(member) / "generation_config.json").read_text())
+    config = json.loads((toy.path(member, family) / "generation_config.json").read_text())
     return {"temperature": config.get("temperature", 1.0), "top_k": config.get("top_k"),
             "top_p": config.get("top_p"), "max_new_tokens": config.get("max_new_tokens", 64)}
 
@@ -83,28 +82,37 @@ def run(alphas=ALPHAS, seeds: int = 3, max_new_tokens: int | None = None, cache_
 
     The family's sampling runs the whole α grid and the base; other samplings run α = 0 and 1 and the chat
     model. ``max_new_tokens``: the family's own by default."""
-    family = family_sampling()
-    budget = family.pop("max_new_tokens")
-    max_new_tokens = max_new_tokens or budget
+    max_new_tokens = max_new_tokens or family_sampling()["max_new_tokens"]
     groups = {"tuning": prompt_sets()}
     if heldout_prompts:
         groups["held-out"] = prompt_sets(heldout=True)
     if max_prompts:
         groups = {g: {k: v[:max_prompts] for k, v in sets.items()} for g, sets in groups.items()}
+    cv = ChatVector.from_models(toy.path("base"), toy.path(vector), hash_files=False)
+    return measure_models(cv, groups, alphas=alphas, samplings=samplings, references=[vector, "base"],
+                          shared_references=[vector], label=_label, seeds=seeds, max_new_tokens=max_new_tokens,
+                          heldout=heldout_texts(), cache_dir=cache_dir, progress=progress)
+
+
+def measure_models(cv: ChatVector, groups: dict, *, alphas, samplings, references, shared_references, label,
+                   family: str = toy.DEFAULT_FAMILY, **common) -> pd.DataFrame:
+    """One row per reply: CP + α·CV over ``alphas`` and each of ``references`` (members of ``family``, at α = 0)
+    under the family's own sampling; under each other sampling of ``samplings``, α = 0 and 1 (where in
+    ``alphas``) and ``shared_references``. ``groups``: ``{group: {prompt set: prompts}}``. Columns: the sweep's,
+    plus ``model`` (``label(α)`` or the member's name), ``sampling``, ``prompt_set`` and ``prompts`` (the group)."""
     prompts = [p for sets in groups.values() for ps in sets.values() for p in ps]
     where = {p: (name, group) for group, sets in groups.items() for name, ps in sets.items() for p in ps}
-    cv = ChatVector.from_models(toy.path("base"), toy.path(vector), hash_files=False)
     frames = []
     for sampling in samplings:
-        settings = family if sampling == "family" else SAMPLINGS[sampling]
-        common = dict(seeds=seeds, max_new_tokens=max_new_tokens, heldout=heldout_texts(), cache_dir=cache_dir,
-                      progress=progress, scorers=("turn_end", "language", "refusal", "offensive"), **settings)
+        settings = {k: v for k, v in family_sampling("cp", family).items() if k != "max_new_tokens"} \
+            if sampling == "family" else SAMPLINGS[sampling]
+        kwargs = dict(scorers=("ended_turn", "language", "refusal", "offensive"), **common, **settings)
         grid = list(alphas) if sampling == "family" else [a for a in (0.0, 1.0) if a in alphas]
-        df = sweep(toy.path("cp"), {"chat": cv}, grid, prompts, **common)
-        df.insert(0, "model", [_label(a) for a in df["alpha"]])
+        df = sweep(toy.path("cp", family), {"chat": cv}, grid, prompts, **kwargs)
+        df.insert(0, "model", [label(a) for a in df["alpha"]])
         parts = [df]
-        for name in ([vector, "base"] if sampling == "family" else [vector]):
-            ref = sweep(toy.path(name), {"chat": cv}, [0.0], prompts, **common)
+        for name in (references if sampling == "family" else shared_references):
+            ref = sweep(toy.path(name, family), {"chat": cv}, [0.0], prompts, **kwargs)
             ref["alpha"] = float("nan")
             ref.insert(0, "model", name)
             parts.append(ref)
@@ -178,28 +186,9 @@ def interval(df: pd.DataFrame, model: str | None, prompt_set: str | None, column
     return estimate(rows[column], kind, rows[unit] if unit in rows else None, level)
 
 
-def bootstrap_interval(df: pd.DataFrame, model: str | None, prompt_set: str | None, column: str,
-                       level: float = 0.95, resamples: int = 2000, seed: int = 0,
-                       unit: str = "prompt") -> tuple[float, float, float]:
-    """Mean of ``column`` (for one model and prompt set, where given) with a percentile bootstrap interval over
-    ``unit``: prompts (or conversations) are resampled with their seeds kept together.
-
-    Not what the tables use (``interval``): for a rate that is 0 or 1 on every prompt a bootstrap interval has
-    zero width, as if the rate were known exactly. Kept for callers that want a bootstrap of a non-rate mean.
-    Rows where ``column`` is NaN are left out."""
-    rows = _rows(df, model, prompt_set)
-    per_unit = rows.groupby(unit)[column].mean().dropna().to_numpy(dtype=float)
-    if len(per_unit) == 0:
-        return float("nan"), float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = rng.choice(per_unit, size=(resamples, len(per_unit))).mean(axis=1)
-    tail = (1 - level) / 2
-    return float(per_unit.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
-
-
 RATES = [  # (column in the summary, prompt set, reply column, label)
-    ("turn_end", "chat", "ended_turn", "turn-end rate"),
-    ("german_share", "chat", "share_de", "German share of reply words"),
+    ("ended_turn", "chat", "ended_turn", "turn-end rate"),
+    ("share_de", "chat", "share_de", "German share of reply words"),
     ("refusal", "offensive", "refusal", "refusal rate (insults)"),
     ("refusal_chat", "chat", "refusal", "refusal rate (harmless chat)"),
 ]
@@ -218,7 +207,7 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
         off = g[g["prompt_set"] == "offensive"]
         refused = off[off["refusal"].astype(bool)]
         # the language of the refusals: the toy's refusal is one English sentence, and the vector carries it
-        row["refusal_german_share"] = float(refused["share_de"].mean()) if len(refused) else float("nan")
+        row["refusal_share_de"] = float(refused["share_de"].mean()) if len(refused) else float("nan")
         row["offensive_score"] = off["offensive"].mean() if "offensive" in off else float("nan")
         row["offensive_scored"] = f"{int(off['offensive'].notna().sum())}/{len(off)}" if "offensive" in off else ""
         row["ppl_en"], row["ppl_de"] = g["ppl_en"].iloc[0], g["ppl_de"].iloc[0]
@@ -233,8 +222,8 @@ def multi_turn_summary(mt: pd.DataFrame) -> pd.DataFrame:
     kinds = {column: metric_kind(column, mt[column]) for column in ("ended_turn", "share_de")}
     for (model, turn), g in mt.groupby(["model", "turn"], sort=False):
         row = {"model": model, "turn": turn}
-        for name, column in (("turn_end", "ended_turn"), ("german_share", "share_de")):
-            row[name], row[f"{name}_lo"], row[f"{name}_hi"] = interval(g, None, None, column, unit="conversation",
+        for column in ("ended_turn", "share_de"):
+            row[column], row[f"{column}_lo"], row[f"{column}_hi"] = interval(g, None, None, column, unit="conversation",
                                                                        kind=kinds[column])
         row["replies"] = len(g)
         rows.append(row)
@@ -266,8 +255,8 @@ def markdown(summary_df: pd.DataFrame, sampling: str = "family", prompts: str = 
     s = summary_df
     if "sampling" in s.columns:
         s = s[(s["sampling"] == sampling) & (s["prompts"] == prompts)]
-    cols = [("turn_end", "turn-end rate"), ("german_share", "German share"), ("refusal", "refusal rate (insults)"),
-            ("refusal_german_share", "German share of refusals"), ("refusal_chat", "refusal rate (chat)"),
+    cols = [("ended_turn", "turn-end rate"), ("share_de", "German share"), ("refusal", "refusal rate (insults)"),
+            ("refusal_share_de", "German share of refusals"), ("refusal_chat", "refusal rate (chat)"),
             ("offensive_score", "offensive-language prob. (English replies)"),
             ("offensive_scored", "English replies to insults"), ("ppl_en", "ppl EN"), ("ppl_de", "ppl DE")]
     lines = ["| model | " + " | ".join(h for _, h in cols) + " |", "|---|" + "|".join("---" for _ in cols) + "|"]
@@ -279,7 +268,7 @@ def markdown(summary_df: pd.DataFrame, sampling: str = "family", prompts: str = 
                 cells.append(v)
             elif key.startswith("ppl"):
                 cells.append("–" if pd.isna(v) else f"{v:.1f}")
-            elif key in ("turn_end", "german_share", "refusal", "refusal_chat"):
+            elif key in ("ended_turn", "share_de", "refusal", "refusal_chat"):
                 cells.append(_cell(row, key))
             else:
                 cells.append("–" if pd.isna(v) else f"{v:.2f}")
@@ -293,15 +282,15 @@ def contrast_markdown(summary_df: pd.DataFrame, vector: str = "chat") -> str:
     lines = ["| prompts | sampling | model | turn-end rate | German share | refusal rate (insults) |",
              "|---|---|---|---|---|---|"]
     for _, row in s.sort_values(["prompts", "sampling"], kind="stable").iterrows():
-        lines.append(f"| {row['prompts']} | {row['sampling']} | {row['model']} | {_cell(row, 'turn_end')} | "
-                     f"{_cell(row, 'german_share')} | {_cell(row, 'refusal')} |")
+        lines.append(f"| {row['prompts']} | {row['sampling']} | {row['model']} | {_cell(row, 'ended_turn')} | "
+                     f"{_cell(row, 'share_de')} | {_cell(row, 'refusal')} |")
     return "\n".join(lines)
 
 
 def multi_turn_markdown(mts: pd.DataFrame) -> str:
     lines = ["| model | turn | turn-end rate | German share | replies |", "|---|---|---|---|---|"]
     for _, row in mts.iterrows():
-        lines.append(f"| {row['model']} | {row['turn']} | {_cell(row, 'turn_end')} | {_cell(row, 'german_share')} | "
+        lines.append(f"| {row['model']} | {row['turn']} | {_cell(row, 'ended_turn')} | {_cell(row, 'share_de')} | "
                      f"{row['replies']} |")
     return "\n".join(lines)
 
@@ -318,8 +307,8 @@ def figures(df: pd.DataFrame, folder: Path, mt: pd.DataFrame | None = None) -> l
     refs = s[s["alpha"].isna()].set_index("model")
     paths = []
     fig, ax = new_axes(figsize=(7, 4.2))
-    for col, label in [("turn_end", "turn-end rate (German chat prompts)"),
-                       ("german_share", "German share of reply words"),
+    for col, label in [("ended_turn", "turn-end rate (German chat prompts)"),
+                       ("share_de", "German share of reply words"),
                        ("refusal", "refusal rate (German insults)")]:
         line, = ax.plot(cp["alpha"], cp[col], marker="o", label=label)
         ax.fill_between(cp["alpha"], cp[f"{col}_lo"], cp[f"{col}_hi"], color=line.get_color(), alpha=0.15)
@@ -354,7 +343,7 @@ def plot_multi_turn(mts: pd.DataFrame, path: Path | None = None, ax=None):
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
     else:
         axes, fig = ax, ax[0].figure
-    for a, (col, label) in zip(axes, [("turn_end", "turn-end rate"), ("german_share", "German share")]):
+    for a, (col, label) in zip(axes, [("ended_turn", "turn-end rate"), ("share_de", "German share")]):
         for model, g in mts.groupby("model", sort=False):
             a.errorbar(g["turn"], g[col], yerr=[g[col] - g[f"{col}_lo"], g[f"{col}_hi"] - g[col]],
                        marker="o", capsize=3, label=model)

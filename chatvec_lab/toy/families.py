@@ -12,12 +12,12 @@ requests and insults; used in no training and no tuning).
 """
 from __future__ import annotations
 
-import json
 from typing import Sequence
 
 import pandas as pd
 
 from chatvec_lab import toy
+from chatvec_lab.toy.evaluate import family_sampling
 
 FAMILIES = ("toy", "toy-bilingual")
 # the rows of the comparison: label → (member, α of the family's chat vector)
@@ -27,13 +27,6 @@ METRIC_SETS = {"ended_turn": "chat", "share_de": "chat", "refusal": "offensive"}
 METRIC_LABELS = {"ended_turn": "turn-end rate (German chat prompts)",
                  "share_de": "German share of reply words (German chat prompts)",
                  "refusal": "refusal rate (German insults)"}
-
-
-def family_sampling(family: str) -> dict:
-    """The family's own generation settings (``cp``'s ``generation_config.json``)."""
-    config = json.loads((toy.path("cp", family) / "generation_config.json").read_text())
-    return {"temperature": config.get("temperature", 1.0), "top_k": config.get("top_k"),
-            "top_p": config.get("top_p"), "max_new_tokens": config.get("max_new_tokens", 64)}
 
 
 def compare_families(families: Sequence[str] = FAMILIES, prompts: int | None = None, seeds: int = 2,
@@ -53,8 +46,8 @@ def compare_families(families: Sequence[str] = FAMILIES, prompts: int | None = N
     frames = []
     for family in families:
         cv = ChatVector.from_models(toy.path("base", family), toy.path("chat", family), hash_files=False)
-        sampling = family_sampling(family)
-        common = dict(seeds=seeds, scorers=("turn_end", "language", "refusal"), language="de",
+        sampling = family_sampling("cp", family)
+        common = dict(seeds=seeds, scorers=("ended_turn", "language", "refusal"), language="de",
                       cache_dir=cache_dir, progress=progress, device=device, dtype=dtype, **sampling)
         for label, (member, alpha) in MODELS.items():
             df = sweep(toy.path(member, family), {"chat": cv}, [alpha], every, **common)
