@@ -32,6 +32,11 @@ class NotFound(SourceError, FileNotFoundError):
     """A file or folder the user named does not exist (still a FileNotFoundError for older callers)."""
 
 
+class ChatVecWarning(UserWarning):
+    """Something the user should know that does not stop the run (a cache that could not be written, say). The CLI
+    prints it as one ``chatvec CMD: warning: …`` line."""
+
+
 class UnknownName(UsageError, KeyError):
     """A name that is not among the choices (a vector, a toy model, a pair): the message lists them."""
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import stat
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -22,7 +23,7 @@ import pandas as pd
 import torch
 
 from chatvec_lab.core.vector import ChatVector
-from chatvec_lab.errors import SourceError, UsageError
+from chatvec_lab.errors import ChatVecError, ChatVecWarning, SourceError, UsageError, one_line
 from chatvec_lab.io.output import atomic_file, check_clear_of_inputs
 
 
@@ -164,6 +165,7 @@ class CellCache:
         self.folder = Path(folder) / "cells"
         self.grid_key = grid_key
         self.prompts = list(prompts)
+        self.failed = False  # a write failed: the cache is not written again this run
 
     def key(self, cell) -> str:
         """The hash of everything the cell's rows depend on (stored in the cell, checked when it is read)."""
@@ -185,8 +187,15 @@ class CellCache:
         return df
 
     def put(self, cell, df: pd.DataFrame) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        write_table(self.path(cell), df, key=self.key(cell))
+        if self.failed:  # said once; the run goes on uncached
+            return
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_table(self.path(cell), df, key=self.key(cell))
+        except (ChatVecError, OSError) as e:
+            self.failed = True
+            warnings.warn(f"the cache {self.folder} cannot be written ({one_line(e)}): the run goes on without "
+                          "caching its cells", ChatVecWarning, stacklevel=2)
 
 
 # ---------------------------------------------------------------- cache keys

@@ -18,7 +18,7 @@ from typing import Mapping, Protocol, Sequence
 import pandas as pd
 import torch
 
-from chatvec_lab.errors import SourceError, UsageError
+from chatvec_lab.errors import SourceError, UsageError, count_nonfinite
 from chatvec_lab.behaviour.generation import generate
 from chatvec_lab.core.live import LiveModel
 from chatvec_lab.behaviour.scoring import perplexity
@@ -183,6 +183,12 @@ class TransformersEngine:
                             **gen_kwargs)
         except NonFiniteError as e:
             shown = ", ".join(f"{k}={v}" for k, v in (self.live.alphas.items() if self.live else ()))
+            for name, param in self.model.named_parameters():  # only now, on failure: a scan costs a pass
+                if param.is_floating_point() and count_nonfinite(param.detach()):
+                    where = "the target's own weights" if not any(self.live.alphas.values()) else \
+                        f"the weights at α {shown}"
+                    raise NonFiniteError(f"tensor {name!r} holds {count_nonfinite(param.detach())} NaN/Inf values "
+                                         f"in {where}: the model cannot generate") from None
             raise NonFiniteError(f"at α {shown}: {e}" if shown else str(e)) from None
 
     def perplexity(self, texts) -> float:

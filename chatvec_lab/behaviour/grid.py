@@ -16,6 +16,7 @@ resumes with the missing cells only.
 """
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
@@ -23,9 +24,10 @@ from typing import Callable, Mapping, Sequence
 import pandas as pd
 
 from chatvec_lab.behaviour.cache import CellCache
-from chatvec_lab.behaviour.scoring import RECORDED, make_scorer, score_all
+from chatvec_lab.behaviour.scoring import RECORDED, check_language, make_scorer, score_all
 from chatvec_lab.core.plan import Cell, cell_coefficient
 from chatvec_lab.errors import Unavailable, UsageError
+from chatvec_lab.io.signals import check_interrupted
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,13 @@ class GridSettings:
     language: str
     heldout: tuple[tuple[str, tuple[str, ...]], ...] = ()
     gen_kwargs: tuple[tuple[str, object], ...] = ()
+
+    def __post_init__(self):  # checked before any model loads
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, numbers.Integral) \
+                or self.max_new_tokens < 1:
+            raise UsageError(f"max_new_tokens must be a positive integer, not {self.max_new_tokens!r}")
+        if "language" in self.scorers:
+            check_language(self.language)
 
     def key(self) -> dict:
         return {"prompts": list(self.prompts), "scorers": list(self.scorers), "max_new_tokens": self.max_new_tokens,
@@ -159,6 +168,7 @@ class LocalExecutor:
             on_result: Callable[[GridCell, pd.DataFrame], None]) -> None:
         runner = make_runner()
         for cell in cells:
+            check_interrupted()  # between cells: a signal whose exception was lost stops the grid here
             on_result(cell, runner.run(cell))
 
 

@@ -153,6 +153,21 @@ class DetoxifyScorer:
         return pd.DataFrame(rows, columns=self.classes)
 
 
+@functools.lru_cache(maxsize=1)
+def _langid_languages() -> frozenset:
+    from langid.langid import LanguageIdentifier, model
+
+    return frozenset(LanguageIdentifier.from_modelstring(model).nb_classes)
+
+
+def check_language(code) -> str:
+    """``code`` if ``langid`` tells that language apart (an ISO 639-1 code: de, fr, ja …); one UsageError if not."""
+    if not isinstance(code, str) or code not in _langid_languages():
+        raise UsageError(f"language {code!r} is not one langid tells apart: give an ISO 639-1 code such as de, fr "
+                         f"or ja ({len(_langid_languages())} known)")
+    return code
+
+
 class LanguageScorer:
     """Language of each reply (``langid``, offline) and the share of its words in ``target``."""
 
@@ -165,7 +180,10 @@ class LanguageScorer:
         except ImportError as e:  # pragma: no cover
             raise ScorerUnavailable(f"langid is not installed: pip install langid ({e})")
         self.identifier = LanguageIdentifier.from_modelstring(model, norm_probs=True)
-        self.identifier.set_languages(list(candidates))
+        candidates = list(dict.fromkeys([*candidates, target]))  # the target is always one of the choices
+        for code in candidates:
+            check_language(code)
+        self.identifier.set_languages(candidates)
         self.target = target
         self.window = window
         self.columns = {"language": "language of the reply (langid)",

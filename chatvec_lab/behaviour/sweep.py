@@ -17,14 +17,14 @@ from typing import Mapping, Sequence
 
 import pandas as pd
 
-from chatvec_lab.errors import NotFound, UsageError
+from chatvec_lab.errors import ChatVecError, ChatVecWarning, NotFound, UsageError, one_line
 from chatvec_lab.behaviour.engines import EngineSpec, TransformersEngine, load_target, runtime_key
 from chatvec_lab.analysis.intervals import estimate, metric_kind, wilson_interval  # noqa: F401 (wilson_interval: re-exported)
 from chatvec_lab.behaviour.cache import CellCache, check_cache_dir, files_key, read_table, vector_key, write_table
 from chatvec_lab.behaviour.grid import check_seeds, CellRunner, GridSettings, LocalExecutor, make_cells, run_grid
 from chatvec_lab.core.live import LiveModel
 from chatvec_lab.core.plan import check_alpha
-from chatvec_lab.io.output import atomic_file, check_clear_of_inputs, check_output_path
+from chatvec_lab.io.output import atomic_file, check_clear_of_inputs, check_output_path, check_separate_outputs
 from chatvec_lab.core.vector import ChatVector, named_vectors
 
 DEFAULT_SCORERS = ("ended_turn", "language", "refusal", "offensive")
@@ -46,8 +46,10 @@ def read_prompts(path) -> list[str]:
     Lines end at ``\n`` only (a U+2028 or form feed inside a prompt stays in it); a UTF-8 byte-order mark is
     dropped; blank lines are skipped."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder: the prompts are a file (one prompt a line, or JSONL)")
     if not path.is_file():
-        raise NotFound(f"prompt file {path} not found" + (" (it is a folder)" if path.is_dir() else ""))
+        raise NotFound(f"prompt file {path} not found")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
@@ -207,8 +209,11 @@ def sweep(target, vectors, alphas=None, prompts: Sequence[str] | None = None, *,
     for lang, _ in settings.heldout:  # measured once per point (its first seed): every row of the point shows it
         column = f"ppl_{lang}"
         result[column] = result.groupby([f"alpha_{n}" for n in vectors], sort=False)[column].transform("first")
-    if cache_file is not None:  # concurrent runs write the same content: whichever is last replaces it whole
-        write_table(cache_file, result)
+    if cache_file is not None and not (cell_cache is not None and cell_cache.failed):
+        try:  # concurrent runs write the same content: whichever is last replaces it whole
+            write_table(cache_file, result)
+        except (ChatVecError, OSError) as e:  # the cache saves time; the table is the result
+            warnings.warn(f"the sweep's table could not be cached ({one_line(e)})", ChatVecWarning, stacklevel=2)
     return result
 
 
@@ -254,6 +259,7 @@ def run_sweep_cli(args, executor=None) -> None:
     inputs = [*source_paths(open_weights(args.target)), Path(args.prompts),
               *(p for v in args.vector for p in ChatVector.load(v).input_paths())]
     check_output_path(args.csv, args.overwrite, inputs, folder=False)  # before the sweep's work, not after
+    check_separate_outputs([(args.csv, "--csv"), (args.cache_dir, "--cache-dir")])
     if args.cache_dir:
         check_clear_of_inputs(args.cache_dir, inputs)
     prompts = read_prompts(args.prompts)

@@ -18,10 +18,11 @@ import re
 import os
 import signal
 import sys
+import warnings
 
 from chatvec_lab.cli import behaviour, course, merge, weights
 from chatvec_lab.cli.arguments import Command, join_negative_numbers
-from chatvec_lab.errors import ChatVecError, OneLineParser, one_line
+from chatvec_lab.errors import ChatVecError, ChatVecWarning, OneLineParser, one_line
 
 # every command, in the order ``chatvec --help`` lists them
 COMMANDS: dict[str, Command] = {**weights.COMMANDS, **merge.COMMANDS, **behaviour.COMMANDS, **course.COMMANDS}
@@ -56,37 +57,60 @@ def flags_of_this_command(message: str, parser, command: str) -> str:
     return f"{message} [note: chatvec {command} has no {', '.join(missing)}{where}]"
 
 
+def _one_line_warning(command: str, show):
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, ChatVecWarning):
+            print(f"chatvec {command}: warning: {one_line(message)}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+    return showwarning
+
+
 def main(argv=None) -> int:
-    from chatvec_lab.io.output import Interrupted
+    from chatvec_lab.io.signals import Interrupted, received_signal, signals_interrupt
 
     argv = join_negative_numbers(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):  # read when transformers / the hub client are first imported, below
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
-        args.func(args)
+        with warnings.catch_warnings(), signals_interrupt():  # SIGTERM / SIGHUP end a command as SIGINT does
+            warnings.showwarning = _one_line_warning(args.command, warnings.showwarning)
+            args.func(args)
+            if received_signal():  # its exception was lost on the way (raised inside a finaliser, say)
+                raise Interrupted(received_signal())
         sys.stdout.flush()
     except BrokenPipeError:  # e.g. `chatvec info … | head -1`: the reader has what it wanted
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    except ChatVecError as e:
-        print(f"chatvec {args.command}: error: {flags_of_this_command(one_line(e), parser, args.command)}",
-              file=sys.stderr)
-        return 2
-    except (ValueError, OSError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"chatvec {args.command}: error: {one_line(msg)}", file=sys.stderr)
-        return 2
-    except RecursionError:  # a file nested so deeply that a parser outside the lab gave up
-        print(f"chatvec {args.command}: error: an input file is nested too deeply to be read (JSON thousands of "
-              "levels deep?)", file=sys.stderr)
-        return 2
+    except Exception as e:
+        if received_signal():  # a signal that library code turned into another error
+            return _interrupted(args.command, received_signal())
+        if isinstance(e, ChatVecError):
+            print(f"chatvec {args.command}: error: {flags_of_this_command(one_line(e), parser, args.command)}",
+                  file=sys.stderr)
+            return 2
+        if isinstance(e, (ValueError, OSError, KeyError)):
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+            print(f"chatvec {args.command}: error: {one_line(msg)}", file=sys.stderr)
+            return 2
+        if isinstance(e, RecursionError):  # a file nested so deeply that a parser outside the lab gave up
+            print(f"chatvec {args.command}: error: an input file is nested too deeply to be read (JSON thousands "
+                  "of levels deep?)", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt as e:
-        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
-        print(f"chatvec {args.command}: interrupted by {signal.Signals(signum).name}; no partial output was left",
-              file=sys.stderr)
-        return 128 + signum
+        return _interrupted(args.command, e.signum if isinstance(e, Interrupted) else signal.SIGINT)
     return 0
+
+
+def _interrupted(command: str, signum: int) -> int:
+    print(f"chatvec {command}: interrupted by {signal.Signals(signum).name}; no partial output was left",
+          file=sys.stderr)
+    return 128 + signum
 
 
 if __name__ == "__main__":

@@ -75,6 +75,11 @@ def positive_int(text: str, what: str = "expected a positive integer") -> int:
     return value
 
 
+def max_new_tokens(text: str) -> int:
+    """A reply's length limit in tokens: a positive integer."""
+    return positive_int(text, "--max-new-tokens must be a positive integer")
+
+
 def matrix_rank(text: str) -> int:
     """A rank to keep of every matrix: a positive integer up to ``core.transforms.MAX_RANK``."""
     from chatvec_lab.core.transforms import MAX_RANK

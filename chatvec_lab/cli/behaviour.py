@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from chatvec_lab.cli.arguments import (Command, add_device_options, add_quiet, add_ray_options, alpha_list,
-                                       make_executor, one_number, rank_list, seed_count)
+                                       make_executor, max_new_tokens, one_number, rank_list, seed_count)
 from chatvec_lab.errors import ChatVecError
 
 # ---------------------------------------------------------------------------------------------- sweep
@@ -24,7 +24,7 @@ def sweep_arguments(s) -> None:
     s.add_argument("--scorers", default="ended_turn,language,refusal,offensive",
                    help="comma-separated: ended_turn, language, refusal, offensive, detoxify")
     s.add_argument("--seeds", type=seed_count, default=1, help="number of sampling seeds")
-    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--max-new-tokens", type=max_new_tokens, default=64)
     s.add_argument("--language", default="de", help="the new language's code, for the language share")
     s.add_argument("--csv", required=True)
     s.add_argument("--cache-dir", help="reuse results cached here")
@@ -50,7 +50,7 @@ def atlas_arguments(t) -> None:
     t.add_argument("-o", "--out", required=True, help="a new folder: atlas.csv, summary.csv, rankings, heatmaps")
     t.add_argument("--alphas", type=alpha_list, default=[1.0], help="grid α values besides the norm-matched one")
     t.add_argument("--seeds", type=seed_count, default=1, help="number of sampling seeds")
-    t.add_argument("--max-new-tokens", type=int, default=64)
+    t.add_argument("--max-new-tokens", type=max_new_tokens, default=64)
     t.add_argument("--language", default="de")
     t.add_argument("--quick", action="store_true", help="8 prompts")
     t.add_argument("--ranks", type=rank_list, help="also a low-rank curve: these ranks of every matrix, e.g. 1,4,16,64")

@@ -307,7 +307,7 @@ def _run_demo(out, overwrite: bool, notebooks: bool, name: str, device="auto", d
     out, plan = Path(out), PLANS[name]
     clock = Clock()
     families = {f: family_info(f) for f in ("toy", SECOND_FAMILY)}
-    inputs = [toy.data_dir(), *resources.inputs()]
+    inputs = [toy.data_dir(), resources.PACKAGE_DIR, *resources.inputs()]  # never into the installed package
     if families[SECOND_FAMILY]["found"]:
         inputs.append(Path(families[SECOND_FAMILY]["folder"]))
     with atomic_folder(out, overwrite, inputs=inputs) as tmp:

@@ -19,10 +19,8 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import stat
 import sys
-import threading
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -32,6 +30,7 @@ except ImportError:  # pragma: no cover - not on Windows
     fcntl = None
 
 from chatvec_lab.errors import OutputError, require_bool
+from chatvec_lab.io.signals import Interrupted, check_interrupted, received_signal, signals_held, signals_interrupt  # noqa: F401 (re-exported)
 
 log = logging.getLogger("chatvec_lab")
 
@@ -62,6 +61,17 @@ def check_clear_of_inputs(path, inputs: Iterable) -> Path:
     except (OSError, ValueError) as e:
         raise OutputError(f"cannot write to {path!s}: {getattr(e, 'strerror', None) or e}") from None
     return target
+
+
+def check_separate_outputs(outputs: Iterable[tuple]) -> None:
+    """Refuse two outputs of one run (``(path, flag)`` pairs; a path of None is skipped) that are the same path or
+    one inside the other: the second would fail, or destroy the first, after all the run's work."""
+    given = [(path, flag) for path, flag in outputs if path is not None]
+    for i, (a, flag_a) in enumerate(given):
+        for b, flag_b in given[i + 1:]:
+            ra, rb = Path(a).expanduser().resolve(), Path(b).expanduser().resolve()
+            if ra == rb or ra in rb.parents or rb in ra.parents:
+                raise OutputError(f"{flag_a} {a} and {flag_b} {b} overlap: give each output its own path")
 
 
 def check_output_path(out, overwrite: bool, inputs: Iterable = (), folder: bool = True) -> Path:
@@ -298,58 +308,6 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGHUP arrived while an output was being written (the folder was cleaned up)."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"interrupted by {signal.Signals(signum).name}")
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def _signals_interrupt() -> Iterator[None]:
-    """Within the block, SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted`, so the temporary folder is cleaned
-    up (inside :func:`_signals_held` they wait). Handlers set by the application, and signals it ignores (a run
-    under ``nohup`` ignores SIGHUP), are left alone."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    saved = {}
-    for name, default in (("SIGINT", signal.default_int_handler), ("SIGTERM", signal.SIG_DFL),
-                          ("SIGHUP", signal.SIG_DFL)):
-        sig = getattr(signal, name, None)
-        if sig is not None and signal.getsignal(sig) == default:
-            saved[sig] = signal.signal(sig, _raise_interrupted)
-    try:
-        yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-
-
-_HELD = {"depth": 0, "pending": None}  # Python runs signal handlers in the main thread only: a flag is enough
-
-
-def _raise_interrupted(signum, frame):
-    if _HELD["depth"]:
-        _HELD["pending"] = _HELD["pending"] or signum
-        return
-    raise Interrupted(signum)
-
-
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Within the block a signal that would interrupt waits; it interrupts once the block is done."""
-    _HELD["depth"] += 1
-    try:
-        yield
-    finally:
-        _HELD["depth"] -= 1
-    if not _HELD["depth"] and _HELD["pending"]:
-        signum, _HELD["pending"] = _HELD["pending"], None
-        raise Interrupted(signum)
-
-
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -383,13 +341,14 @@ def _publishing(out, overwrite: bool, inputs: Iterable, folder: bool) -> Iterato
     tmp = lock = None
     created = _missing_parents(target)
     try:
-        with _signals_interrupt():
+        with signals_interrupt():
             target.parent.mkdir(parents=True, exist_ok=True)
             remove_leftovers(target)
             tmp, lock = _locked_temp(target, folder)
             yield tmp
             os.chmod(tmp, (0o777 if folder else 0o666) & ~_umask())
-            with _signals_held():  # the swap and its clean-up happen whole: a signal waits until they are done
+            check_interrupted()  # a signal whose exception was swallowed on the way: nothing is published
+            with signals_held():  # the swap and its clean-up happen whole: a signal waits until they are done
                 (replace if overwrite else publish)(tmp, target)
                 tmp = created = None
     except OSError as e:
