@@ -154,7 +154,8 @@ def vector_stats(vectors, base=None, include: str | None = None, sample: int = S
 
 
 def _cos(dot: float, na2: float, nb2: float) -> float:
-    return dot / math.sqrt(na2 * nb2) if na2 > 0 and nb2 > 0 else math.nan
+    """The cosine, clamped to [-1, 1]: rounding would put a vector's cosine with its copy at 1.0000000000000002."""
+    return min(1.0, max(-1.0, dot / math.sqrt(na2 * nb2))) if na2 > 0 and nb2 > 0 else math.nan
 
 
 def cosine_matrix(stats: VectorStats) -> pd.DataFrame:

@@ -21,11 +21,13 @@ import pandas as pd
 import torch
 
 from chatvec_lab.core.extraction import check_same_architecture
+from chatvec_lab.core.lineage import LINEAGE_STRIDE, LINEAGE_WARN, accumulate, resolve_base, token_row_pairs
+from chatvec_lab.core.lora import in_memory_name
 from chatvec_lab.core.metadata import without_vocabulary
 from chatvec_lab.core.plan import (EMBEDDING_POLICIES, MAX_LAYERS, TARGET_ONLY_POLICIES, Alpha, Status, TensorPlan,
                                    coefficient_for, layer_filter, plan_apply)
 from chatvec_lab.core.tensor_merge import merge_tensor, merge_token_rows
-from chatvec_lab.core.terms import ModelDifference, row_blocks
+from chatvec_lab.core.terms import ModelDifference
 from chatvec_lab.core.tokens import ChatTurn, TokenMap, chat_turn_of, grow_vocabulary
 from chatvec_lab.core.vector import ChatVector, compile_pattern
 from chatvec_lab.errors import SourceError, UsageError, check_finite, require_bool
@@ -93,8 +95,6 @@ class ApplyOptions:
         return dataclasses.replace(options or cls(), **fields)
 
 
-LINEAGE_WARN = 0.5
-LINEAGE_STRIDE = 4
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
                "chat_template.jinja", "chat_template.json", "preprocessor_config.json")
@@ -106,25 +106,35 @@ class LineageWarning(UserWarning):
 
 @dataclass
 class ApplyReport:
+    """What an apply did: per tensor (``tensors``), the lineage distance, and what to know about it:
+    ``warnings`` holds every message in order, ``notes`` those of them that only inform (e.g. where the chat
+    template came from), which ``summary`` prints as ``note:`` rather than ``warning:``."""
     tensors: pd.DataFrame
     lineage_distance: float | None
     warnings: list[str] = field(default_factory=list)
     out: Path | None = None
+    notes: list[str] = field(default_factory=list)
+    lineage_checked: bool = True  # False: check_lineage=False (--no-lineage-check)
 
     def summary(self) -> str:
         counts = self.tensors["status"].value_counts().to_dict()
-        lineage = "not checked (no base)" if self.lineage_distance is None else f"{self.lineage_distance:.4f}"
+        lineage = (f"{self.lineage_distance:.4f}" if self.lineage_distance is not None else
+                   "not checked (no base)" if self.lineage_checked else "not checked (--no-lineage-check)")
         lines = ["tensors: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
                  f"lineage ‖target − base‖/‖base‖: {lineage}"]
-        lines += [f"warning: {w}" for w in self.warnings]
+        lines += [f"{'note' if w in self.notes else 'warning'}: {w}" for w in self.warnings]
         if self.out:
             lines.append(f"wrote {self.out}")
         return "\n".join(lines)
 
 
 def _as_pairs(vectors) -> list[tuple[ChatVector, Alpha]]:
-    if isinstance(vectors, (ChatVector, str, os.PathLike)):
+    vector_like = (ChatVector, str, os.PathLike)
+    if isinstance(vectors, vector_like):
         vectors = [(vectors, 1.0)]
+    elif isinstance(vectors, tuple) and len(vectors) == 2 and isinstance(vectors[0], vector_like) \
+            and not isinstance(vectors[1], (*vector_like, tuple)):
+        vectors = [vectors]  # a lone (vector, alpha) pair
     elif isinstance(vectors, Mapping):  # {vector: alpha}
         vectors = list(vectors.items())
     if not isinstance(vectors, Iterable):
@@ -147,38 +157,6 @@ def _as_pairs(vectors) -> list[tuple[ChatVector, Alpha]]:
     if not pairs:
         raise UsageError("no vector to apply")
     return pairs
-
-
-def _lineage(acc: list[float], target_t: torch.Tensor, base_t: torch.Tensor | None) -> None:
-    """Accumulate ‖target − base‖² and ‖base‖² over weight matrices (norm gains near 1 would hide a stranger)."""
-    if base_t is None or target_t.dim() < 2 or not target_t.is_floating_point():
-        return
-    if target_t.shape[1:] != base_t.shape[1:]:
-        return
-    rows = min(target_t.shape[0], base_t.shape[0])
-    for i, index in enumerate(row_blocks(tuple(target_t.shape), rows)):
-        if i % LINEAGE_STRIDE:
-            continue  # an estimate from every LINEAGE_STRIDE-th block of rows is plenty for a warning
-        b = base_t[index].to(torch.float32)
-        d = target_t[index].to(torch.float32) - b
-        acc[0] += float(torch.dot(d.reshape(-1), d.reshape(-1)))
-        acc[1] += float(torch.dot(b.reshape(-1), b.reshape(-1)))
-
-
-def _resolve_base(base, pairs) -> tuple[WeightSource | None, bool]:
-    """The source for the lineage check, and whether it is the vector's own (read anyway): the given base, else
-    the base a vector is built from, else the base a saved vector records, where that folder still exists."""
-    if base is not None:
-        return open_weights(base), False
-    for vec, _ in pairs:
-        src = vec.base_source
-        if src is not None:
-            return src, True
-    for vec, _ in pairs:
-        recorded = vec.recorded_base()
-        if recorded is not None:
-            return open_weights(recorded), False
-    return None, False
 
 
 def _copy_model_files(target_folder: Path | None, out: Path, turn: ChatTurn | None) -> None:
@@ -205,10 +183,10 @@ def _copy_model_files(target_folder: Path | None, out: Path, turn: ChatTurn | No
         write_json(gen_file, gen)
 
 
-def _report(plans, notes, lineage, out=None) -> ApplyReport:
+def _report(plans, notes, lineage, out=None, info=(), checked: bool = True) -> ApplyReport:
     df = pd.DataFrame([{"name": p.name, "status": p.label, "coefficients": tuple(p.coefficients),
                         "rows": p.rows} for p in plans.values()])
-    warn = list(notes)
+    warn = [*notes, *info]
     distance = None
     if lineage is not None and lineage[1] > 0:
         distance = math.sqrt(lineage[0] / lineage[1])
@@ -217,7 +195,8 @@ def _report(plans, notes, lineage, out=None) -> ApplyReport:
                    "it may not descend from that base, and the vector may not transfer")
             warnings.warn(msg, LineageWarning, stacklevel=3)
             warn.append(msg)
-    return ApplyReport(tensors=df, lineage_distance=distance, warnings=warn, out=out)
+    return ApplyReport(tensors=df, lineage_distance=distance, warnings=warn, out=out, notes=list(info),
+                       lineage_checked=checked)
 
 
 @dataclass
@@ -232,10 +211,11 @@ class _Prepared:
     shared_base: bool  # the base is the vector's own (its tensors are read anyway)
     token_map: TokenMap | None
     new_tokens: dict[str, int]  # union vocabulary: token → output id
+    target_vocab: Vocabulary | None
+    info: list[str]  # notes that only inform (printed as notes, not warnings)
 
 
 def _prepare(target, vectors, opts: ApplyOptions) -> _Prepared:
-    base = opts.base if opts.check_lineage else None
     embeddings, token_map, chat, allow_pickle = opts.embeddings, opts.token_map, opts.chat, opts.allow_pickle
     target_src = open_weights(target, allow_pickle=allow_pickle)
     pairs = _as_pairs(vectors)
@@ -248,11 +228,13 @@ def _prepare(target, vectors, opts: ApplyOptions) -> _Prepared:
                 new_tokens.setdefault(token, len(target_vocab) + len(new_tokens))
     plans, notes = plan_apply(target_src, pairs, embeddings, layer_filter(opts.layers, opts.include, opts.exclude),
                               target_vocab, new_tokens)
+    info = []
     if new_tokens:
-        notes.append(f"union vocabulary: {len(new_tokens)} token(s) the chat model added join the target's "
+        info.append(f"union vocabulary: {len(new_tokens)} token(s) the chat model added join the target's "
                      f"({', '.join(list(new_tokens)[:5])}{' …' if len(new_tokens) > 5 else ''})")
 
-    base_src, shared_base = _resolve_base(base, pairs)
+    base_src, shared_base, base_warnings = resolve_base(opts.base, pairs, opts.check_lineage)
+    notes += base_warnings
     if base_src is not None:
         check_same_architecture(base_src, target_src, f"base {base_src.description}", f"target {target_src.description}")
     rows = None
@@ -267,7 +249,8 @@ def _prepare(target, vectors, opts: ApplyOptions) -> _Prepared:
         if chat_src is None:
             raise SourceError("a token map needs the chat model: pass chat= (--chat)")
         rows = TokenMap(token_map, chat_src, model_folder(target), chat_src.folder)
-    return _Prepared(target_src, pairs, plans, notes, base_src, shared_base, rows, new_tokens or {})
+    return _Prepared(target_src, pairs, plans, notes, base_src, shared_base, rows, new_tokens or {}, target_vocab,
+                     info)
 
 
 def _base_for(name, base_src, shared_base, pairs, plan) -> torch.Tensor | None:
@@ -304,13 +287,14 @@ def apply_vectors(target, vectors, out, *, options: ApplyOptions | None = None, 
     base, chat, target_only = opts.base, opts.chat, opts.target_only
     turn = chat_turn_of(chat_template_from, model_folder(target))  # before the merge: a bad template fails now
     if turn is not None:
-        notes.append(turn.describe())
+        prep.info.append(turn.describe())
     inputs = [*source_paths(target_src), *(p for vec, _ in pairs for p in vec.input_paths()),
               *(source_paths(base_src) if base_src is not None else []),
               *(source_paths(prep.token_map.chat) if prep.token_map is not None else []),
               *([model_folder(chat_template_from)] if chat_template_from is not None else []),
               *(Path(p) for p in (base, chat) if isinstance(p, (str, os.PathLike)) and os.path.exists(p))]
     lineage = [0.0, 0.0] if base_src is not None else None
+    by_token = token_row_pairs(plans, target_src, base_src, prep.target_vocab) if base_src is not None else {}
     order = list(target_src.keys())
     plan = [(n, _out_shape(target_src.shape(n), plans[n]), target_src.dtype(n)) for n in order]
     with atomic_folder(out, overwrite, inputs=inputs) as tmp, contextlib.ExitStack() as stack:
@@ -332,7 +316,7 @@ def apply_vectors(target, vectors, out, *, options: ApplyOptions | None = None, 
                 result = t
                 check_finite(t, f"tensor {name!r} in the target")  # copied as it is, but still written: no NaN passes
             if lineage is not None:
-                _lineage(lineage, t, _base_for(name, base_src, prep.shared_base, pairs, p))
+                accumulate(lineage, t, _base_for(name, base_src, prep.shared_base, pairs, p), by_token.get(name))
             if prep.token_map is not None and parse(name).is_embedding_like:
                 result = result.clone() if result is t else result
                 if prep.token_map.apply(name, result):
@@ -342,7 +326,7 @@ def apply_vectors(target, vectors, out, *, options: ApplyOptions | None = None, 
         _copy_model_files(model_folder(target), tmp, turn)
         if prep.new_tokens:
             grow_vocabulary(model_folder(target), tmp, prep.new_tokens, pairs, plans)
-        report = _report(plans, notes, lineage, out=Path(out))
+        report = _report(plans, notes, lineage, out=Path(out), info=prep.info, checked=opts.check_lineage)
         write_json(tmp / "chatvec_apply.json", {
             "target": target_src.fingerprint(hash_files=False),
             "vectors": [{"metadata": without_vocabulary(v.metadata), "alpha": a if isinstance(a, (int, float))
@@ -372,7 +356,7 @@ def apply_to_model(target, vectors, *, options: ApplyOptions | None = None, inpl
     fields = {f.name for f in dataclasses.fields(ApplyOptions)}
     opts = ApplyOptions.build(options, {k: v for k, v in kwargs.items() if k in fields})
     load_kwargs = {k: v for k, v in kwargs.items() if k not in fields}
-    require_bool(inplace=inplace)
+    require_bool(inplace=inplace, **{k: v for k, v in load_kwargs.items() if k == "trust_remote_code"})
     embeddings = opts.embeddings
     if embeddings in ("tokens", "union"):  # refused before a model is loaded or copied
         raise UsageError(f"embeddings={embeddings!r} is for apply_vectors (a model folder out), not a model in memory")
@@ -392,12 +376,13 @@ def apply_to_model(target, vectors, *, options: ApplyOptions | None = None, inpl
         except (OSError, ValueError, TypeError, AttributeError, KeyError) as e:
             raise SourceError(f"transformers cannot load {folder} with {load_kwargs}: "
                               f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
-    state = module_state(model)
+    pairs = _as_pairs(vectors)
+    state = _checkpoint_names(module_state(model), model, pairs)
     src = open_weights(state)
     src.folder = model_folder(target) if not isinstance(target, torch.nn.Module) else src.folder
     if getattr(model, "config", None) is not None:
         src._config = model.config.to_dict()
-    prep = _prepare(src, vectors, dataclasses.replace(opts, allow_pickle=False))
+    prep = _prepare(src, pairs, dataclasses.replace(opts, allow_pickle=False))
     pairs, plans, notes, rows, shared_base = prep.pairs, prep.plans, prep.notes, prep.token_map, prep.shared_base
     base_src = prep.base if opts.check_lineage else None
     lineage = [0.0, 0.0] if base_src is not None else None
@@ -405,9 +390,18 @@ def apply_to_model(target, vectors, *, options: ApplyOptions | None = None, inpl
         for name, tensor in state.items():
             p = plans[name]
             if lineage is not None:
-                _lineage(lineage, tensor, _base_for(name, base_src, shared_base, pairs, p))
+                accumulate(lineage, tensor, _base_for(name, base_src, shared_base, pairs, p))
             if p.added:
                 tensor.copy_(merge_tensor(tensor, p, pairs))
             if rows is not None and rows.apply(name, tensor):
                 p.token_rows_set = True
-    return model, _report(plans, notes, lineage)
+    return model, _report(plans, notes, lineage, info=prep.info, checked=opts.check_lineage)
+
+
+def _checkpoint_names(state: dict[str, torch.Tensor], model, pairs) -> dict[str, torch.Tensor]:
+    """A loaded model's tensors under the names its checkpoint (and so a vector) gives them: transformers ≥ 5
+    renames some on load (GPT-NeoX's ``embed_out`` → ``lm_head``)."""
+    config = model.config.to_dict() if getattr(model, "config", None) is not None else {}
+    rename = in_memory_name({**config, "architectures": [*(config.get("architectures") or []), type(model).__name__]})
+    alias = {rename(n): n for vec, _ in pairs for n in vec.names if n not in state and rename(n) in state}
+    return {alias.get(name, name): tensor for name, tensor in state.items()}

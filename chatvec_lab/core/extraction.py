@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -27,6 +28,41 @@ def list_names(names: Iterable[str], limit: int = 5) -> str:
     names = sorted(names)
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(repr(n) for n in names[:limit]) + more
+
+
+def check_compatible(a, b) -> None:
+    """Two vectors (``ChatVector``) can be combined: the same tensors, shapes and token rows; else which tensor and
+    why."""
+    missing, extra = set(a.shapes) - set(b.shapes), set(b.shapes) - set(a.shapes)
+    if missing or extra:
+        detail = (f"only the left has {list_names(missing)}" if missing else "") + \
+                 ("; " if missing and extra else "") + (f"only the right has {list_names(extra)}" if extra else "")
+        raise MismatchError(f"cannot combine vectors with different tensors: {detail}")
+    for name, shape in a.shapes.items():
+        if b.shapes[name] != shape:
+            raise MismatchError(f"cannot combine vectors: {name!r} is {shape} in one and {b.shapes[name]} in the other")
+    if a.vocabulary != b.vocabulary or a.chat_rows != b.chat_rows:
+        raise MismatchError("cannot combine vectors whose token rows belong to different vocabularies")
+
+
+def with_sizes(fingerprint: dict, source: WeightSource) -> dict:
+    """A model's fingerprint with the byte size of each of its weight files (``sizes``): what ``apply`` compares,
+    cheaply, to tell that the base a vector records has changed since extraction."""
+    files = getattr(source, "files", None)
+    if files:
+        fingerprint["sizes"] = {Path(f).name: Path(f).stat().st_size for f in files}
+    return fingerprint
+
+
+def same_weights(metadata: dict) -> bool:
+    """Whether a vector's recorded base and chat are one model (one folder, or files of equal sha256): its
+    deltas are all zero."""
+    base, chat = metadata.get("base"), metadata.get("chat")
+    if not (isinstance(base, dict) and isinstance(chat, dict)):
+        return False
+    if base.get("path") and base.get("path") == chat.get("path"):
+        return True
+    return bool(base.get("sha256")) and base.get("sha256") == chat.get("sha256")
 
 
 def check_same_architecture(a: WeightSource, b: WeightSource, a_label: str, b_label: str) -> None:
@@ -65,8 +101,13 @@ def model_difference(base, chat, allow_pickle: bool = False,
     base_vocab, chat_vocab = Vocabulary.of_folder(b.folder), Vocabulary.of_folder(c.folder)
     shapes, base_rows = {}, {}
     for name in b.keys():
-        if not b.dtype(name).is_floating_point:
-            continue  # integer buffers (e.g. position ids) are not weights
+        bdt, cdt = b.dtype(name), c.dtype(name)
+        if bdt.is_floating_point != cdt.is_floating_point:  # a quantized (integer) copy of a weight, say
+            raise MismatchError(f"tensor {name!r} is {str(bdt).replace('torch.', '')} in base {b.description} but "
+                                f"{str(cdt).replace('torch.', '')} in chat {c.description}: a chat vector is a "
+                                "difference of floating-point weights (dequantize both models first)")
+        if not bdt.is_floating_point:
+            continue  # integer buffers in both (e.g. position ids) are not weights
         bshape, cshape = tuple(b.shape(name)), tuple(c.shape(name))
         token_rows = parse(name).is_embedding_like and bshape[1:] == cshape[1:] and len(bshape) >= 1
         if token_rows and base_vocab and chat_vocab and (bshape != cshape or base_vocab != chat_vocab):
@@ -83,8 +124,8 @@ def model_difference(base, chat, allow_pickle: bool = False,
     chat_rows = sorted({int(i) for rows in base_rows.values() for i in (rows < 0).nonzero().flatten()})
     metadata = {
         "format": FORMAT,
-        "base": b.fingerprint(hash_files),
-        "chat": c.fingerprint(hash_files),
+        "base": with_sizes(b.fingerprint(hash_files), b),
+        "chat": with_sizes(c.fingerprint(hash_files), c),
         "source_dtype": ",".join(dtypes),
         "dtype": "float32",
         "tensors": len(shapes),

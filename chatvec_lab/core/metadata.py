@@ -69,6 +69,10 @@ def _check_fingerprint(value, field: str, bad) -> None:
     if sha is not None and not (isinstance(sha, dict) and all(
             isinstance(k, str) and isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for k, v in sha.items())):
         raise bad(f"{field}.sha256", "is not an object of file name → 64 hex digits")
+    sizes = value.get("sizes")
+    if sizes is not None and not (isinstance(sizes, dict) and all(
+            isinstance(k, str) and _is_int(v) and v >= 0 for k, v in sizes.items())):
+        raise bad(f"{field}.sizes", "is not an object of file name → size in bytes")
 
 
 def _check_recorded(meta, field: str, bad, depth: int = 0) -> None:
@@ -155,3 +159,37 @@ def check_vector_metadata(metadata: dict, shapes: dict[str, tuple[int, ...]], wh
             missing = sorted(set(shards) - {Path(f).name for f in files})
             raise bad("shards", f"lists {missing[0]}, which is not among the vector's weight files" if missing else
                       f"does not list {extra[0]}, which lies beside it (a file that is not this vector's)")
+
+
+HASH_BASE_AT_MOST = 1 << 30  # bytes: a recorded base this small is hashed to tell it changed; a larger one is not
+
+
+def base_changes(recorded: dict, files) -> str | None:
+    """How the weight ``files`` of a vector's recorded base differ from what its fingerprint ``recorded`` (the
+    metadata's ``base``) says was extracted from, or None when they agree as far as can be told cheaply: their
+    names, their sizes, and their sha256 when the files hold at most ``HASH_BASE_AT_MOST`` bytes."""
+    import hashlib
+
+    files = [Path(f) for f in files or []]
+    sha, sizes = recorded.get("sha256") or {}, recorded.get("sizes") or {}
+    known = set(sizes) | set(sha)
+    if not files or not known:
+        return None  # nothing recorded to compare (a base given in memory, or read from pickles)
+    names = {f.name for f in files}
+    if names != known:
+        return (f"its weight files are {sorted(names)[:3]}{' …' if len(names) > 3 else ''}, the vector recorded "
+                f"{sorted(known)[:3]}{' …' if len(known) > 3 else ''}")
+    now = {f.name: f.stat().st_size for f in files}
+    for name, size in sizes.items():
+        if now[name] != size:
+            return f"{name} is {now[name]:,} bytes, the vector recorded {size:,}"
+    if sha and sum(now.values()) <= HASH_BASE_AT_MOST:
+        for f in files:
+            if f.name in sha:
+                h = hashlib.sha256()
+                with open(f, "rb") as handle:
+                    while block := handle.read(1 << 24):
+                        h.update(block)
+                if h.hexdigest() != sha[f.name]:
+                    return f"{f.name}'s sha256 is not the one the vector recorded"
+    return None

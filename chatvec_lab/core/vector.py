@@ -24,7 +24,7 @@ from typing import Iterator
 
 import torch
 
-from chatvec_lab.core.extraction import list_names, model_difference
+from chatvec_lab.core.extraction import check_compatible, model_difference
 from chatvec_lab.core.metadata import FORMAT, recorded_models, without_vocabulary
 from chatvec_lab.core.storage import open_saved, save_vector
 from chatvec_lab.core.terms import CHUNK_ELEMENTS, ModelDifference, StoredVector, Transformed, row_blocks
@@ -49,19 +49,6 @@ def compile_pattern(pattern, what: str):
         raise UsageError(f"{what} {pattern!r} is not a valid regular expression: {e}") from None
 
 
-
-def check_compatible(a: "ChatVector", b: "ChatVector") -> None:
-    """Two vectors can be combined: the same tensors, shapes and token rows; else which tensor and why."""
-    missing, extra = set(a.shapes) - set(b.shapes), set(b.shapes) - set(a.shapes)
-    if missing or extra:
-        detail = (f"only the left has {list_names(missing)}" if missing else "") + \
-                 ("; " if missing and extra else "") + (f"only the right has {list_names(extra)}" if extra else "")
-        raise MismatchError(f"cannot combine vectors with different tensors: {detail}")
-    for name, shape in a.shapes.items():
-        if b.shapes[name] != shape:
-            raise MismatchError(f"cannot combine vectors: {name!r} is {shape} in one and {b.shapes[name]} in the other")
-    if a.vocabulary != b.vocabulary or a.chat_rows != b.chat_rows:
-        raise MismatchError("cannot combine vectors whose token rows belong to different vocabularies")
 
 
 class ChatVector:
@@ -364,6 +351,8 @@ class ChatVector:
         from chatvec_lab.core.transforms import check_rank, low_rank
 
         check_rank(rank, method)  # now, not at the first tensor
+        if rank == 0:
+            raise UsageError("rank must be at least 1 (rank 0 would zero every matrix), as for --rank")
         return self.transformed(lambda name, t: low_rank(t, rank, method, seed) if t.dim() == 2 else t.clone(),
                                 {"kind": "low_rank", "rank": rank, "method": method, "seed": seed})
 
