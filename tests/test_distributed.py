@@ -8,7 +8,7 @@ import torch
 
 import chatvec_lab.behaviour.engines as engines
 from chatvec_lab import toy
-from chatvec_lab.errors import UsageError
+from chatvec_lab.errors import ChatVecWarning, Unavailable, UsageError
 from chatvec_lab.behaviour.grid import RayExecutor
 from chatvec_lab.behaviour.sweep import sweep
 from chatvec_lab.core.vector import ChatVector
@@ -22,7 +22,8 @@ GRID = dict(alphas=[0.0, 0.5, 1.0], prompts=PROMPTS, seeds=2, max_new_tokens=8, 
 def ray_local():
     import ray  # in the test extra (pyproject.toml): CI's fresh venv has it
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # one logical GPU: Ray places GPU actors on it (CUDA_VISIBLE_DEVICES set), torch finds no CUDA and runs on the CPU
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 
@@ -49,6 +50,38 @@ def test_two_actors_give_the_local_table(ray_local, vectors, one_thread):
     remote = sweep(toy.path("cp"), vectors, executor=RayExecutor(actors=2, threads_per_actor=1), **GRID)
     pd.testing.assert_frame_equal(local, remote)
     assert len(remote) == 3 * 2 * len(PROMPTS)
+
+
+def test_actors_sharing_a_gpu_give_the_local_table(ray_local, vectors, one_thread):
+    """Issue 25 (4): --gpus-per-actor 0.5 puts two actors on one GPU, each loading its model once; the table is
+    the local one (here the GPU is a logical one, so the numbers are the CPU's: the plumbing is what is tested)."""
+    local = _local(vectors)
+    executor = RayExecutor(actors=2, threads_per_actor=1, gpus_per_actor=0.5)
+    remote = sweep(toy.path("cp"), vectors, executor=executor, **GRID)
+    pd.testing.assert_frame_equal(local, remote)
+    assert [a.get("GPU") for a in executor.assigned] == [0.5, 0.5]
+    with pytest.warns(ChatVecWarning, match="running 1"):  # 2 × 1 GPU on a one-GPU cluster: one actor, no hang
+        one = sweep(toy.path("cp"), vectors, executor=RayExecutor(actors=2, gpus_per_actor=1), **GRID)
+    pd.testing.assert_frame_equal(local, one)
+    with pytest.raises(Unavailable, match="asks for 2 GPUs but the Ray cluster has 1"):
+        sweep(toy.path("cp"), vectors, executor=RayExecutor(actors=1, gpus_per_actor=2), **GRID)
+    with pytest.raises(UsageError, match="leave --device at auto"):
+        sweep(toy.path("cp"), vectors, executor=RayExecutor(gpus_per_actor=0.5), device="cpu", **GRID)
+    for bad in (-1, 1.5, float("nan"), "1", True):
+        with pytest.raises(UsageError, match="gpus per actor"):
+            RayExecutor(gpus_per_actor=bad)
+
+
+def test_gpus_per_actor_flag_is_checked(capsys):
+    from chatvec_lab.cli import main
+    for bad in ("1.5", "-0.5", "x"):
+        with pytest.raises(SystemExit):
+            main(["sweep", "--target", "t", "--vector", "v", "--prompts", "p", "--csv", "c", "--ray",
+                  "--gpus-per-actor", bad])
+        assert "--gpus-per-actor is 0, a fraction up to 1" in capsys.readouterr().err
+    assert main(["sweep", "--target", "t", "--vector", "v", "--prompts", "p", "--csv", "c",
+                 "--gpus-per-actor", "0.5"]) == 2
+    assert "go with --ray" in capsys.readouterr().err
 
 
 def test_a_killed_actor_loses_no_cell(ray_local, vectors, one_thread):

@@ -16,7 +16,9 @@ resumes with the missing cells only.
 """
 from __future__ import annotations
 
+import math
 import numbers
+import warnings
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
@@ -26,7 +28,7 @@ import pandas as pd
 from chatvec_lab.behaviour.cache import CellCache
 from chatvec_lab.behaviour.scoring import RECORDED, check_language, make_scorer, score_all
 from chatvec_lab.core.plan import Cell, cell_coefficient
-from chatvec_lab.errors import Unavailable, UsageError
+from chatvec_lab.errors import ChatVecWarning, Unavailable, UsageError
 from chatvec_lab.io.signals import check_interrupted
 
 
@@ -183,6 +185,9 @@ def _remote_runner_class():
         def ready(self) -> bool:
             return True
 
+        def resources(self) -> dict:
+            return {k: float(v) for k, v in ray.get_runtime_context().get_assigned_resources().items()}
+
         def run(self, cell):
             return self.runner.run(cell)
 
@@ -194,16 +199,23 @@ class RayExecutor:
 
     ``address``: None or "local" starts a Ray instance on this machine (``num_cpus``: its CPUs); otherwise
     the address of a running cluster ("auto", "ray://host:10001"). ``threads_per_actor``: torch threads in
-    each actor. ``on_result(cell, rows, actor_index)``: called as each cell finishes (progress, tests)."""
+    each actor. ``gpus_per_actor``: GPUs Ray gives each actor (a fraction shares one GPU between actors, e.g. 0.5;
+    whole numbers above 1); each actor loads its model once, on its GPU (``device="auto"``). ``num_gpus``: GPUs of a
+    local Ray instance (default: those it finds). ``on_result(cell, rows, actor_index)``: called as each cell
+    finishes (progress, tests)."""
 
     def __init__(self, address: str | None = None, actors: int = 2, threads_per_actor: int | None = 1,
-                 num_cpus: int | None = None, max_replacements: int = 3, on_result=None):
+                 num_cpus: int | None = None, max_replacements: int = 3, on_result=None,
+                 gpus_per_actor: float = 0, num_gpus: int | None = None):
         if not isinstance(actors, int) or isinstance(actors, bool) or actors < 1:
             raise UsageError(f"actors must be a positive integer, not {actors!r}")
         if threads_per_actor is not None and (not isinstance(threads_per_actor, int) or isinstance(threads_per_actor, bool)
                                               or threads_per_actor < 1):
             raise UsageError(f"threads_per_actor must be a positive integer or None, not {threads_per_actor!r}")
         self.address, self.n_actors, self.threads = address, actors, threads_per_actor
+        self.gpus = check_gpus_per_actor(gpus_per_actor)
+        self.num_gpus = num_gpus
+        self.assigned: list[dict] = []  # the resources Ray gave each actor (what it reported when it started)
         self.num_cpus, self.max_replacements, self.on_result = num_cpus, max_replacements, on_result
         self.actors: list = []
         self.replaced = 0
@@ -215,8 +227,8 @@ class RayExecutor:
             raise Unavailable("the Ray executor needs ray: pip install 'chatvec_lab[distributed]'") from None
         if not ray.is_initialized():
             if self.address in (None, "local"):
-                ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False,
-                         configure_logging=False)
+                ray.init(num_cpus=self.num_cpus, num_gpus=self.num_gpus, include_dashboard=False,
+                         log_to_driver=False, configure_logging=False)
             else:
                 ray.init(address=self.address, log_to_driver=False, configure_logging=False)
         return ray
@@ -232,8 +244,23 @@ class RayExecutor:
         if (self.threads or 1) > cpus:  # such an actor could never be placed: Ray would wait for ever
             raise Unavailable(f"an actor asks for {self.threads or 1} CPUs but the Ray cluster has {cpus:g}: "
                               "lower --threads-per-actor")
-        remote = _remote_runner_class().options(num_cpus=self.threads or 1)
-        self.actors = [remote.remote(spec, settings) for _ in range(min(self.n_actors, len(cells)))]
+        n_actors = min(self.n_actors, len(cells))
+        if self.gpus:
+            if spec.device == "cpu":
+                raise UsageError("--gpus-per-actor gives each actor a GPU: leave --device at auto (or cuda)")
+            gpus = ray.cluster_resources().get("GPU", 0)
+            if self.gpus > gpus:  # never placed: Ray would wait for ever
+                raise Unavailable(f"an actor asks for {self.gpus:g} GPUs but the Ray cluster has {gpus:g}")
+            if n_actors * self.gpus > gpus + 1e-9:
+                n_actors = max(1, int(gpus / self.gpus + 1e-9))
+                warnings.warn(f"{self.n_actors} actors × {self.gpus:g} GPUs is more than the cluster's {gpus:g}: "
+                              f"running {n_actors}", ChatVecWarning, stacklevel=2)
+        remote = _remote_runner_class().options(num_cpus=self.threads or 1, num_gpus=self.gpus)
+        self.actors = [remote.remote(spec, settings) for _ in range(n_actors)]
+        try:
+            self.assigned = ray.get([actor.resources.remote() for actor in self.actors])
+        except ray.exceptions.RayError:  # an actor that died starting: the loop below replaces it
+            self.assigned = []
         queue = list(cells)
         running: dict = {}  # future → (cell, actor index)
         idle = list(range(len(self.actors)))
@@ -266,6 +293,14 @@ class RayExecutor:
             for actor in self.actors:
                 ray.kill(actor)
             self.actors = []
+
+
+def check_gpus_per_actor(value) -> float:
+    """GPUs per Ray actor: 0 (none), a fraction in (0, 1] or a whole number, as Ray accepts them."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0 \
+            or (value > 1 and value != int(value)):
+        raise UsageError(f"gpus per actor must be 0, a fraction up to 1 (e.g. 0.5) or a whole number, not {value!r}")
+    return float(value)
 
 
 def run_grid(executor, make_runner, spec, settings: GridSettings, cells: list[GridCell],

@@ -153,12 +153,16 @@ def add_quiet(p: argparse.ArgumentParser) -> None:
 
 
 def add_ray_options(p: argparse.ArgumentParser) -> None:
-    """``--ray [ADDRESS]``, ``--actors``, ``--threads-per-actor``: the commands that run a grid (sweep, atlas)."""
+    """``--ray [ADDRESS]``, ``--actors``, ``--threads-per-actor``, ``--gpus-per-actor``: the commands that run a grid
+    (sweep, atlas)."""
     p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                    help="run the grid's cells on Ray actors: 'local' (the default) starts Ray here, or a "
                         "cluster's address ('auto', 'ray://host:10001'); pip install 'chatvec_lab[distributed]'")
     p.add_argument("--actors", type=positive_int, default=2, help="with --ray: actors, one model each")
     p.add_argument("--threads-per-actor", type=positive_int, default=1, help="with --ray: torch threads per actor")
+    p.add_argument("--gpus-per-actor", type=gpu_share, default=0.0,
+                   help="with --ray: GPUs per actor, each loading its model once onto its GPU (0.5: two actors share "
+                        "one GPU; default 0: CPU actors)")
 
 
 def add_device_options(p: argparse.ArgumentParser, batch: bool = True) -> None:
@@ -173,13 +177,25 @@ def add_device_options(p: argparse.ArgumentParser, batch: bool = True) -> None:
                        help="prompts generated together (default: every prompt of a cell, up to a memory-aware cap)")
 
 
-def make_executor(ray: str | None, actors: int = 2, threads_per_actor: int = 1):
-    """``--ray [ADDRESS] --actors N --threads-per-actor T`` → a ``RayExecutor``; without ``--ray``, None (the local
-    executor)."""
+def gpu_share(text: str) -> float:
+    """GPUs per Ray actor: 0, a fraction up to 1, or a whole number."""
+    from chatvec_lab.behaviour.grid import check_gpus_per_actor
+
+    try:
+        return check_gpus_per_actor(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--gpus-per-actor is 0, a fraction up to 1 (e.g. 0.5) or a whole number, "
+                                         f"not {text!r}") from None
+
+
+def make_executor(ray: str | None, actors: int = 2, threads_per_actor: int = 1, gpus_per_actor: float = 0.0):
+    """``--ray [ADDRESS] --actors N --threads-per-actor T --gpus-per-actor G`` → a ``RayExecutor``; without
+    ``--ray``, None (the local executor)."""
     if ray:
         from chatvec_lab.behaviour.grid import RayExecutor
 
-        return RayExecutor(address=ray, actors=actors, threads_per_actor=threads_per_actor)
-    if actors != 2 or threads_per_actor != 1:
-        raise ChatVecError("--actors and --threads-per-actor go with --ray")
+        return RayExecutor(address=ray, actors=actors, threads_per_actor=threads_per_actor,
+                           gpus_per_actor=gpus_per_actor)
+    if actors != 2 or threads_per_actor != 1 or gpus_per_actor:
+        raise ChatVecError("--actors, --threads-per-actor and --gpus-per-actor go with --ray")
     return None

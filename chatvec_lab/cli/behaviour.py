@@ -37,7 +37,7 @@ def sweep_arguments(s) -> None:
 def run_sweep(args) -> None:
     from chatvec_lab.behaviour.sweep import run_sweep_cli
 
-    run_sweep_cli(args, executor=make_executor(args.ray, args.actors, args.threads_per_actor))
+    run_sweep_cli(args, executor=make_executor(args.ray, args.actors, args.threads_per_actor, args.gpus_per_actor))
 
 
 # ---------------------------------------------------------------------------------------------- atlas
@@ -68,14 +68,16 @@ def run_atlas(args) -> None:
                 max_new_tokens=args.max_new_tokens, language=args.language, quick=args.quick, ranks=args.ranks,
                 second_vector=args.second_vector, density=args.density, skip_map=args.skip_map,
                 overwrite=args.overwrite, quiet=args.quiet, ray=args.ray, actors=args.actors,
-                threads_per_actor=args.threads_per_actor, device=args.device, dtype=args.dtype,
+                threads_per_actor=args.threads_per_actor, gpus_per_actor=args.gpus_per_actor, device=args.device,
+                dtype=args.dtype,
                 batch_size=args.batch_size)
 
 
 def atlas_study(target, vector_path, prompts_path, out, alphas=None, seeds: int = 1, max_new_tokens: int = 64,
                 language: str = "de", quick: bool = False, ranks=None, second_vector=None, density: float = 0.2,
                 skip_map: bool = False, overwrite: bool = False, quiet: bool = False, ray=None, actors: int = 2,
-                threads_per_actor: int = 1, device="auto", dtype="auto", batch_size: int | None = None) -> None:
+                threads_per_actor: int = 1, gpus_per_actor: float = 0.0, device="auto", dtype="auto",
+                batch_size: int | None = None) -> None:
     """The atlas of the vector saved at ``vector_path`` on ``target`` (the prompts of ``prompts_path``), into the new
     folder ``out``: the layer × module map (``behaviour.atlas``; unless ``skip_map``), a low-rank curve at ``ranks``,
     and with ``second_vector`` the interference of the two vectors and their merges by each method
@@ -120,7 +122,7 @@ def atlas_study(target, vector_path, prompts_path, out, alphas=None, seeds: int 
     prompts = read_prompts(prompts_path)
     if quick:
         prompts = prompts[:8]
-    executor = make_executor(ray, actors, threads_per_actor)
+    executor = make_executor(ray, actors, threads_per_actor, gpus_per_actor)
     if executor is not None and (ranks or second is not None):
         raise ChatVecError("--ray runs the layer × module map; leave out --ranks / --second-vector, or --ray")
     model, tokenizer = load_target(target, device=device, dtype=dtype) if executor is None else (target, None)
