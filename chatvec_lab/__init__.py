@@ -11,6 +11,7 @@ from chatvec_lab.errors import (ChatVecError, MismatchError, NonFiniteError, Not
 from chatvec_lab.io.sources import open_weights
 from chatvec_lab.core.vector import ChatVector, extract, named_vectors
 from chatvec_lab.core.apply import ApplyOptions, LineageWarning, apply_to_model, apply_vectors
+from chatvec_lab.behaviour.harness import evaluate_harness
 from chatvec_lab import toy
 from chatvec_lab._moved import install as _install_moved_paths
 
@@ -18,4 +19,4 @@ _install_moved_paths()
 
 __all__ = ["ChatVector", "extract", "named_vectors", "apply_vectors", "apply_to_model", "ApplyOptions", "LineageWarning",
            "open_weights", "toy", "ChatVecError", "MismatchError", "NonFiniteError", "NotFound", "OutputError",
-           "SourceError", "Unavailable", "UnknownName", "UsageError", "__version__"]
+           "SourceError", "Unavailable", "UnknownName", "UsageError", "evaluate_harness", "__version__"]

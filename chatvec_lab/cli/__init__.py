@@ -20,12 +20,13 @@ import signal
 import sys
 import warnings
 
-from chatvec_lab.cli import behaviour, course, merge, weights
+from chatvec_lab.cli import behaviour, course, evaluate, merge, weights
 from chatvec_lab.cli.arguments import Command, join_negative_numbers
 from chatvec_lab.errors import ChatVecError, ChatVecWarning, OneLineParser, one_line
 
 # every command, in the order ``chatvec --help`` lists them
-COMMANDS: dict[str, Command] = {**weights.COMMANDS, **merge.COMMANDS, **behaviour.COMMANDS, **course.COMMANDS}
+COMMANDS: dict[str, Command] = {**weights.COMMANDS, **merge.COMMANDS, **behaviour.COMMANDS, **evaluate.COMMANDS,
+                                 **course.COMMANDS}
 
 
 def build_parser() -> argparse.ArgumentParser:

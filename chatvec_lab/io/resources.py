@@ -1,6 +1,6 @@
 """Where the package's data and notebooks are: the one place that knows.
 
-In the source tree they live at the repository root, ``data/{toy,prompts,heldout}`` and
+In the source tree they live at the repository root, ``data/{toy,prompts,heldout,harness-tasks}`` and
 ``notebooks/``. A built wheel (``pip install .``) carries them inside the package, as
 ``chatvec_lab/data`` and ``chatvec_lab/notebooks`` (``[tool.setuptools.package-dir]`` in
 pyproject.toml maps the two folders into the package). So the lookup is: the copy inside the
@@ -38,6 +38,12 @@ def _find(name: str) -> Path:
 def data_dir() -> Path:
     """The folder holding ``toy/``, ``prompts/`` and ``heldout/``."""
     return _find("data")
+
+
+def harness_task_dir() -> Path:
+    """The folder of the lm-evaluation-harness tasks shipped with the lab (``chatvec eval``): a folder per task,
+    its YAML beside its local data file."""
+    return data_dir() / "harness-tasks"
 
 
 def notebook_dir() -> Path:

@@ -1,4 +1,4 @@
-"""Pictures of behaviour: sweeps, the atlas, rank curves, merges."""
+"""Pictures of behaviour: sweeps, the atlas, rank curves, merges, benchmark scores."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -99,3 +99,30 @@ def plot_merges(summary: pd.DataFrame, metric: str = "ended_turn", ax=None):
     return fig
 
 
+
+
+def plot_eval(df: pd.DataFrame, ax=None, metrics: Sequence[str] | None = None,
+              title: str = "Benchmark scores against the coefficient"):
+    """Harness scores (``behaviour.harness.evaluate_harness``'s table) against α: a line per task and metric (and
+    per value of the other vectors' α when there are several), its standard error as error bars. ``metrics``:
+    only these (all by default)."""
+    from chatvec_lab.errors import UsageError
+
+    missing = [c for c in ("task", "metric", "alpha", "value", "stderr") if c not in df.columns]
+    if missing:
+        raise UsageError(f"plot_eval needs the columns task, metric, alpha, value, stderr; missing {missing}")
+    rows = df if metrics is None else df[df["metric"].isin(list(metrics))]
+    others = [c for c in df.columns if c.startswith("alpha_")][1:]  # alpha is the first vector's α
+    fig, ax = new_axes(ax)
+    for key, group in rows.groupby(["task", "metric", *others], sort=False):
+        group = group.sort_values("alpha")
+        label = f"{key[0]} · {key[1]}" + "".join(f", {c[6:]} = {v:g}" for c, v in zip(others, key[2:]))
+        err = group["stderr"].to_numpy(dtype=float)
+        ax.errorbar(group["alpha"], group["value"], yerr=np.where(np.isfinite(err), err, 0.0), marker="o",
+                    capsize=3, label=label)
+    first = next((c[6:] for c in df.columns if c.startswith("alpha_")), None)
+    xlabel = f"coefficient α of {first}" if others else "coefficient α"
+    style_axes(ax, title=title, xlabel=xlabel, ylabel="harness metric (± standard error)")
+    if len(rows):
+        ax.legend(fontsize=8, loc="best")
+    return fig
