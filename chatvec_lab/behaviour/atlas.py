@@ -35,6 +35,7 @@ from chatvec_lab.behaviour.cache import CellCache, check_cache_dir, files_key, v
 from chatvec_lab.behaviour.grid import CellRunner, check_seeds, GridCell, GridSettings, LocalExecutor, run_grid
 from chatvec_lab.io.naming import MODULE_ORDER, parse
 from chatvec_lab.core.plan import Cell, cell_coefficient, cell_of  # the regions live with the coefficient rules
+from chatvec_lab.core.model_merge import open_source
 from chatvec_lab.io.sources import module_state, open_weights
 from chatvec_lab.core.vector import ChatVector
 
@@ -87,6 +88,7 @@ def atlas(target, vector: ChatVector, prompts: Sequence[str], *, alphas: Sequenc
     """The tidy atlas: one row per cell × design × α × prompt × seed (and the references: ``design`` =
     ``target`` at α = 0, ``full`` at each α), with ``ended_turn`` and the scorers' columns.
 
+    ``vector``: a vector, a saved vector's folder, or a merge's output folder (``chatvec merge``: merged − base).
     ``target``: a model folder (loaded on ``device`` in ``dtype``: ``auto`` is the GPU if there is one and the
     checkpoint's own dtype; see ``chatvec_lab.io.devices``) or a model (with ``tokenizer=``). ``alpha_kind`` says
     whether a row's α is from the grid or norm-matched; ``norm_share`` is the share of ‖v‖² the design keeps.
@@ -117,6 +119,7 @@ def atlas(target, vector: ChatVector, prompts: Sequence[str], *, alphas: Sequenc
     else:
         state = open_weights(target)
     runtime = runtime_key(target, None, device, dtype)  # a device this machine lacks is refused here
+    vector = open_source(vector)  # a merge's output folder: merged − the base it records
     spec = None if local else EngineSpec.of(target, {"v": vector}, device=device, dtype=dtype, batch_size=batch_size)
     vector = ChatVector.open(vector)
     norms = cell_norms(vector, state)

@@ -1,6 +1,7 @@
 """``chatvec merge CONFIG.yml -o OUT``: run a mergekit config (``core/model_merge.py``), optionally with the
 report of what the merge did (``--report``: ``merge_report.csv`` and ``merge_report.png`` in OUT, and a summary
-printed). ``COMMANDS`` lists the command for ``chatvec_lab.cli``."""
+printed), and of the merged model's vector (``--vector-out``: merged − base, a saved vector for ``chatvec compare``,
+``atlas``, ``sweep`` and ``apply``). ``COMMANDS`` lists the command for ``chatvec_lab.cli``."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +14,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--out", required=True, help="folder to write the merged model to")
     p.add_argument("--report", action="store_true",
                    help="also write what the merge did per layer and source (merge_report.csv, merge_report.png)")
+    p.add_argument("--vector-out", metavar="DIR",
+                   help="also save the merged model's vector (merged − base_model) to this new folder, for chatvec "
+                        "compare, atlas, sweep and apply (chatvec compare also takes OUT itself)")
     p.add_argument("--seed", type=int, default=0, help="the random masks of dare_* and della* (default 0)")
     add_write_options(p)
     add_quiet(p)
@@ -24,6 +28,9 @@ def run(args) -> None:
     from chatvec_lab.core.threads import one_torch_thread
 
     config = read_config(args.config)
+    _keep_freed_memory()
+    if args.vector_out is not None:
+        _check_vector_out(config, args.out, args.vector_out, args.overwrite)
     observer = None
     if args.report:
         from chatvec_lab.analysis.merge_report import MergeReport
@@ -40,10 +47,49 @@ def run(args) -> None:
                           max_shard_bytes=int(args.max_shard_gb * 1024**3), allow_pickle=args.allow_pickle,
                           progress=not args.quiet)
     print(f"wrote {args.out} ({config.method.name} of {len(config.inputs)} models)")
+    if args.vector_out is not None:
+        from chatvec_lab.core.model_merge import merged_vector
+
+        with one_torch_thread():
+            merged_vector(args.out, allow_pickle=args.allow_pickle).save(
+                args.vector_out, overwrite=args.overwrite, progress=not args.quiet,
+                max_shard_bytes=int(args.max_shard_gb * 1024**3))
+        print(f"wrote {args.vector_out} (the merged model's vector: merged − base)")
     if observer is not None:
         from chatvec_lab.analysis.merge_report import summary
 
         print(summary(observer.table()))
+
+
+def _keep_freed_memory() -> None:
+    """Let glibc keep freed memory for the next tensor instead of handing each large one fresh pages from the
+    kernel (mapped, faulted and zeroed anew: a merge allocates the same few sizes tensor after tensor). Measured on
+    a 4 × 2.5 GB task_arithmetic merge: 23 s of system time → 8 s, the same peak RSS. Not glibc: nothing."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
+    mallopt(m_mmap_max, 0)  # large blocks from the heap, not one mmap each
+    mallopt(m_trim_threshold, 2**31 - 1)  # and freed ones stay there (up to 2 GB at its top)
+
+
+def _check_vector_out(config, out, vector_out, overwrite: bool) -> None:
+    """--vector-out needs a base and a path of its own: said before the merge, not after it."""
+    from pathlib import Path
+
+    from chatvec_lab.errors import UsageError
+    from chatvec_lab.io.output import check_output_path
+
+    if config.base is None:
+        raise UsageError(f"--vector-out writes merged − base: {config.method.name} has no base here (give base_model, "
+                         "with a method that uses it; or chatvec extract --base BASE --chat OUT)")
+    a, b = Path(out).expanduser().resolve(), Path(vector_out).expanduser().resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise UsageError(f"--vector-out {vector_out} and --out {out} overlap: give each its own folder")
+    check_output_path(vector_out, overwrite)
 
 
 def _plot(table, folder) -> None:

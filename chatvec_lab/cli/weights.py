@@ -38,21 +38,37 @@ def extract_arguments(e) -> None:
     e.add_argument("--exclude", help="regex: leave tensors whose name matches (e.g. norm, for an adapter "
                                      "without --target)")
     add_write_options(e)
+    e.set_defaults(max_shard_gb=None)  # None: not given (4 GB); --format peft writes one file and says it ignores it
     add_quiet(e)
 
 
-def run_extract(args) -> None:
-    from chatvec_lab.core.vector import ChatVector, extract
+def _note(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr)
 
+
+def run_extract(args) -> None:
+    from chatvec_lab.core.extraction import same_weights
+    from chatvec_lab.core.vector import ChatVector, extract
+    from chatvec_lab.io.shards import DEFAULT_SHARD_BYTES
+
+    shard_bytes = DEFAULT_SHARD_BYTES if args.max_shard_gb is None else int(args.max_shard_gb * 1024**3)
     with one_torch_thread():  # streaming, I/O-bound: one thread is as fast, and steady under load
         if args.format == "chatvec" and (args.target is not None or args.alpha != 1.0):
             raise ChatVecError("--target and --alpha belong to --format peft (a saved vector is applied later)")
+        if args.format == "peft" and args.max_shard_gb is not None:
+            _note("--max-shard-gb is ignored with --format peft (an adapter is written as one file)")
+        if args.format == "peft" and args.alpha == 0:
+            _note("--alpha 0: the adapter changes nothing (every delta is scaled to zero)")
         if args.format == "chatvec" and args.rank is None and not (args.include or args.exclude):
-            extract(args.base, args.chat, out=args.out, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
-                    progress=not args.quiet, max_shard_bytes=int(args.max_shard_gb * 1024**3))
+            vector = extract(args.base, args.chat, out=args.out, overwrite=args.overwrite,
+                             allow_pickle=args.allow_pickle, progress=not args.quiet, max_shard_bytes=shard_bytes)
+            if same_weights(vector.metadata):
+                _note("--base and --chat hold the same weights: the vector is all zeros")
             print(f"wrote {args.out}")
             return
         vector = ChatVector.from_models(args.base, args.chat, allow_pickle=args.allow_pickle)
+        if same_weights(vector.metadata):
+            _note("--base and --chat hold the same weights: the vector is all zeros")
         if args.include or args.exclude:
             vector = vector.select(include=args.include, exclude=args.exclude)
         if args.format == "peft":
@@ -65,8 +81,7 @@ def run_extract(args) -> None:
             return
         if args.rank is not None:
             vector = vector.low_rank(args.rank)
-        vector.save(args.out, overwrite=args.overwrite, progress=not args.quiet,
-                    max_shard_bytes=int(args.max_shard_gb * 1024**3))
+        vector.save(args.out, overwrite=args.overwrite, progress=not args.quiet, max_shard_bytes=shard_bytes)
         print(f"wrote {args.out}")
 
 
@@ -167,7 +182,8 @@ def run_info(args) -> None:
 
 
 def compare_arguments(c) -> None:
-    c.add_argument("vectors", nargs="+")
+    c.add_argument("vectors", nargs="+", help="saved vector folders; a chatvec merge output folder counts as one "
+                   "more vector: merged − the base its chatvec_merge.json records")
     c.add_argument("--csv", help="write the per-tensor table here (tidy: a row per tensor and vector, and per "
                    "tensor and vector pair: norms, cosine, sign agreement)")
     c.add_argument("--csv-matrix", help="write the global cosine matrix here")
@@ -185,16 +201,17 @@ def run_compare(args) -> None:
 def compare_vectors(paths, csv=None, csv_matrix=None, plots=None, overwrite: bool = False) -> None:
     """Print the cosine matrix of the vectors at ``paths`` and each one's norm by layer; write the tidy per-tensor
     table (``csv``), the cosine matrix (``csv_matrix``) and the figures (``plots``, a new folder) where asked.
+    A merge's output folder among ``paths`` is read as merged − base (``model_merge.named_sources``).
 
     Every output path is checked before the pass over the vectors, not after it."""
     import pandas as pd
 
     from chatvec_lab import plots as figures
     from chatvec_lab.analysis import geometry
-    from chatvec_lab.core.vector import named_vectors
+    from chatvec_lab.core.model_merge import named_sources
     from chatvec_lab.io.output import atomic_file, atomic_folder, check_output_path
 
-    vectors = named_vectors(paths)
+    vectors = named_sources(paths)
     inputs = [p for v in vectors.values() for p in v.input_paths()]
     outputs = [(out, flag, folder) for out, flag, folder in (
         (csv, "--csv", False), (csv_matrix, "--csv-matrix", False), (plots, "--plots", True)) if out]

@@ -37,6 +37,10 @@ class MergeMethod:
     random: bool = False
     summary: str = ""
     types: dict = field(default_factory=dict)  # parameter → int / bool where not float
+    # whether the kernel, with these parameters, treats each element on its own (then a merge may run it on a
+    # block of rows at a time, its temporaries kept in cache, with the same result); None: never
+    elementwise: Callable[[dict], bool] | None = None
+    promotes: bool = False  # the kernel takes the other inputs in their own dtype (it computes in the base's)
 
 
 # ------------------------------------------------------------------------------------------------ sparsifying
@@ -105,8 +109,11 @@ def task_arithmetic_kernel(sparsification: str | None, consensus: bool):
             return base
         deltas = base.new_empty((len(tensors), *base.shape))
         for i, t in enumerate(tensors):
+            torch.sub(t, base, out=deltas[i])  # in the base's dtype, whatever t's (its values are exact there)
+            if sparsification is None or p["density"][i] >= 1:
+                continue
             gamma, epsilon = (p.get(k, [0.0] * len(tensors))[i] for k in ("gamma", "epsilon"))
-            deltas[i] = sparsify(sparsification, t - base, p["density"][i], p["rescale"], gamma, epsilon,
+            deltas[i] = sparsify(sparsification, deltas[i], p["density"][i], p["rescale"], gamma, epsilon,
                                  lambda i=i: _generator(seed, name, i))
         weights = torch.tensor(p["weight"], dtype=deltas.dtype)
         while deltas.dim() > weights.dim():
@@ -114,8 +121,8 @@ def task_arithmetic_kernel(sparsification: str | None, consensus: bool):
         deltas.mul_(weights)
         if consensus:
             mask = sign_mask(deltas)
-            mixed = (deltas * mask).sum(dim=0)
-            divisor = (weights * mask).sum(dim=0)
+            mixed = deltas.mul_(mask).sum(dim=0)  # deltas * mask, in place: the same bits
+            divisor = mask.to(deltas.dtype).mul_(weights).sum(dim=0)  # weights * mask
             divisor[divisor == 0] = 1
         else:
             mixed = deltas.sum(dim=0)
@@ -125,7 +132,7 @@ def task_arithmetic_kernel(sparsification: str | None, consensus: bool):
             mixed /= divisor
         if p["lambda"] != 1:
             mixed *= p["lambda"]
-        return (base + mixed).to(base.dtype)
+        return mixed.add_(base)  # base + mixed, in place (its own fresh tensor): the same bits, one allocation less
     return kernel
 
 
@@ -152,12 +159,14 @@ def _gta(name, sparsification, consensus, normalize, rescale, summary, extra=Non
     shared = {"normalize": normalize, "rescale": rescale, "lambda": 1.0, "int8_mask": False}
     return MergeMethod(name, task_arithmetic_kernel(sparsification, consensus), "required", per, shared,
                        random=sparsification in ("random", "della"), summary=summary,
-                       types={"normalize": bool, "rescale": bool, "int8_mask": bool})
+                       types={"normalize": bool, "rescale": bool, "int8_mask": bool}, promotes=True,
+                       elementwise=lambda p: sparsification is None or all(d >= 1 for d in p["density"]))
 
 
 REGISTRY: dict[str, MergeMethod] = {m.name: m for m in (
     MergeMethod("linear", linear_kernel, "input", {"weight": REQUIRED}, {"normalize": True},
-                summary="weighted mean of the models' weights", types={"normalize": bool}),
+                summary="weighted mean of the models' weights", types={"normalize": bool},
+                elementwise=lambda p: True),
     _gta("task_arithmetic", None, False, False, False, "base + Σ wᵢ·Δᵢ"),
     _gta("ties", "magnitude", True, True, False, "trim to density, elect signs, disjoint mean"),
     _gta("dare_ties", "random", True, False, True, "random drop (rescaled), elect signs, disjoint sum"),

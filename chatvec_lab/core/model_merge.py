@@ -13,10 +13,15 @@ model), ``config.json``'s dtype set to the output's, and ``chatvec_merge.json`` 
 ``observer``: an object with ``observe(name, base, sources, merged)`` (float tensors in the compute dtype,
 ``base`` None for a method without one), called for every tensor, and optionally ``finish(folder)``, called
 with the output's temporary folder to add files to it (``analysis/merge_report.py``'s ``MergeReport``).
+
+A merge's output as one more vector: ``merged_vector(folder)`` is ``merged − base`` (lazy, as
+``ChatVector.from_models``), the base read from its ``chatvec_merge.json``; ``named_sources`` names vectors and
+merge outputs together for ``chatvec compare`` and the atlas.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from pathlib import Path
 
@@ -31,6 +36,7 @@ from chatvec_lab.io.output import atomic_folder, check_output_path, source_paths
 from chatvec_lab.io.shards import DEFAULT_SHARD_BYTES, ShardedSafetensorsWriter
 from chatvec_lab.io.sources import model_folder, open_weights
 
+MERGE_RECORD = "chatvec_merge.json"
 DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16",
                torch.float16: "float16"}
 
@@ -65,14 +71,34 @@ def check_inputs(config: MergeConfig, sources) -> list[str]:
     return names
 
 
+BLOCK_ELEMENTS = 1 << 16  # an elementwise kernel's block: its temporaries (a few per input) stay in the CPU's cache
+
+
 def merge_tensor_from(config: MergeConfig, name: str, tensors: list[torch.Tensor], seed: int = 0) -> torch.Tensor:
-    """One merged tensor from every input's (in ``config.inputs`` order), in the compute dtype."""
-    dtype = config.compute_dtype
-    work = [t.to(dtype) for t in tensors]
+    """One merged tensor from every input's (in ``config.inputs`` order), in the compute dtype.
+
+    Where the method treats each element on its own (``MergeMethod.elementwise``), it runs on a block of rows at
+    a time: the same operations on the same values (so the same bits), but its temporaries stay in cache instead
+    of each making a pass over memory the size of the tensor."""
     shared, per = config.parameters_for(name)
+    params = {**shared, **per}
+    ref = tensors[config.base if config.base is not None else 0]
+    elementwise = config.method.elementwise is not None and config.method.elementwise(params)
+    if not elementwise or ref.dim() < 2 or ref.numel() <= 2 * BLOCK_ELEMENTS:
+        return _kernel(config, tensors, params, name, seed)
+    out = torch.empty(ref.shape, dtype=config.compute_dtype)
+    rows = max(1, BLOCK_ELEMENTS // (ref.numel() // ref.shape[0]))
+    for start in range(0, ref.shape[0], rows):
+        out[start:start + rows] = _kernel(config, [t[start:start + rows] for t in tensors], params, name, seed)
+    return out
+
+
+def _kernel(config: MergeConfig, tensors: list[torch.Tensor], params: dict, name: str, seed: int) -> torch.Tensor:
+    dtype = config.compute_dtype
+    keep = config.method.promotes  # the kernel computes in the base's dtype: the others need no converted copy
+    work = [t if keep and i != config.base else t.to(dtype) for i, t in enumerate(tensors)]
     base = work[config.base] if config.base is not None else None
-    others = [work[i] for i in config.sources]
-    return config.method.kernel(base, others, {**shared, **per}, name, seed)
+    return config.method.kernel(base, [work[i] for i in config.sources], params, name, seed)
 
 
 def merge_from_config(config, out, overwrite: bool = False, seed: int = 0, observer=None,
@@ -122,8 +148,9 @@ def merge_from_config(config, out, overwrite: bool = False, seed: int = 0, obser
                 writer.write(name, merged.to(out_dtype))
             writer.close()
             _model_files(config, sources, tmp, plan)
-            write_json(tmp / "chatvec_merge.json", {"config": config.raw, "inputs": config.inputs, "seed": seed,
-                                                    "method": config.method.name})
+            base = config.inputs[config.base] if config.base is not None else None
+            write_json(tmp / MERGE_RECORD, {"config": config.raw, "inputs": config.inputs, "seed": seed,
+                                            "method": config.method.name, "base": _absolute(base)})
             if observer is not None and hasattr(observer, "finish"):
                 observer.finish(tmp)
     return Path(out)
@@ -146,3 +173,64 @@ def _model_files(config: MergeConfig, sources, tmp: Path, plan) -> None:
             key = "torch_dtype" if "torch_dtype" in data and "dtype" not in data else "dtype"
             data[key] = DTYPE_NAMES.get(dtypes.pop(), data.get(key))
         write_json(cfg, data)
+
+
+def _absolute(spec: str | None) -> str | None:
+    """A local model's absolute path (the record outlives the working folder); a hub id as it is."""
+    return str(Path(spec).resolve()) if spec is not None and Path(spec).exists() else spec
+
+
+def is_merge_output(spec) -> bool:
+    """Whether ``spec`` is a folder written by a merge (it holds ``chatvec_merge.json``, and is no saved vector)."""
+    if not isinstance(spec, (str, os.PathLike)):
+        return False
+    folder = Path(spec)
+    return (folder / MERGE_RECORD).is_file() and not (folder / "chatvec.json").is_file()
+
+
+def merged_vector(folder, base=None, allow_pickle: bool = False):
+    """``merged − base``: a merge's output folder as a chat vector (lazy, as ``ChatVector.from_models``); the base
+    is the one its ``chatvec_merge.json`` records unless ``base`` is given."""
+    from chatvec_lab.core.vector import ChatVector
+
+    if base is None:
+        if not (Path(folder) / MERGE_RECORD).is_file():
+            raise UsageError(f"{folder} is no merge output (it has no {MERGE_RECORD}): give base=")
+        record = read_json_object(Path(folder) / MERGE_RECORD, "merge record")
+        base = record.get("base")
+        if base is None and isinstance(record.get("config"), dict) and isinstance(record.get("inputs"), list):
+            config = read_config(record["config"])  # a record written before the base was kept
+            base = record["inputs"][config.base] if config.base is not None else None
+        if base is None:
+            raise UsageError(f"{folder} is a {record.get('method')} merge without a base model, so it has no "
+                             f"vector (merged − base): chatvec extract --base BASE --chat {folder} -o VECTOR")
+    return ChatVector.from_models(base, folder, allow_pickle=allow_pickle)
+
+
+def open_source(spec):
+    """``spec`` as the vector algebra takes it: a merge output becomes ``merged_vector(spec)``; anything else
+    (a saved vector's folder, a vector) is returned as it is."""
+    return merged_vector(spec) if is_merge_output(spec) else spec
+
+
+def named_sources(specs) -> dict:
+    """``{name: vector}`` as ``vector.named_vectors`` names them, where a merge output among the folders stands
+    for ``merged − base`` (``chatvec compare``). Folders are named by their last component (whole paths where
+    two share one); the same folder twice is an error."""
+    from chatvec_lab.core.vector import named_vectors
+
+    if isinstance(specs, (str, os.PathLike)):
+        specs = [specs]
+    if isinstance(specs, dict):
+        return named_vectors({k: open_source(v) for k, v in specs.items()})
+    specs = list(specs)
+    if not any(is_merge_output(s) for s in specs):
+        return named_vectors(specs)
+    paths = [s for s in specs if isinstance(s, (str, os.PathLike))]
+    folders = [os.path.realpath(os.fspath(s)) for s in paths]
+    if len(set(folders)) < len(folders) or len(paths) < len(specs):
+        raise UsageError(f"give each folder once, and folders only, with a merge output: {[str(s) for s in specs]}")
+    names = [Path(os.fspath(s)).name or str(s) for s in paths]
+    if len(set(names)) < len(names):
+        names = [str(s) for s in paths]
+    return named_vectors(dict(zip(names, (open_source(s) for s in paths))))
