@@ -137,6 +137,10 @@ def _wrong(name: str, answer):
         return "blocks" if answer != "blocks" else "lm_head"
     if name == "blocks_only_turn_end":
         return {k: _far(v) for k, v in answer.items()}
+    if name == "midpoint_barrier":
+        return answer + 0.1
+    if name == "slerp_norm":
+        return {"lerp": answer["lerp"] * 1.05, "slerp": answer["slerp"]}
     raise KeyError(f"add a wrong answer for the new exercise {name!r}")
 
 
@@ -149,7 +153,7 @@ def test_every_exercise_is_complete():
     per_notebook = {}
     for e in ex.EXERCISES.values():
         per_notebook.setdefault(e.notebook, []).append(e.name)
-    assert len(per_notebook) == 6 and all(2 <= len(v) <= 3 for v in per_notebook.values()), per_notebook
+    assert len(per_notebook) == 7 and all(2 <= len(v) <= 3 for v in per_notebook.values()), per_notebook
 
 
 @pytest.mark.parametrize("name", ex.names())
@@ -565,3 +569,63 @@ def test_show_hint_progress_and_table(capsys):
     table = ex.table()
     assert list(table["exercise"]) == ex.names() and set(table["notebook"]) >= {"01_quickstart", "06_ablations"}
     assert repr(ex.Result("x", True, "m")) == "Result('x', ok=True)"
+
+
+# -- session two (notebook 07): the learner's own pair, tensor and t; the common mistakes get their own hints ----
+
+
+def test_midpoint_barrier_takes_a_pair_of_your_own_and_names_the_mistakes(capsys):
+    from chatvec_lab.analysis.interpolation import interpolation_curve
+    from chatvec_lab.toy.evaluate import heldout_texts
+
+    a, b = MODELS["CHAT_ALT"], MODELS["CP"]
+    curve = interpolation_curve(a, b, {"de": heldout_texts()["de"], "en": heldout_texts()["en"]}, ts=[0.5])
+    at = curve.set_index(["texts", "t"])
+    barrier, loss = float(at.loc[("de", 0.5), "barrier"]), float(at.loc[("de", 0.5), "loss"])
+    assert ex.check("midpoint_barrier", barrier + 0.005, a=a, b=b)  # within 0.01: a bfloat16 computation passes
+    assert f"{barrier:+.3f}" in capsys.readouterr().out  # the ✓ message is written from what the check measured
+    for answer, hint in [(-barrier, "upside down"), (loss, "the midpoint's loss itself"),
+                         (float(at.loc[("en", 0.5), "barrier"]), "English held-out text")]:
+        assert not ex.check("midpoint_barrier", answer, a=a, b=b) and hint in capsys.readouterr().out, hint
+    shown = interpolation_curve(MODELS["CHAT"], MODELS["CP"], heldout_texts()["de"], ts=[0.5])
+    copied = float(shown.set_index("t").loc[0.5, "barrier"])  # the line the notebook shows: refused, whatever the number
+    for pair, says in [((MODELS["CHAT"], MODELS["CP"]), "already shows the line"),
+                       ((MODELS["CP"], MODELS["CHAT"]), "already shows the line"),
+                       ((MODELS["CHAT"], MODELS["CHAT_ALT"]), "already shows the line"),
+                       ((a, a), "the same model"), ((a, None), "choose two models"),
+                       ((a, "no/such/folder"), "should be a model folder"),
+                       ((a, toy.path("cp-xvocab")), "larger vocabulary")]:
+        assert not ex.check("midpoint_barrier", copied, a=pair[0], b=pair[1])
+        assert says in capsys.readouterr().out, says
+
+
+def test_slerp_norm_takes_a_tensor_and_t_of_your_own_and_names_the_mistakes(capsys):
+    from chatvec_lab import ChatVector
+    from chatvec_lab.core.spherical import slerp
+
+    name, t = "model.layers.2.self_attn.o_proj.weight", 0.7
+    a = ChatVector.from_models(MODELS["BASE"], MODELS["CHAT"])[name].float()
+    b = ChatVector.from_models(MODELS["BASE"], MODELS["CP"])[name].float()
+    ends = (1 - t) * float(a.double().norm()) + t * float(b.double().norm())
+    lerp = float(((1 - t) * a.double() + t * b.double()).norm())
+    sph = float(slerp(t, a, b).double().norm())
+    ctx = {"tensor": name, "t": t}
+    assert ex.check("slerp_norm", {"lerp": lerp / ends, "slerp": sph / ends}, **ctx)
+    capsys.readouterr()
+    mean = (float(a.double().norm()) + float(b.double().norm())) / 2
+    wa, wb = _state(MODELS["CHAT"])[name].float(), _state(MODELS["CP"])[name].float()
+    w_ends = (1 - t) * float(wa.double().norm()) + t * float(wb.double().norm())
+    weights = {"lerp": float(((1 - t) * wa.double() + t * wb.double()).norm()) / w_ends,
+               "slerp": float(slerp(t, wa, wb).double().norm()) / w_ends}
+    for answer, hint in [({"lerp": sph / ends, "slerp": lerp / ends}, "swapped"),
+                         ({"lerp": lerp, "slerp": sph}, "those are norms"),
+                         ({"lerp": lerp / mean, "slerp": sph / mean}, "mean of the two norms"),
+                         (weights, "models' weights"),
+                         ({"lerp": lerp / ends, "slerp": 1.0}, "sphere's ratio"),
+                         ([lerp / ends, sph / ends], "answer a dict")]:
+        assert not ex.check("slerp_norm", answer, **ctx) and hint in capsys.readouterr().out, hint
+    right = {"lerp": lerp / ends, "slerp": sph / ends}
+    for bad, says in [({"tensor": name, "t": 0.5}, "t = 0.5"), ({"tensor": name, "t": 1.2}, "strictly between"),
+                      ({"tensor": "model.no.such.weight", "t": t}, "not a tensor of the vectors"),
+                      ({"tensor": name}, "tensor=TENSOR, t=T"), ({"tensor": 3, "t": t}, "a tensor's name")]:
+        assert not ex.check("slerp_norm", right, **bad) and says in capsys.readouterr().out, says

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-COURSE = [p for p in NOTEBOOKS if p.stem[:2] in {"01", "02", "03", "04", "05", "06"}]
+COURSE = [p for p in NOTEBOOKS if p.stem[:2] in {"01", "02", "03", "04", "05", "06", "07"}]  # sessions one and two
 PRINTS_CHECK = re.compile(r"""print\(\s*["']CHECK""")
 HIDDEN = {"source_hidden": True, "outputs_hidden": True}
 
@@ -36,7 +36,7 @@ def run_notebook(path: Path, tmp_path: Path) -> tuple[dict, nbformat.NotebookNod
 
 
 def test_notebooks_exist_and_have_a_configure_cell():
-    assert len(NOTEBOOKS) == 7 and NOTEBOOKS[0].name == "00_course.ipynb" and len(COURSE) == 6
+    assert len(NOTEBOOKS) == 8 and NOTEBOOKS[0].name == "00_course.ipynb" and len(COURSE) == 7
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         code = [c for c in nb.cells if c.cell_type == "code"]
@@ -79,7 +79,7 @@ def test_check_cells_are_tagged_and_hidden():
 
 
 def test_course_structure():
-    """Notebook 0 explains the collapsed cells; notebooks 1-6 open with learning objectives and end with exercises
+    """Notebook 0 explains the collapsed cells; notebooks 1-7 open with learning objectives and end with exercises
     whose checks name exercises of that notebook; every exercise appears in its notebook."""
     from chatvec_lab.course import exercises as ex
 
@@ -120,7 +120,7 @@ def test_notebook_runs_offline(path, tmp_path, monkeypatch):
             assert "not answered yet" in text and "✗" not in text and "✓" not in text, (path.name, text)
     name = path.stem
     if name.startswith("00"):
-        assert checks["notebooks"] == 6 and checks["missing"] == [] and checks["models"]
+        assert checks["notebooks"] == 7 and checks["missing"] == [] and checks["models"]  # sessions one and two
         assert checks["exercises"] >= 12 and all(2 <= len(v) <= 3 for v in checks["exercises_per_notebook"].values())
     elif name.startswith("01"):
         assert checks["files"] and checks["lineage"] < 0.5
@@ -142,3 +142,13 @@ def test_notebook_runs_offline(path, tmp_path, monkeypatch):
         assert checks["full"] > checks["none"] == 0 and checks["keep_only_max"] == 0 and checks["knock_out_lm_head"] == 0
         assert checks["rank"]["rank 1"] < checks["rank"]["rank 64"]
         assert {"chat", "chat-alt", "linear", "ties", "dare_ties", "breadcrumbs_ties"} == set(checks["merges_at_1"])
+    elif name.startswith("07"):
+        ended = checks["negation_ended"]
+        assert checks["same_weights"] < 1e-6 and ended["chat -1"] == ended["chat-alt -1"] == 0 < ended["chat 0"]
+        assert checks["no_barrier_shared_base"] and checks["permuted_barrier_en"] > 1 and checks["same_function"] < 1e-4
+        assert checks["average_ended"] < checks["cp_cv_ended"] and checks["soup_vs_best_en"] < 0
+        merges = checks["merges_ended"]
+        assert merges["TIES"] < merges["task arithmetic"] and merges["DARE-TIES"] < merges["task arithmetic"]
+        assert checks["alpha_along_chat"]["TIES"] < 0.75 < checks["alpha_along_chat"]["task arithmetic"]
+        assert checks["slerp_linear_tensors"] >= 1 and checks["sphere_minus_line_max"] < 0.01
+        assert checks["lerp_vectors_median"] < 0.8 <= checks["slerp_vectors_min"]

@@ -204,4 +204,40 @@ def rate(coefficient):
 answer = {"full": rate(1.0), "blocks_only": rate({r"embed_tokens|lm_head": 0.0, r".": 1.0})}
 ex.check("blocks_only_turn_end", answer, base=BASE, chat=CHAT, cp=CP)
 ''',
+
+    "midpoint_barrier": '''\
+import math
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from chatvec_lab.behaviour.scoring import perplexity
+from chatvec_lab.course import exercises as ex
+from chatvec_lab.toy.evaluate import heldout_texts
+
+A, B = CHAT_ALT, CP                       # a pair whose line the notebook did not measure
+german = heldout_texts()["de"]
+tok = AutoTokenizer.from_pretrained(A)
+model_a = AutoModelForCausalLM.from_pretrained(A, dtype=torch.float32)
+model_b = AutoModelForCausalLM.from_pretrained(B, dtype=torch.float32)
+middle = AutoModelForCausalLM.from_pretrained(A, dtype=torch.float32)
+sa, sb = model_a.state_dict(), model_b.state_dict()
+middle.load_state_dict({k: (sa[k] + sb[k]) / 2 for k in sa})        # the midpoint of the line
+loss = {k: math.log(perplexity(m, tok, german)) for k, m in {"a": model_a, "b": model_b, "mid": middle}.items()}
+answer = loss["mid"] - (loss["a"] + loss["b"]) / 2                  # above (+) or below (−) the chord
+ex.check("midpoint_barrier", answer, a=A, b=B)
+''',
+
+    "slerp_norm": '''\
+from chatvec_lab import ChatVector
+from chatvec_lab.core.spherical import slerp
+from chatvec_lab.course import exercises as ex
+
+TENSOR = "model.layers.1.mlp.up_proj.weight"   # a tensor of my choosing
+T = 0.3                                         # and a t of my own
+a = ChatVector.from_models(BASE, CHAT)[TENSOR].float()   # the chat vector's tensor
+b = ChatVector.from_models(BASE, CP)[TENSOR].float()     # the language vector's
+ends = (1 - T) * a.double().norm() + T * b.double().norm()   # the endpoints' norms, interpolated
+answer = {"lerp": float(((1 - T) * a.double() + T * b.double()).norm() / ends),
+          "slerp": float(slerp(T, a, b).double().norm() / ends)}
+ex.check("slerp_norm", answer, base=BASE, chat=CHAT, cp=CP, tensor=TENSOR, t=T)
+''',
 }

@@ -23,8 +23,9 @@ passes). Hints say where to look and what to compare, never the answer or the co
 solutions are kept in ``chatvec_lab/course/_solutions.py``, away from the checks.
 
 This module is what a notebook calls. The exercises themselves are in one module per notebook
-(``ex01_quickstart`` … ``ex06_ablations``); what an exercise is and how its check judges an answer, in
-``checking``; what the checks measure with (the toy family, prompts, held-out text), in ``measuring``.
+(``ex01_quickstart`` … ``ex06_ablations`` for session one, ``ex07_arithmetic`` for session two); what an
+exercise is and how its check judges an answer, in ``checking``; what the checks measure with (the toy family,
+prompts, held-out text), in ``measuring``.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from chatvec_lab.course import (ex01_quickstart, ex02_anatomy, ex03_sources, ex04_sweep, ex05_safety,
-                                ex06_ablations)
+                                ex06_ablations, ex07_arithmetic)
 from chatvec_lab.course.checking import Exercise, Wrong
 from chatvec_lab.course.measuring import toy_path
 
@@ -43,7 +44,8 @@ _MODEL_KEYS = {"base": "base", "chat": "chat", "chat_alt": "chat-alt", "cp": "cp
 
 
 # every exercise, in notebook order: name → Exercise
-_NOTEBOOKS = (ex01_quickstart, ex02_anatomy, ex03_sources, ex04_sweep, ex05_safety, ex06_ablations)
+_NOTEBOOKS = (ex01_quickstart, ex02_anatomy, ex03_sources, ex04_sweep, ex05_safety, ex06_ablations,
+              ex07_arithmetic)  # session one: 01-06; session two: 07
 EXERCISES: dict[str, Exercise] = {ex.name: ex for notebook in _NOTEBOOKS for ex in notebook.EXERCISES}
 
 

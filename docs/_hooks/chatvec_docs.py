@@ -250,6 +250,16 @@ def _fill(nav: list, anchor: str, entries: list) -> bool:
     return False
 
 
+def _named(nav) -> set:
+    """Every page the nav names, at any depth."""
+    found = set()
+    for item in nav if isinstance(nav, list) else [nav]:
+        values = item.values() if isinstance(item, dict) else [item]
+        for value in values:
+            found |= _named(value) if isinstance(value, (list, dict)) else {value}
+    return found
+
+
 _state: dict = {}
 
 
@@ -262,7 +272,9 @@ def on_config(config, **kwargs):
     if nav:
         if not _fill(nav, "api/index.md", _modules_nav(modules)):
             raise PluginError("the nav needs an entry api/index.md: the API pages go beside it")
-        course = [{_notebook_title(p): f"notebooks/{p.name}"} for p in _notebooks()]
+        named = _named(nav)  # notebooks the nav places itself (e.g. under "Session two") are not added again
+        course = [{_notebook_title(p): f"notebooks/{p.name}"} for p in _notebooks()
+                  if f"notebooks/{p.name}" not in named]
         if not _fill(nav, "course.md", course):
             raise PluginError("the nav needs an entry course.md: the notebooks go beside it")
     return config
