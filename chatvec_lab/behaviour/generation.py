@@ -2,6 +2,7 @@
 its own end of turn), seeded per row, stopping at the end of the turn."""
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Sequence
 
 import pandas as pd
@@ -115,8 +116,18 @@ def _config_value(config, *names, default=None):
 def row_bytes(model, tokens: int) -> int:
     """What one row of a batch costs to generate ``tokens`` tokens (prompt and reply): its KV cache in the model's
     dtype, the widest activations of one layer for the prompt, and the float32 scores of the vocabulary."""
-    config = getattr(model, "config", None)
+    param = next(model.parameters(), None)
+    return config_row_bytes(getattr(model, "config", None), param.element_size() if param is not None else 4, tokens)
+
+
+def config_row_bytes(config, element_size: int, tokens: int) -> int:
+    """``row_bytes`` from a model's config alone (a ``PretrainedConfig``, or ``config.json`` as a dict) and the
+    bytes of one element of the dtype it runs in: what a batch costs can be told before the model loads."""
+    if isinstance(config, dict):
+        config = SimpleNamespace(**config)
     config = getattr(config, "text_config", None) or config
+    if isinstance(config, dict):
+        config = SimpleNamespace(**config)
     hidden = _config_value(config, "hidden_size", "n_embd", "d_model", default=1024)
     layers = _config_value(config, "num_hidden_layers", "n_layer", default=1)
     heads = _config_value(config, "num_attention_heads", "n_head", default=max(1, hidden // 64))
@@ -124,8 +135,7 @@ def row_bytes(model, tokens: int) -> int:
     head_dim = _config_value(config, "head_dim", default=max(1, hidden // heads))
     inner = _config_value(config, "intermediate_size", "n_inner", default=4 * hidden)
     vocab = _config_value(config, "vocab_size", default=32_000)
-    param = next(model.parameters(), None)
-    size = param.element_size() if param is not None else 4
+    size = element_size
     kv = 2 * layers * kv_heads * head_dim * tokens * size
     activations = tokens * (4 * hidden + 3 * inner) * size + heads * tokens * tokens * 4
     return kv + activations + 2 * vocab * 4
