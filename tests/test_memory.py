@@ -95,3 +95,17 @@ def test_headers_only_no_weights_read(tmp_path, monkeypatch):
         if isinstance(cls, type) and issubclass(cls, sources.WeightSource):
             monkeypatch.setattr(cls, "get", refuse, raising=False)
     memory_estimate(toy.path("cp"))
+
+
+def test_info_memory_prints_each_job(capsys):
+    from chatvec_lab.cli import main
+
+    assert main(["info", str(toy.path("cp")), "--memory", "--batch-size", "4", "--tokens", "128"]) == 0
+    out = capsys.readouterr().out
+    want = memory_estimate(toy.path("cp"), batch_size=4, tokens=128, device="auto").set_index("job")
+    for job in ("generate", "live", "streaming"):
+        line = next(l for l in out.splitlines() if l.split() and l.split()[0] == job)
+        assert f"{want.loc[job, 'ram_gb']:.3f}" in line
+    assert main(["info", str(toy.path("cp")), "--memory", "--device", "tpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "chatvec info: error: device 'tpu'" in err

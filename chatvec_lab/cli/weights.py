@@ -163,6 +163,14 @@ def info_arguments(i) -> None:
     i.add_argument("path")
     i.add_argument("--no-norms", action="store_true", help="skip reading tensors (headers only)")
     i.add_argument("--max-rows", type=positive_int, default=40)
+    i.add_argument("--memory", action="store_true", help="instead: the memory each job will need for this model "
+                   "(generate; sweep/atlas/eval; extract/apply/merge), from its headers and config only")
+    i.add_argument("--device", default="auto", help="with --memory: where the jobs will run (auto, cpu, cuda)")
+    i.add_argument("--dtype", default="auto", help="with --memory: auto (the checkpoint's own), float32, bfloat16, "
+                                                   "float16")
+    i.add_argument("--batch-size", type=positive_int, default=8, help="with --memory: replies generated together")
+    i.add_argument("--tokens", type=positive_int, default=512, help="with --memory: tokens per reply, prompt "
+                                                                    "included")
     add_quiet(i)
 
 
@@ -171,6 +179,17 @@ def run_info(args) -> None:
 
     from chatvec_lab.analysis.info import describe
 
+    if args.memory:
+        from chatvec_lab.behaviour.memory import memory_estimate
+
+        table = memory_estimate(args.path, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+                                tokens=args.tokens)
+        shown = table.drop(columns=["basis"]).round(3)
+        with pd.option_context("display.width", 200, "display.max_colwidth", 60):
+            print(shown.to_string(index=False))
+        for job, basis in zip(table["job"], table["basis"]):
+            print(f"{job}: {basis}")
+        return
     meta, table = describe(args.path, norms=not args.no_norms)
     for key, value in meta.items():
         print(f"{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
