@@ -46,7 +46,7 @@ def test_data_and_notebooks_found_in_the_checkout(monkeypatch):
     monkeypatch.delenv("CHATVEC_TOY_DIR", raising=False)
     assert resources.data_dir() == ROOT / "data"
     assert resources.notebook_dir() == ROOT / "notebooks"
-    assert [p.name for p in resources.notebooks()] == NOTEBOOK_NAMES and len(NOTEBOOK_NAMES) == 7
+    assert [p.name for p in resources.notebooks()] == NOTEBOOK_NAMES and len(NOTEBOOK_NAMES) == 8
     assert toy.path("cp") == ROOT / "data" / "toy" / "cp"
     from chatvec_lab.course import demo
     from chatvec_lab.toy import evaluate
@@ -85,7 +85,7 @@ def test_notebooks_command(tmp_path, capsys):
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main(["notebooks", str(empty)]) == 0 and len(list(empty.glob("*.ipynb"))) == 7
+    assert main(["notebooks", str(empty)]) == 0 and len(list(empty.glob("*.ipynb"))) == 8
     (tmp_path / "file").write_text("x")
     assert main(["notebooks", str(tmp_path / "file"), "--overwrite"]) == 2
     before = {p.name: p.read_bytes() for p in resources.notebooks()}
@@ -259,6 +259,6 @@ def test_source_installs_find_their_data(tmp_path, editable):
     assert Path(init).resolve() == (base / "chatvec_lab" if editable else base) / "__init__.py"
     assert Path(cp).resolve() == data / "toy" / "cp"
     assert Path(nbdir).resolve() == (src / "notebooks" if editable else base / "notebooks")
-    assert n_nb == 7 and n_prompts > 8
+    assert n_nb == 8 and n_prompts > 8
     _run([python.parent / "chatvec", "notebooks", "nbs"], cwd=work, env=env, timeout=120)
-    assert len(list((work / "nbs").glob("*.ipynb"))) == 7
+    assert len(list((work / "nbs").glob("*.ipynb"))) == 8
