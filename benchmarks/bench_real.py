@@ -21,7 +21,9 @@ bytes in memory (its parameters in the dtype it runs in):
 - ``sweep``: ``sweep(cp, vector, α ∈ {0, 1}, prompts, max_new_tokens)``, the default scorers, as ``chatvec
   sweep`` runs it; the CPU target is peak RSS ≤ 2.2 × model bytes + 600 MB (issue 25);
 - ``alpha``: seconds per α change of a ``LiveModel`` (and per ``reset``);
-- ``generate``: replies per second, all prompts in one batch against one prompt at a time.
+- ``generate``: replies per second, all prompts in one batch against one prompt at a time;
+- ``eval``: ``evaluate_harness`` on the shipped German/English task (``--eval-items`` items) at α ∈ {0, 1}, as
+  ``chatvec eval`` runs it (lm-eval installed; not in the default ``--jobs``).
 
 Results are printed and appended to ``benchmarks/results/bench_real.jsonl`` with the machine they ran on.
 Timings are this machine's; no test asserts them.
@@ -260,6 +262,17 @@ def child(job: str, spec: dict) -> dict:
             seconds = time.perf_counter() - start
             out[f"replies_per_s_{label}"] = len(df) / seconds
             out[f"tokens_per_s_{label}"] = float(df["reply_tokens"].sum()) / seconds
+    elif job == "eval":
+        from chatvec_lab.behaviour.harness import evaluate_harness
+        from chatvec_lab.io.resources import harness_task_dir
+
+        start = time.perf_counter()
+        df = evaluate_harness(spec["cp"], spec["vector"], [0.0, 1.0], ["chatvec_toy_de_en"],
+                              include_path=harness_task_dir(), limit=spec.get("eval_items", 20), device=spec["device"],
+                              dtype=spec["dtype"], bootstrap_iters=0, progress=False)
+        out["eval_s"] = time.perf_counter() - start
+        out["eval_items"] = spec.get("eval_items", 20)
+        out["eval_rows"] = len(df)
     else:
         raise SystemExit(f"unknown job {job}")
     out.update(_cuda_stats(spec["device"]))
@@ -302,6 +315,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=2, help="prompts of the sweep (the issue's measurement: 2)")
     p.add_argument("--gen-prompts", type=int, default=8, help="prompts of the batched/unbatched generation")
     p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--eval-items", type=int, default=20, help="items of the shipped harness task per α (eval job)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in each child")
     p.add_argument("--cache", type=Path, default=HERE / ".cache" / "bench_real")
     p.add_argument("--package-root", type=Path, default=None,
@@ -319,7 +333,8 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(args.package_root or ROOT))
     paths = build(args.size, args.cache)
     spec = {"cp": str(paths["cp"]), "vector": str(paths["vector"]), "device": args.device, "dtype": args.dtype,
-            "prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "threads": args.threads}
+            "prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "threads": args.threads,
+            "eval_items": args.eval_items}
     checkpoint_bytes = sum(f.stat().st_size for f in paths["cp"].glob("*.safetensors"))
     record = {"date": dt.datetime.now().isoformat(timespec="seconds"), "size": args.size, "device": args.device,
               "dtype": args.dtype, "label": args.label, "package": str(args.package_root or ROOT),
@@ -358,6 +373,8 @@ def main(argv=None) -> int:
         if job == "generate":
             b, u = res["replies_per_s_batched"], res.get("replies_per_s_unbatched")
             line += f"; replies/s batched {b:.2f}, unbatched {u:.2f} (× {b / u:.1f})" if u else f"; {b:.2f} replies/s"
+        if job == "eval":
+            line += f"; {res['eval_s']:.1f} s for {res['eval_items']} items at 2 α values"
         res["ratio"] = ratio
         print(line)
     if not args.no_save:

@@ -240,3 +240,36 @@ def test_apply_to_model_finds_gpt_neox_embed_out_under_its_loaded_name(family_fa
     for name in cp:
         loaded = "lm_head.weight" if name == "embed_out.weight" else name
         torch.testing.assert_close(got[loaded], cp[name] + 0.7 * (chat[name] - base[name]), rtol=0, atol=1e-6)
+
+
+# -- review round 4 (the newest surfaces): a vector where a model belongs; one tokenizer missing ----------------------
+
+def test_a_saved_vector_is_not_a_model(tmp_path, capsys):
+    """A saved vector's folder as --base, --chat or --target was read as a model: chat − vector, exit 0."""
+    vec = tmp_path / "cv"
+    ChatVector.from_models(toy.path("base"), toy.path("chat")).save(vec)
+    before = {p.name: p.read_bytes() for p in vec.iterdir()}
+    cases = [["extract", "--base", vec, "--chat", toy.path("chat"), "-o", tmp_path / "v1"],
+             ["extract", "--base", toy.path("base"), "--chat", vec, "-o", tmp_path / "v2"],
+             ["apply", "--target", vec, "--vector", vec, "-o", tmp_path / "m"]]
+    for args in cases:
+        capsys.readouterr()
+        assert _cli(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is a saved chat vector" in err, err
+    assert not any((tmp_path / n).exists() for n in ("v1", "v2", "m"))
+    assert {p.name: p.read_bytes() for p in vec.iterdir()} == before
+
+
+def test_one_missing_tokenizer_is_said(tmp_path, capsys):
+    """A base without a tokenizer and a chat with one: rows are subtracted by index; that is now said."""
+    base = _copy("base", tmp_path / "base")
+    (base / "tokenizer.json").unlink()
+    with pytest.warns(Warning, match="base model has no tokenizer: embedding and lm_head rows are subtracted by index"):
+        ChatVector.from_models(base, toy.path("chat"))
+    assert _cli(["extract", "--base", base, "--chat", toy.path("chat"), "-o", tmp_path / "v", "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "chatvec extract: warning: the base model has no tokenizer" in err
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # both tokenizers: no warning
+        ChatVector.from_models(toy.path("base"), toy.path("chat"))

@@ -130,7 +130,8 @@ def test_sigterm_during_generation_is_one_line_and_leaves_nothing(saved_vector, 
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
-    assert err.strip().splitlines() == ["chatvec sweep: interrupted by SIGTERM; no partial output was left"], err
+    assert err.strip().splitlines() == ["chatvec sweep: interrupted by SIGTERM; nothing half-written was left "
+                                        "(outputs finished before it stay)"], err
     assert not (tmp_path / "s.csv").exists()
     assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
 

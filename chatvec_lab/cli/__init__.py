@@ -109,8 +109,8 @@ def main(argv=None) -> int:
 
 
 def _interrupted(command: str, signum: int) -> int:
-    print(f"chatvec {command}: interrupted by {signal.Signals(signum).name}; no partial output was left",
-          file=sys.stderr)
+    print(f"chatvec {command}: interrupted by {signal.Signals(signum).name}; nothing half-written was left "
+          "(outputs finished before it stay)", file=sys.stderr)
     return 128 + signum
 
 

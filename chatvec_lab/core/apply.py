@@ -36,7 +36,7 @@ from chatvec_lab.io.naming import parse
 from chatvec_lab.io.output import atomic_folder, check_output_path, source_paths, write_json
 from chatvec_lab.io.paging import Prefetcher
 from chatvec_lab.io.shards import DEFAULT_SHARD_BYTES, ShardedSafetensorsWriter
-from chatvec_lab.io.sources import WeightSource, model_folder, module_state, open_weights
+from chatvec_lab.io.sources import WeightSource, model_folder, module_state, open_weights, refuse_saved_vector
 from chatvec_lab.io.vocab import Vocabulary, added_tokens
 
 __all__ = [
@@ -218,6 +218,7 @@ class _Prepared:
 def _prepare(target, vectors, opts: ApplyOptions) -> _Prepared:
     embeddings, token_map, chat, allow_pickle = opts.embeddings, opts.token_map, opts.chat, opts.allow_pickle
     target_src = open_weights(target, allow_pickle=allow_pickle)
+    refuse_saved_vector(target_src, "--target")
     pairs = _as_pairs(vectors)
     target_vocab = Vocabulary.of_folder(model_folder(target)) if any(v.vocabulary for v, _ in pairs) else None
     new_tokens = None
@@ -342,16 +343,23 @@ def _out_shape(shape: tuple[int, ...], plan: TensorPlan) -> tuple[int, ...]:
     return (plan.out_rows, *shape[1:]) if plan.out_rows else tuple(shape)
 
 
-def apply_to_model(target, vectors, *, options: ApplyOptions | None = None, inplace: bool = False, **kwargs):
+def apply_to_model(target, vectors, *, options: ApplyOptions | None = None, inplace: bool = False, device=None,
+                   **kwargs):
     """``target + Σ αᵢ·vectorᵢ`` as a transformers model in memory; returns ``(model, report)``.
 
     ``target`` is a model folder / hub id (loaded fresh) or a ``torch.nn.Module`` (copied unless ``inplace``).
     ``vectors`` and the options (``options=`` and/or :class:`ApplyOptions` fields as keywords) as for
-    :func:`apply_vectors`; other keywords go to ``from_pretrained`` (``dtype=`` …). ``embeddings`` may not be
+    :func:`apply_vectors`; other keywords go to ``from_pretrained`` (``dtype=``: ``auto``, the default, is the
+    checkpoint's own; ``float32``, ``bfloat16``, ``float16`` as ``chatvec_lab.io.devices`` names them …).
+    ``device``: None (the default) leaves the model where it was loaded (the CPU) or found; ``auto`` (the GPU if
+    there is one, else the CPU), ``cpu``, ``cuda``, ``cuda:1``, ``mps`` moves it there once the vectors are added
+    (a device this machine lacks is a one-line UsageError, before anything loads). ``embeddings`` may not be
     ``tokens``/``union`` here (a model in memory cannot grow or re-key its vocabulary file).
     """
     import copy
     import dataclasses
+
+    from chatvec_lab.io.devices import resolve_device, resolve_dtype
 
     fields = {f.name for f in dataclasses.fields(ApplyOptions)}
     opts = ApplyOptions.build(options, {k: v for k, v in kwargs.items() if k in fields})
@@ -360,6 +368,10 @@ def apply_to_model(target, vectors, *, options: ApplyOptions | None = None, inpl
     embeddings = opts.embeddings
     if embeddings in ("tokens", "union"):  # refused before a model is loaded or copied
         raise UsageError(f"embeddings={embeddings!r} is for apply_vectors (a model folder out), not a model in memory")
+    where = resolve_device(device) if device is not None else None
+    dtype = load_kwargs.get("dtype")
+    if isinstance(dtype, str) and dtype.strip().lower() != "auto":  # "bf16", "float32" …; a bad name in one line
+        load_kwargs["dtype"] = resolve_dtype(dtype)
     if isinstance(target, torch.nn.Module):
         model = target if inplace else copy.deepcopy(target)
     else:
@@ -395,6 +407,8 @@ def apply_to_model(target, vectors, *, options: ApplyOptions | None = None, inpl
                 tensor.copy_(merge_tensor(tensor, p, pairs))
             if rows is not None and rows.apply(name, tensor):
                 p.token_rows_set = True
+    if where is not None:  # the vectors were added where the model was loaded (the CPU); then it moves
+        model = model.to(where)
     return model, _report(plans, notes, lineage, info=prep.info, checked=opts.check_lineage)
 
 

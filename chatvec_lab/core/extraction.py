@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -16,9 +17,9 @@ import torch
 
 from chatvec_lab.core.metadata import FORMAT
 from chatvec_lab.core.terms import ModelDifference
-from chatvec_lab.errors import MismatchError
+from chatvec_lab.errors import ChatVecWarning, MismatchError
 from chatvec_lab.io.naming import parse
-from chatvec_lab.io.sources import WeightSource, open_weights
+from chatvec_lab.io.sources import WeightSource, open_weights, refuse_saved_vector
 from chatvec_lab.io.vocab import Vocabulary, row_map
 from chatvec_lab.version import __version__
 
@@ -92,6 +93,8 @@ def model_difference(base, chat, allow_pickle: bool = False,
     shapes and architectures checked now. ``hash_files``: record the sha256 of the models' files."""
     b = open_weights(base, allow_pickle=allow_pickle)
     c = open_weights(chat, allow_pickle=allow_pickle)
+    refuse_saved_vector(b, "--base")
+    refuse_saved_vector(c, "--chat")
     check_same_architecture(b, c, f"base {b.description}", f"chat {c.description}")
     missing, extra = set(b.keys()) - set(c.keys()), set(c.keys()) - set(b.keys())
     if missing:
@@ -120,6 +123,12 @@ def model_difference(base, chat, allow_pickle: bool = False,
     if not shapes:
         raise MismatchError(f"base {b.description} and chat {c.description} hold no floating-point tensor: "
                             "there is no chat vector to extract")
+    if (base_vocab is None) != (chat_vocab is None) and any(parse(n).is_embedding_like for n in shapes):
+        lacking = "base" if base_vocab is None else "chat"
+        warnings.warn(ChatVecWarning(
+            f"the {lacking} model has no tokenizer: embedding and lm_head rows are subtracted by index, which is "
+            f"right only if both models give every token the same id (copy the {lacking} model's tokenizer files "
+            "into its folder to match rows by token)"), stacklevel=2)
     dtypes = sorted({str(b.dtype(n)).replace("torch.", "") for n in shapes})
     chat_rows = sorted({int(i) for rows in base_rows.values() for i in (rows < 0).nonzero().flatten()})
     metadata = {

@@ -435,3 +435,12 @@ def model_folder(spec, revision: str | None = None) -> Path | None:
         if _HUB_ID.match(str(spec)):
             return _resolve_hub(str(spec), revision)
     return None
+
+
+def refuse_saved_vector(source: WeightSource, role: str) -> None:
+    """A saved chat vector's folder (it holds ``chatvec.json``) where a model belongs is one line: its tensors are
+    differences, so ``chat − vector`` or ``vector + α·v`` would be meaningless numbers written without a word."""
+    folder = getattr(source, "folder", None)
+    if folder is not None and (Path(folder) / "chatvec.json").is_file():
+        raise SourceError(f"{role} {folder} is a saved chat vector (it holds chatvec.json), not a model: give a "
+                          "model folder or hub id here")
