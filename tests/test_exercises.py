@@ -592,6 +592,8 @@ def test_midpoint_barrier_takes_a_pair_of_your_own_and_names_the_mistakes(capsys
     for pair, says in [((MODELS["CHAT"], MODELS["CP"]), "already shows the line"),
                        ((MODELS["CP"], MODELS["CHAT"]), "already shows the line"),
                        ((MODELS["CHAT"], MODELS["CHAT_ALT"]), "already shows the line"),
+                       ((MODELS["BASE"], MODELS["CHAT"]), "already shows the line"),  # section 1's control
+                       ((torch.nn.Linear(2, 2), b), "not a Linear"),
                        ((a, a), "the same model"), ((a, None), "choose two models"),
                        ((a, "no/such/folder"), "should be a model folder"),
                        ((a, toy.path("cp-xvocab")), "larger vocabulary")]:
@@ -613,6 +615,7 @@ def test_slerp_norm_takes_a_tensor_and_t_of_your_own_and_names_the_mistakes(caps
     assert ex.check("slerp_norm", {"lerp": lerp / ends, "slerp": sph / ends}, **ctx)
     capsys.readouterr()
     mean = (float(a.double().norm()) + float(b.double().norm())) / 2
+    other_ends = (1 - t) * float(b.double().norm()) + t * float(a.double().norm())  # the path from b to a
     wa, wb = _state(MODELS["CHAT"])[name].float(), _state(MODELS["CP"])[name].float()
     w_ends = (1 - t) * float(wa.double().norm()) + t * float(wb.double().norm())
     weights = {"lerp": float(((1 - t) * wa.double() + t * wb.double()).norm()) / w_ends,
@@ -622,6 +625,8 @@ def test_slerp_norm_takes_a_tensor_and_t_of_your_own_and_names_the_mistakes(caps
                          ({"lerp": lerp / mean, "slerp": sph / mean}, "mean of the two norms"),
                          (weights, "models' weights"),
                          ({"lerp": lerp / ends, "slerp": 1.0}, "sphere's ratio"),
+                         ({"lerp": float(((1 - t) * b.double() + t * a.double()).norm()) / other_ends,
+                           "slerp": float(slerp(t, b, a).double().norm()) / other_ends}, "a and b exchanged"),
                          ([lerp / ends, sph / ends], "answer a dict")]:
         assert not ex.check("slerp_norm", answer, **ctx) and hint in capsys.readouterr().out, hint
     right = {"lerp": lerp / ends, "slerp": sph / ends}

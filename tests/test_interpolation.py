@@ -79,6 +79,27 @@ def test_the_sphere_is_what_chatvec_merge_writes_for_slerp(tmp_path, models):
     assert at == pytest.approx(math.log(perplexity(merged, models["tok"], TEXTS["de"])), abs=1e-5)
 
 
+def test_device_and_dtype_choose_where_and_in_which_precision_the_path_is_measured(curve, models):
+    chat = models["chat"]
+    before = {k: v.clone() for k, v in chat.state_dict().items()}
+    half = interpolation_curve(chat, toy.path("cp"), TEXTS, ts=[0.5], tokenizer=models["tok"], device="cpu",
+                               dtype="bfloat16").set_index(["texts", "t"])
+    full = curve.set_index(["texts", "t"])
+    bf16 = AutoModelForCausalLM.from_pretrained(toy.path("cp"), dtype=torch.bfloat16).eval()
+    for lang, texts in TEXTS.items():
+        assert half.loc[(lang, 0.0), "loss"] != full.loc[(lang, 0.0), "loss"]  # measured in bfloat16 …
+        assert half.loc[(lang, 0.5), "loss"] == pytest.approx(full.loc[(lang, 0.5), "loss"], abs=0.05)  # … close
+        assert half.loc[(lang, 1.0), "loss"] == pytest.approx(token_losses(bf16, models["tok"], texts)[0].mean(), abs=1e-9)
+    assert next(chat.parameters()).dtype == torch.float32  # the module given is not changed
+    assert all(torch.equal(before[k], v) for k, v in chat.state_dict().items())
+    auto = interpolation_curve(toy.path("chat"), toy.path("cp"), TEXTS, ts=[0.5], dtype="auto")  # the toy's own
+    assert np.allclose(auto.set_index(["texts", "t"])["loss"], half["loss"], atol=1e-6)  # bfloat16 checkpoints
+    with pytest.raises(UsageError, match="dtype"):
+        interpolation_curve(toy.path("chat"), toy.path("cp"), TEXTS, dtype="float8")
+    with pytest.raises(UsageError, match="device"):
+        interpolation_curve(toy.path("chat"), toy.path("cp"), TEXTS, device="tpu")
+
+
 def test_barriers_reads_the_inner_points_only():
     rows = [{"pair": "p", "path": "linear", "texts": "en", "t": t, "barrier": b, "barrier_lo": b - 0.1,
              "barrier_hi": b + 0.1, "loss": 1.0, "ppl": math.e} for t, b in ((0.0, 0.0), (0.5, 0.3), (0.7, 0.05), (1.0, 0.0))]

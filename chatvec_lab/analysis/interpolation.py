@@ -17,14 +17,18 @@ Columns, one row per ``t`` and text set (``texts``):
 - ``vs_a``, ``vs_b``: loss(t) minus the loss of endpoint a (t = 0) or b (t = 1), token by token (paired: the
   same tokens under both models), each with its 95% interval (``_lo``, ``_hi``), clustered by text;
 - ``barrier``: loss(t) minus the straight chord between the endpoints, (1 − t)·loss(0) + t·loss(1), token by
-  token and paired (the same tokens under three models), with ``barrier_lo``/``barrier_hi``. Frankle et al.
-  (arXiv 1912.05671) call two models *linearly mode connected* when the barrier is about 0 all along the
-  line; a barrier whose interval lies above 0 is a bump of loss between them.
+  token and paired (the same tokens under three models), with ``barrier_lo``/``barrier_hi``: the loss barrier
+  of Entezari et al. (arXiv 2110.06296). Frankle et al. (arXiv 1912.05671) call two networks *linearly mode
+  connected* when the test error along the line rises no more than noise above the mean of the endpoints'
+  errors; a barrier whose interval lies above 0 is a bump of loss between them.
 
 ``permute_mlp_units(model, seed)`` gives a model that computes exactly the same function with other weights
 (the hidden units of every MLP shuffled): the line from a model to its permuted copy is how a barrier looks
-between two models that share no base. Everything is computed in float32 on the CPU, one model in memory
-besides the two endpoints' weights.
+between two models that share no base. By default everything is computed in float32 on the CPU, one model in
+memory besides the two endpoints' weights (kept on the CPU in the dtype the model is measured in); ``device=``
+and ``dtype=`` (``io.devices``: ``"auto"``, ``"cuda"``, ``"bfloat16"`` …) move the measured model to a GPU and
+change its precision, for real checkpoints. Each point of the path is computed in float32 on the CPU, tensor by
+tensor, then cast to ``dtype``.
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ import torch
 from chatvec_lab.analysis.intervals import mean_interval
 from chatvec_lab.core.spherical import slerp
 from chatvec_lab.errors import MismatchError, UsageError
+from chatvec_lab.io.devices import resolve_device, resolve_dtype
 
 PATHS = ("linear", "slerp")
 COLUMNS = ["pair", "path", "t", "texts", "n_texts", "tokens", "loss", "loss_lo", "loss_hi", "ppl", "vs_a", "vs_a_lo",
@@ -47,13 +52,16 @@ COLUMNS = ["pair", "path", "t", "texts", "n_texts", "tokens", "loss", "loss_lo",
 LINEAR_ABOVE = 0.9995  # mergekit's slerp takes the straight line where |cos| of the two tensors exceeds this
 
 
-def _load(spec) -> torch.nn.Module:
+def _load(spec, device=torch.device("cpu"), dtype=torch.float32) -> torch.nn.Module:
     if isinstance(spec, torch.nn.Module):
-        return copy.deepcopy(spec).float().eval()
+        model = copy.deepcopy(spec).to(device).eval()
+        for param in model.parameters():  # the parameters only: buffers (rotary frequencies) keep their dtype,
+            param.data = param.data.to(dtype)  # as from_pretrained(dtype=) leaves them
+        return model
     if isinstance(spec, (str, Path)):
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(str(spec), dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_pretrained(str(spec), dtype=dtype).to(device).eval()
     raise UsageError(f"a model is a folder, a hub id or a torch module, not {type(spec).__name__}")
 
 
@@ -72,7 +80,8 @@ def _tokenizer_of(a, b, tokenizer):
 
 
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone().float() for n, p in model.named_parameters()}
+    """The model's parameters, copied to the CPU in their own dtype."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
 
 
 def _check_times(ts) -> list[float]:
@@ -100,11 +109,12 @@ def token_losses(model, tokenizer, texts: Sequence[str], max_length: int = 256) 
     """The cross-entropy of every predicted token of ``texts`` (each text on its own, as ``perplexity`` scores
     it) and the index of the text each belongs to; texts shorter than two tokens are left out."""
     losses, owners = [], []
+    device = next(model.parameters()).device
     for i, text in enumerate(texts):
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :max_length]
         if ids.shape[1] < 2:
             continue
-        logits = model(input_ids=ids).logits[0, :-1].float()
+        logits = model(input_ids=ids.to(device)).logits[0, :-1].float().cpu()
         losses.append(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none").numpy())
         owners.append(np.full(ids.shape[1] - 1, i))
     if not losses:
@@ -115,23 +125,27 @@ def token_losses(model, tokenizer, texts: Sequence[str], max_length: int = 256) 
 def _set_weights(model, wa, wb, t: float, path: str) -> None:
     params = dict(model.named_parameters())
     for name, a in wa.items():
-        b = wb[name]
+        a, b = a.float(), wb[name].float()  # each point in float32 on the CPU, then cast to the model's dtype
         value = a + t * (b - a) if path == "linear" else slerp(t, a, b)
-        params[name].data.copy_(value.to(params[name].dtype))
+        params[name].data.copy_(value.to(device=params[name].device, dtype=params[name].dtype))
 
 
 def interpolation_curve(a, b, texts, *, tokenizer=None, ts: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
-                        path: str = "linear", pair: str | None = None, max_length: int = 256) -> pd.DataFrame:
+                        path: str = "linear", pair: str | None = None, max_length: int = 256, device="cpu",
+                        dtype="float32") -> pd.DataFrame:
     """The loss of ``texts`` along the path from model ``a`` (t = 0) to model ``b`` (t = 1); see the module's
     docstring for the columns. ``a``, ``b``: model folders, hub ids or torch modules of one architecture
     (neither is changed); ``texts``: a list of strings or ``{label: list}``; ``pair``: the label of the pair
-    (default ``"a ↔ b"`` from the folders' names); ``tokenizer``: default, the first folder's."""
+    (default ``"a ↔ b"`` from the folders' names); ``tokenizer``: default, the first folder's. ``device``,
+    ``dtype``: where and in which precision the model is measured (``io.devices``; ``"auto"``: the GPU if there
+    is one, and ``a``'s own dtype); default float32 on the CPU."""
     if path not in PATHS:
         raise UsageError(f"path must be one of {PATHS}, not {path!r}")
     times, sets = _check_times(ts), _texts(texts)
+    device, dtype = resolve_device(device), resolve_dtype(dtype, a)
     tok = _tokenizer_of(a, b, tokenizer)
-    model = _load(a)
-    wa, wb = _weights(model), _weights(_load(b))
+    model = _load(a, device, dtype)
+    wa, wb = _weights(model), _weights(_load(b, torch.device("cpu"), dtype))
     if wa.keys() != wb.keys() or any(wa[n].shape != wb[n].shape for n in wa):
         raise MismatchError("the two models differ in their tensors or shapes: a path needs one architecture")
     if pair is None:

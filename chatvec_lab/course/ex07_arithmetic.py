@@ -8,15 +8,19 @@ them: a number read off the notebook's tables fails.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 from chatvec_lab.course.checking import Exercise, Wrong, as_number, close
 from chatvec_lab.course.measuring import heldout_text, toy_path, vector_of
+from chatvec_lab.errors import ChatVecError
 
 EXERCISES: list[Exercise] = []  # in the notebook's order
 
-# the lines notebook 07 measures (its `curves`): their midpoints are already on screen there
-SHOWN_PAIRS = ({"chat", "cp"}, {"chat", "chat-alt"})
+# the lines notebook 07 measures (its `curves`, and chat ↔ base in section 1's control): their midpoints are on
+# screen there
+SHOWN_PAIRS = ({"chat", "cp"}, {"chat", "chat-alt"}, {"chat", "base"})
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name: a real model named by its hub id (loaded by the check)
 # the t at which notebook 07 shows the norms of the line and the sphere
 SHOWN_T = 0.5
 
@@ -32,14 +36,21 @@ def _member(path) -> str | None:
     return None
 
 
+def _shown(value) -> str:
+    """A value for a hint: a str or a number as it is, anything else (a model, a tensor) by its type."""
+    return repr(value) if isinstance(value, (str, Path, int, float)) else f"a {type(value).__name__}"
+
+
 def _pair_of_your_own(ctx) -> None:
     a, b = ctx.get("a"), ctx.get("b")
     if a is None or a is Ellipsis or b is None or b is Ellipsis:
         raise Wrong("choose two models of your own and pass them to the check: a=A, b=B (e.g. a=CHAT_ALT, b=CP).")
     for name, spec in (("a", a), ("b", b)):
-        if not isinstance(spec, (str, Path)) or not (Path(spec) / "config.json").is_file():
-            raise Wrong(f"{name} should be a model folder (like CHAT_ALT or CP), not {spec!r}.")
-    if Path(a).resolve() == Path(b).resolve():
+        folder = isinstance(spec, (str, Path)) and (Path(spec) / "config.json").is_file()
+        hub_id = isinstance(spec, str) and not Path(spec).exists() and HUB_ID.fullmatch(spec)
+        if not (folder or hub_id):
+            raise Wrong(f"{name} should be a model folder (like CHAT_ALT or CP) or a hub id, not {_shown(spec)}.")
+    if str(a) == str(b) or Path(a).resolve() == Path(b).resolve():
         raise Wrong("a and b are the same model: the line between a model and itself is a point.")
     pair = {_member(a), _member(b)}
     if pair in SHOWN_PAIRS:
@@ -53,7 +64,11 @@ def _barrier_truth(a, b, t, language):
     from chatvec_lab.analysis.interpolation import interpolation_curve
 
     other = "en" if language != "en" else "de"
-    curve = interpolation_curve(a, b, {language: heldout_text(language), other: heldout_text(other)}, ts=[t])
+    try:
+        curve = interpolation_curve(a, b, {language: heldout_text(language), other: heldout_text(other)}, ts=[t])
+    except (ChatVecError, OSError, ValueError) as e:  # two architectures, no weights, a hub id offline
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise Wrong(f"the check cannot measure the line between these two models: {why}") from None
     at = curve.set_index(["texts", "t"])
     mid, ends = at.loc[(language, t)], (at.loc[(language, 0.0)], at.loc[(language, 1.0)])
     ppl_ends = [math.exp(e["loss"]) for e in ends]
@@ -92,7 +107,8 @@ def _barrier_judge(answer, truth, ctx):
         other = {"de": "German", "en": "English"}.get(truth["other_language"], truth["other_language"])
         raise Wrong(f"measured on the {other} held-out text: use heldout_texts()[{ctx['language']!r}].")
     raise Wrong(f"not loss(½θ_a + ½θ_b) − ½(loss(a) + loss(b)) on the {ctx['language']} held-out text for the pair "
-                "you passed (mean cross-entropy per token over all the texts' tokens).")
+                "you passed (each loss the mean cross-entropy per token over all the texts' tokens together, not a "
+                "mean of per-text means).")
 
 
 EXERCISES.append(Exercise(
@@ -101,7 +117,8 @@ EXERCISES.append(Exercise(
     title="the loss barrier halfway between two models of your choosing",
     question=(
         "Choose two members of the toy family that share the base and whose line the notebook did **not** "
-        "measure (not chat ↔ CP, not chat ↔ chat-alt): e.g. chat-alt ↔ CP or base ↔ CP. Build the model halfway "
+        "measure (not chat ↔ CP, not chat ↔ chat-alt, not chat ↔ base, section 1's control): e.g. chat-alt ↔ CP "
+        "or base ↔ CP. Build the model halfway "
         "between them, θ = ½·θ_a + ½·θ_b (tensor by tensor, in float32), and measure the **barrier** at the "
         "midpoint on the German held-out text (`heldout_texts()[\"de\"]`): the midpoint's mean cross-entropy "
         "per token minus the mean of the two endpoints' (each over all the texts' tokens; the log of "
@@ -122,7 +139,7 @@ def _tensor_and_t(ctx) -> None:
     if tensor is None or tensor is Ellipsis or t is None or t is Ellipsis:
         raise Wrong("choose a tensor and a t of your own and pass them to the check: tensor=TENSOR, t=T.")
     if not isinstance(tensor, str):
-        raise Wrong(f"tensor should be a tensor's name (a str of cv.names), not {tensor!r}.")
+        raise Wrong(f"tensor should be a tensor's name (a str of cv.names), not {_shown(tensor)}.")
     v = as_number(t, "t")
     if not 0 < v < 1:
         raise Wrong(f"t = {v:g}: choose a t strictly between 0 and 1.")
@@ -152,6 +169,7 @@ def _slerp_truth(base, chat, cp, tensor, t):
 
     out = ratios(cv[tensor], lv[tensor])
     out["weights"] = ratios(raw_tensor(chat, tensor), raw_tensor(cp, tensor))
+    out["b_to_a"] = ratios(lv[tensor], cv[tensor])  # the path walked the other way: a and b exchanged
     return out
 
 
@@ -168,6 +186,10 @@ def _slerp_judge(answer, truth, ctx):
                 f"{truth['weights']['slerp']:.4f} (cosine {truth['weights']['cosine']:.4f}).")
     if close(lerp, truth["slerp"], 1e-3) and close(sph, truth["lerp"], 1e-3):
         raise Wrong("the two ratios are swapped.")
+    other_way = truth["b_to_a"]
+    if close(lerp, other_way["lerp"], 1e-3) and close(sph, other_way["slerp"], 1e-3):
+        raise Wrong("a and b exchanged: at t = 0 the point is a, the chat vector's tensor; at t = 1, b, the "
+                    "language vector's.")
     if close(lerp, truth["lerp_raw"], 1e-3) or close(sph, truth["slerp_raw"], 1e-3):
         raise Wrong("those are norms; divide each by the interpolated norm of the endpoints, (1 − t)·‖a‖ + t·‖b‖.")
     if close(lerp, truth["lerp_mean"], 1e-3) or close(sph, truth["slerp_mean"], 1e-3):
