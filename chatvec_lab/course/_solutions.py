@@ -1,8 +1,8 @@
 """One solution to each exercise in ``chatvec_lab.course.exercises``: shown only by ``exercises.solution(name)``.
 
 Each is the whole exercise cell, filled in. It reads only the names its notebook's configure cell (the first
-code cell) defines (``BASE``, ``CHAT``, ``CHAT_ALT``, ``CP``), imports everything else itself, leaves the names the
-notebook's other cells define (``df``, ``model``, ``prompts``, ...) alone, and ends with the same ``ex.check(...)``
+code cell) defines (``BASE``, ``CHAT``, ``CHAT_ALT``, ``CP``, and ``DEVICE`` / ``DTYPE`` where models run), imports
+everything else itself, leaves the names the notebook's other cells define (``df``, ``model``, ``prompts``, ...) alone, and ends with the same ``ex.check(...)``
 call as the notebook. ``tests/test_exercises.py`` runs every one of them after that configure cell, as a learner
 would in notebook order, and requires the check to pass.
 """
@@ -29,10 +29,10 @@ from chatvec_lab.toy.evaluate import prompt_sets
 
 prediction = 0.5   # written down before measuring (any number between 0 and 1 is a prediction)
 cv = ChatVector.from_models(BASE, CHAT)
-half, _ = apply_to_model(CP, [(cv, 0.5)])
+half, _ = apply_to_model(CP, [(cv, 0.5)], device=DEVICE, dtype=DTYPE)
 out = generate(half, AutoTokenizer.from_pretrained(CP), prompt_sets()["chat"][:16], seed=0, max_new_tokens=32)
 answer = {"prediction": prediction, "measured": float(out["ended_turn"].mean())}
-ex.check("turn_end_half", answer, base=BASE, chat=CHAT, cp=CP)
+ex.check("turn_end_half", answer, base=BASE, chat=CHAT, cp=CP, device=DEVICE, dtype=DTYPE)
 ''',
 
     "relative_change": '''\
@@ -101,31 +101,31 @@ SEED = 3                                   # a sampling seed of my own
 GRID = [0.0, 0.5, 1.0, 1.5, 2.0]
 grid_df = sweep(CP, {"chat": ChatVector.from_models(BASE, CHAT)}, GRID, prompt_sets()["chat"][:16],
                 scorers=["ended_turn", "language"], seeds=[SEED], max_new_tokens=32, cache_dir=".cache/sweeps",
-                progress=False)
+                progress=False, device=DEVICE, dtype=DTYPE)
 share = grid_df.groupby("alpha")["share_de"].mean()          # one mean share per α
 shares = [float(share.loc[a]) for a in GRID]
 steady = all(later <= earlier for earlier, later in zip(shares, shares[1:]))   # never higher than the α before
 answer = {"share_de": shares, "falls_steadily": steady}
 print(grid_df.groupby("alpha")[["share_de", "ended_turn", "reply_tokens"]].mean().round(2))
 print(grid_df[grid_df["share_de"] < 1][["alpha", "reply"]].to_string())     # what langid did not call German
-ex.check("german_share_trend", answer, base=BASE, chat=CHAT, cp=CP, seed=SEED)
+ex.check("german_share_trend", answer, base=BASE, chat=CHAT, cp=CP, seed=SEED, device=DEVICE, dtype=DTYPE)
 ''',
 
     "perplexity_cost": '''\
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from chatvec_lab import ChatVector, apply_to_model
 from chatvec_lab.course import exercises as ex
 from chatvec_lab.behaviour.scoring import perplexity
+from chatvec_lab.behaviour.sweep import load_target
 from chatvec_lab.toy.evaluate import heldout_texts
 
 ALPHA = 2.0                       # an α the sweep above did not measure
 cv = ChatVector.from_models(BASE, CHAT)
-tok = AutoTokenizer.from_pretrained(CP)
+cp_alone, tok = load_target(CP, device=DEVICE, dtype=DTYPE)
 german = heldout_texts()["de"]
-ppl_cp = perplexity(AutoModelForCausalLM.from_pretrained(CP), tok, german)
-ppl_cpcv = perplexity(apply_to_model(CP, [(cv, ALPHA)])[0], tok, german)
+ppl_cp = perplexity(cp_alone, tok, german)
+ppl_cpcv = perplexity(apply_to_model(CP, [(cv, ALPHA)], device=DEVICE, dtype=DTYPE)[0], tok, german)
 answer = ppl_cpcv / ppl_cp        # how many times CP's perplexity
-ex.check("perplexity_cost", answer, base=BASE, chat=CHAT, cp=CP, alpha=ALPHA)
+ex.check("perplexity_cost", answer, base=BASE, chat=CHAT, cp=CP, alpha=ALPHA, device=DEVICE, dtype=DTYPE)
 ''',
 
     "refusal_rates": '''\
@@ -138,12 +138,13 @@ MY_INSULTS = prompt_sets()["offensive"][8:16]   # 8 insults of my own choosing
 SEED = 2                                        # and a seed of my own
 cv = ChatVector.from_models(BASE, CHAT)
 settings = dict(scorers=["refusal", "language"], seeds=[SEED], max_new_tokens=32, cache_dir=".cache/sweeps",
-                progress=False)
+                progress=False, device=DEVICE, dtype=DTYPE)
 chat_df = sweep(CHAT, {"chat": cv}, [0.0], MY_INSULTS, **settings)   # the chat model itself (α = 0)
 cpcv_df = sweep(CP, {"chat": cv}, [1.0], MY_INSULTS, **settings)     # CP + 1·CV
 answer = {"chat": float(chat_df["refusal"].mean()), "cp_cv": float(cpcv_df["refusal"].mean())}
 print(cpcv_df[cpcv_df["refusal"]][["prompt", "reply", "language"]])  # the refusals, and their language
-ex.check("refusal_rates", answer, base=BASE, chat=CHAT, cp=CP, prompts=MY_INSULTS, seed=SEED)
+ex.check("refusal_rates", answer, base=BASE, chat=CHAT, cp=CP, prompts=MY_INSULTS, seed=SEED,
+         device=DEVICE, dtype=DTYPE)
 ''',
 
     "multi_turn_ends": '''\
@@ -155,10 +156,10 @@ from chatvec_lab.toy.evaluate import prompt_sets
 
 chat_prompts = prompt_sets()["chat"]
 my_threads = [chat_prompts[3 * i:3 * i + 3] for i in range(4)]   # 4 conversations of 3 user turns
-model, _ = apply_to_model(CP, [(ChatVector.from_models(BASE, CHAT), 1.0)])
+model, _ = apply_to_model(CP, [(ChatVector.from_models(BASE, CHAT), 1.0)], device=DEVICE, dtype=DTYPE)
 out = converse_many(model, AutoTokenizer.from_pretrained(CP), my_threads, seed=0, max_new_tokens=32)
 answer = [float(r) for r in out.groupby("turn")["ended_turn"].mean()]
-ex.check("multi_turn_ends", answer, base=BASE, chat=CHAT, cp=CP)
+ex.check("multi_turn_ends", answer, base=BASE, chat=CHAT, cp=CP, device=DEVICE, dtype=DTYPE)
 ''',
 
     "cosine_driver": '''\
@@ -198,11 +199,11 @@ cv = ChatVector.from_models(BASE, CHAT)
 tok, first_16 = AutoTokenizer.from_pretrained(CP), prompt_sets()["chat"][:16]
 
 def rate(coefficient):
-    model, _ = apply_to_model(CP, [(cv, coefficient)])
+    model, _ = apply_to_model(CP, [(cv, coefficient)], device=DEVICE, dtype=DTYPE)
     return float(generate(model, tok, first_16, seed=0, max_new_tokens=32)["ended_turn"].mean())
 
 answer = {"full": rate(1.0), "blocks_only": rate({r"embed_tokens|lm_head": 0.0, r".": 1.0})}
-ex.check("blocks_only_turn_end", answer, base=BASE, chat=CHAT, cp=CP)
+ex.check("blocks_only_turn_end", answer, base=BASE, chat=CHAT, cp=CP, device=DEVICE, dtype=DTYPE)
 ''',
 
     "midpoint_barrier": '''\

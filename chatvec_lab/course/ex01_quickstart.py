@@ -59,10 +59,10 @@ EXERCISES.append(Exercise(
            "New model minus base: θ_cp − θ_base, not the other way round.")))
 
 
-def _turn_end_half_truth(base, chat, cp, alpha, prompts, seed, max_new_tokens):
+def _turn_end_half_truth(base, chat, cp, alpha, prompts, seed, max_new_tokens, device, dtype):
     cv, ps = vector_of(base, chat), chat_prompts(prompts)
-    return {"rate": turn_end_rate(cp, cv, alpha, ps, seed, max_new_tokens),
-            "full": turn_end_rate(cp, cv, 1.0, ps, seed, max_new_tokens)}
+    return {"rate": turn_end_rate(cp, cv, alpha, ps, seed, max_new_tokens, device, dtype),
+            "full": turn_end_rate(cp, cv, 1.0, ps, seed, max_new_tokens, device, dtype)}
 
 
 def _turn_end_half_judge(answer, truth, ctx):
@@ -95,11 +95,13 @@ EXERCISES.append(Exercise(
     question=(
         "CP never ends its turn with `<|end|>`; CP + 1·CV ends most of its turns. **Predict** first, before you "
         "run anything: what share of its replies does **CP + 0.5·CV** end? Then **measure** it: "
-        "`apply_to_model(CP, [(cv, 0.5)])`, then `generate(model, tokenizer, prompt_sets()[\"chat\"][:16], "
+        "`apply_to_model(CP, [(cv, 0.5)], device=DEVICE, dtype=DTYPE)`, then "
+        "`generate(model, tokenizer, prompt_sets()[\"chat\"][:16], "
         "seed=0, max_new_tokens=32)` and the mean of `ended_turn` (at most 32 new tokens, fewer than above, so "
         "rates are lower than the tables'). Answer `{\"prediction\": your guess, \"measured\": the share}`; the "
         "check measures it too and records your prediction next to it."),
-    params={"base": None, "chat": None, "cp": None, "alpha": 0.5, "prompts": 16, "seed": 0, "max_new_tokens": 32},
+    params={"base": None, "chat": None, "cp": None, "alpha": 0.5, "prompts": 16, "seed": 0, "max_new_tokens": 32,
+            "device": "auto", "dtype": "auto"},
     truth=_turn_end_half_truth,
     judge=_turn_end_half_judge,
     hints=("The prediction is yours: any number between 0 and 1. Only the measurement is checked.",

@@ -17,12 +17,12 @@ EXERCISES: list[Exercise] = []  # in the notebook's order
 SWEEP_04_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 
 
-def _share_trend_truth(base, chat, cp, alphas, prompts, seed, max_new_tokens, cache_dir, language):
+def _share_trend_truth(base, chat, cp, alphas, prompts, seed, max_new_tokens, cache_dir, language, device, dtype):
     from chatvec_lab.behaviour.sweep import sweep
 
     df = sweep(cp, {"chat": vector_of(base, chat)}, list(alphas), chat_prompts(prompts),
                scorers=["ended_turn", "language"], seeds=[seed], max_new_tokens=max_new_tokens, cache_dir=cache_dir,
-               progress=False, language=language)
+               progress=False, language=language, device=device, dtype=dtype)
     by = df.groupby("alpha")
     column = f"share_{language}"
     share = by[column].mean()  # a reply without words has no share (NaN) and is left out, as in summarize
@@ -115,13 +115,15 @@ EXERCISES.append(Exercise(
         "(α = 2 lies beyond the sweep above) on the first 16 German chat prompts with **a sampling seed of your "
         "own**: `sweep(CP, {\"chat\": ChatVector.from_models(BASE, CHAT)}, [0, 0.5, 1, 1.5, 2], "
         "prompt_sets()[\"chat\"][:16], scorers=[\"ended_turn\", \"language\"], seeds=[SEED], max_new_tokens=32, "
-        "cache_dir=\".cache/sweeps\")`. Answer `{\"share_de\": [the mean share_de at each α, α increasing], "
+        "cache_dir=\".cache/sweeps\", device=DEVICE, dtype=DTYPE)`. Answer `{\"share_de\": [the mean share_de at "
+        "each α, α increasing], "
         "\"falls_steadily\": True or False}`, where `falls_steadily` is True if the share is never higher than at "
         "the α before, and pass your seed to the check (`seed=SEED`): it runs the same sweep and says what it "
         "measured, the turn-end rate of the same replies included. Then read the replies: are the words that "
         "langid does not call German English sentences?"),
     params={"base": None, "chat": None, "cp": None, "alphas": (0.0, 0.5, 1.0, 1.5, 2.0), "prompts": 16,
-            "seed": None, "max_new_tokens": 32, "cache_dir": ".cache/sweeps", "language": "de"},
+            "seed": None, "max_new_tokens": 32, "cache_dir": ".cache/sweeps", "language": "de", "device": "auto",
+            "dtype": "auto"},
     truth=_share_trend_truth,
     judge=_share_trend_judge,
     validate=seed_of_your_own,
@@ -143,15 +145,14 @@ def _alpha_of_your_own(ctx) -> None:
                     f"of {', '.join(f'{x:g}' for x in SWEEP_04_ALPHAS)}), e.g. 0.6 or 2.")
 
 
-def _perplexity_truth(base, chat, cp, alpha, language):
-    from transformers import AutoModelForCausalLM
-
+def _perplexity_truth(base, chat, cp, alpha, language, device, dtype):
     from chatvec_lab.core.apply import apply_to_model
+    from chatvec_lab.behaviour.engines import load_target
     from chatvec_lab.behaviour.scoring import perplexity
 
     tok = load_tokenizer(cp)
-    target = AutoModelForCausalLM.from_pretrained(str(cp))
-    merged, _ = apply_to_model(cp, [(vector_of(base, chat), float(alpha))])
+    target, _ = load_target(cp, device=device, dtype=dtype)
+    merged, _ = apply_to_model(cp, [(vector_of(base, chat), float(alpha))], device=device, dtype=dtype)
     other = "en" if language != "en" else "de"
     ppl = {lang: (perplexity(target, tok, heldout_text(lang)), perplexity(merged, tok, heldout_text(lang)))
            for lang in (language, other)}
@@ -188,10 +189,11 @@ EXERCISES.append(Exercise(
     question=(
         "Measure what the vector costs at **an α of your own that the sweep above did not measure** (not 0, "
         "0.25, …, 1.5: e.g. 0.6, 2 or −0.5): the perplexity of the German held-out text "
-        "(`heldout_texts()[\"de\"]`, `chatvec_lab.behaviour.scoring.perplexity`) under CP + α·CV (`apply_to_model`) "
-        "divided by that under CP (`AutoModelForCausalLM.from_pretrained(CP)`). Answer the ratio (accepted within "
+        "(`heldout_texts()[\"de\"]`, `chatvec_lab.behaviour.scoring.perplexity`) under CP + α·CV "
+        "(`apply_to_model(..., device=DEVICE, dtype=DTYPE)`) divided by that under CP "
+        "(`load_target(CP, device=DEVICE, dtype=DTYPE)`). Answer the ratio (accepted within "
         "0.5%) and pass your α to the check (`alpha=ALPHA`)."),
-    params={"base": None, "chat": None, "cp": None, "alpha": None, "language": "de"},
+    params={"base": None, "chat": None, "cp": None, "alpha": None, "language": "de", "device": "auto", "dtype": "auto"},
     truth=_perplexity_truth,
     judge=_perplexity_judge,
     validate=_alpha_of_your_own,

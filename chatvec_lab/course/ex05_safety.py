@@ -28,12 +28,12 @@ def _insults_of_your_own(ctx) -> None:
     seed_of_your_own(ctx)
 
 
-def _refusal_truth(base, chat, cp, prompts, seed, max_new_tokens, cache_dir):
+def _refusal_truth(base, chat, cp, prompts, seed, max_new_tokens, cache_dir, device, dtype):
     from chatvec_lab.behaviour.sweep import sweep
 
     cv = vector_of(base, chat)
     common = dict(scorers=["refusal", "language"], seeds=[seed], max_new_tokens=max_new_tokens, cache_dir=cache_dir,
-                  progress=False)
+                  progress=False, device=device, dtype=dtype)
     chat_df = sweep(chat, {"chat": cv}, [0.0], list(prompts), **common)  # the chat model itself (α = 0: untouched)
     cpcv_df = sweep(cp, {"chat": cv}, [1.0], list(prompts), **common)
     by_prompt = {p: bool(r) for p, r in zip(chat_df["prompt"], chat_df["refusal"])}
@@ -88,12 +88,13 @@ EXERCISES.append(Exercise(
         "sampling seed of your own**, and measure the refusal rate of the chat model itself and of CP + 1·CV on "
         "them, each with one sweep: `sweep(CHAT, {\"chat\": cv}, [0.0], MY_INSULTS, ...)` (α = 0 leaves the chat "
         "model as it is) and `sweep(CP, {\"chat\": cv}, [1.0], MY_INSULTS, ...)`, both with "
-        "`scorers=[\"refusal\", \"language\"], seeds=[SEED], max_new_tokens=32, cache_dir=\".cache/sweeps\"` "
+        "`scorers=[\"refusal\", \"language\"], seeds=[SEED], max_new_tokens=32, cache_dir=\".cache/sweeps\", "
+        "device=DEVICE, dtype=DTYPE` "
         "(`cv = ChatVector.from_models(BASE, CHAT)`). Answer `{\"chat\": rate, \"cp_cv\": rate}` and pass your "
         "choice to the check (`prompts=MY_INSULTS, seed=SEED`): it measures the same replies, so a rate read off "
         "the table above fails."),
     params={"base": None, "chat": None, "cp": None, "prompts": None, "seed": None, "max_new_tokens": 32,
-            "cache_dir": ".cache/sweeps"},
+            "cache_dir": ".cache/sweeps", "device": "auto", "dtype": "auto"},
     truth=_refusal_truth,
     judge=_refusal_judge,
     validate=_insults_of_your_own,
@@ -103,13 +104,13 @@ EXERCISES.append(Exercise(
            "The check measures with the insults and the seed you pass it; give it exactly the list you swept.")))
 
 
-def _multi_turn_truth(base, chat, cp, alpha, conversations, seed, max_new_tokens):
+def _multi_turn_truth(base, chat, cp, alpha, conversations, seed, max_new_tokens, device, dtype):
     from chatvec_lab.core.apply import apply_to_model
     from chatvec_lab.behaviour.generation import converse_many
 
     prompts = chat_prompts(3 * conversations)
     threads = [prompts[3 * i:3 * i + 3] for i in range(conversations)]
-    model, _ = apply_to_model(cp, [(vector_of(base, chat), alpha)])
+    model, _ = apply_to_model(cp, [(vector_of(base, chat), alpha)], device=device, dtype=dtype)
     out = converse_many(model, load_tokenizer(cp), threads, seed=seed, max_new_tokens=max_new_tokens)
     return [float(r) for r in out.groupby("turn")["ended_turn"].mean()]
 
@@ -137,11 +138,12 @@ EXERCISES.append(Exercise(
     title="the turn-end rate of CP + 1·CV at each turn of 3-turn conversations",
     question=(
         "Build 4 conversations of 3 user turns from the German chat prompts (conversation i is prompts "
-        "3i, 3i+1, 3i+2 of `prompt_sets()[\"chat\"]`), run them through CP + 1·CV with "
+        "3i, 3i+1, 3i+2 of `prompt_sets()[\"chat\"]`), run them through CP + 1·CV (`apply_to_model(CP, "
+        "[(cv, 1.0)], device=DEVICE, dtype=DTYPE)`) with "
         "`converse_many(model, tokenizer, threads, seed=0, max_new_tokens=32)` and compute the turn-end rate at "
         "each turn. Answer a list of 3 rates, turn 1 first."),
     params={"base": None, "chat": None, "cp": None, "alpha": 1.0, "conversations": 4, "seed": 0,
-            "max_new_tokens": 32},
+            "max_new_tokens": 32, "device": "auto", "dtype": "auto"},
     truth=_multi_turn_truth,
     judge=_multi_turn_judge,
     hints=("converse_many returns one row per conversation and turn, with a turn column (from 1).",

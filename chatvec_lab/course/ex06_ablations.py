@@ -88,10 +88,10 @@ EXERCISES.append(Exercise(
            "the global cosine is its dot product over the sum of all of them.")))
 
 
-def _blocks_only_truth(base, chat, cp, prompts, seed, max_new_tokens, exclude):
+def _blocks_only_truth(base, chat, cp, prompts, seed, max_new_tokens, exclude, device, dtype):
     cv, ps = vector_of(base, chat), chat_prompts(prompts)
-    return {"full": turn_end_rate(cp, cv, 1.0, ps, seed, max_new_tokens),
-            "blocks_only": turn_end_rate(cp, cv, {exclude: 0.0, r".": 1.0}, ps, seed, max_new_tokens)}
+    return {"full": turn_end_rate(cp, cv, 1.0, ps, seed, max_new_tokens, device, dtype),
+            "blocks_only": turn_end_rate(cp, cv, {exclude: 0.0, r".": 1.0}, ps, seed, max_new_tokens, device, dtype)}
 
 
 def _blocks_only_judge(answer, truth, ctx):
@@ -122,11 +122,12 @@ EXERCISES.append(Exercise(
     question=(
         "Measure the turn-end rate of CP + 1·CV with the **whole** vector and with the **blocks and final norm only** "
         "(embeddings and lm_head left at CP's: the rule `{r\"embed_tokens|lm_head\": 0.0, r\".\": 1.0}` as the "
-        "coefficient), each with `apply_to_model(CP, [(cv, coefficient)])` and `generate(model, tokenizer, "
+        "coefficient), each with `apply_to_model(CP, [(cv, coefficient)], device=DEVICE, dtype=DTYPE)` and "
+        "`generate(model, tokenizer, "
         "prompt_sets()[\"chat\"][:16], seed=0, max_new_tokens=32)`. Answer `{\"full\": rate, \"blocks_only\": "
         "rate}`."),
     params={"base": None, "chat": None, "cp": None, "prompts": 16, "seed": 0, "max_new_tokens": 32,
-            "exclude": r"embed_tokens|lm_head"},
+            "exclude": r"embed_tokens|lm_head", "device": "auto", "dtype": "auto"},
     truth=_blocks_only_truth,
     judge=_blocks_only_judge,
     hints=("A coefficient can be a dict of rules {regex: α}: the first match wins, unmatched tensors get 0.",

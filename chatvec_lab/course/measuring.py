@@ -66,12 +66,15 @@ def chat_prompts(n: int) -> list[str]:
     return prompt_set("chat")[:n]
 
 
-def turn_end_rate(cp, vector, coefficient, prompts, seed: int, max_new_tokens: int) -> float:
-    """The share of replies of ``cp + coefficient·vector`` to ``prompts`` that end their turn."""
+def turn_end_rate(cp, vector, coefficient, prompts, seed: int, max_new_tokens: int, device=None,
+                  dtype="auto") -> float:
+    """The share of replies of ``cp + coefficient·vector`` to ``prompts`` that end their turn, the model on
+    ``device`` in ``dtype`` (as ``apply_to_model`` takes them: None leaves it on the CPU; ``auto`` dtype is the
+    checkpoint's own)."""
     from chatvec_lab.core.apply import apply_to_model
     from chatvec_lab.behaviour.generation import generate
 
-    model, _ = apply_to_model(cp, [(vector, coefficient)])
+    model, _ = apply_to_model(cp, [(vector, coefficient)], device=device, dtype=dtype)
     out = generate(model, load_tokenizer(cp), prompts, seed=seed, max_new_tokens=max_new_tokens)
     return float(out["ended_turn"].mean())
 

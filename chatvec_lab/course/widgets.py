@@ -2,6 +2,12 @@
 
     panel = CoefficientPanel(model, tokenizer, {"chat": cv, "chat-alt": cv_alt}, prompt_sets, sweep_df=df)
     panel.widget   # display it in a notebook
+    CoefficientPanel("path/or/hub-id", None, {"chat": cv}, prompt_sets, device="cuda", dtype="bfloat16")
+
+The model is one in memory (it runs where it is), or a folder / hub id that the panel loads with its tokenizer
+(``load_target``: on ``device`` in ``dtype``, ``auto`` when left out: the GPU if there is one, the checkpoint's own
+dtype). With a model in memory, ``device`` / ``dtype`` say where it should be: a model elsewhere is a one-line
+UsageError (the panel does not move a model it was given).
 
 Thin wiring: every step is a method that works without a kernel (``run``, ``table_html``,
 ``plot_png``, ``snapshot_html``), and widget values (``HTML``, ``Image``) are set directly, so tests can drive it.
@@ -21,7 +27,7 @@ from typing import Mapping, Sequence
 
 import pandas as pd
 
-from chatvec_lab.errors import ChatVecError
+from chatvec_lab.errors import ChatVecError, UsageError
 from chatvec_lab.behaviour.generation import generate
 from chatvec_lab.core.live import LiveModel
 from chatvec_lab.behaviour.scoring import ScorerUnavailable, make_scorer, score_all
@@ -64,16 +70,42 @@ def _snapshot_box_class():
     return PanelBox
 
 
+def panel_model(model, tokenizer, live: LiveModel | None = None, device=None, dtype=None):
+    """``(model, tokenizer)`` the panel runs: a folder or hub id loaded by ``load_target`` on ``device`` in ``dtype``
+    (None: ``auto``), with its own tokenizer unless one is given; a model in memory (or ``live``'s) as it is, after
+    checking that it is on ``device`` in ``dtype`` where those are given (``auto`` dtype: the model's own)."""
+    import os
+
+    from chatvec_lab.io.devices import dtype_name, resolve_device, resolve_dtype
+
+    if live is None and isinstance(model, (str, os.PathLike)):
+        from chatvec_lab.behaviour.engines import load_target
+
+        loaded, own = load_target(model, device="auto" if device is None else device,
+                                  dtype="auto" if dtype is None else dtype)
+        return loaded, own if tokenizer is None else tokenizer
+    held = live.model if live is not None else model
+    param = next(held.parameters())
+    if device is not None and param.device != resolve_device(device):
+        raise UsageError(f"device={device!r}, but the model given to the panel is on {param.device}: load it there "
+                         "(load_target(..., device=...)) or give the panel its folder")
+    if dtype is not None and param.dtype != resolve_dtype(dtype, held):
+        raise UsageError(f"dtype={dtype!r}, but the model given to the panel is in {dtype_name(param.dtype)}: load it "
+                         "so (load_target(..., dtype=...)) or give the panel its folder")
+    return model, tokenizer
+
+
 class CoefficientPanel:
     def __init__(self, model, tokenizer, vectors: Mapping[str, ChatVector], prompt_sets: Mapping[str, Sequence[str]],
                  sweep_df: pd.DataFrame | None = None, scorers: Sequence[str] = ("language", "refusal", "offensive"),
                  language: str = "de", max_new_tokens: int = 48, seed: int = 0, slider_range=(-0.5, 2.0, 0.05),
                  metrics: Sequence[str] = ("ended_turn", "share_de", "refusal", "offensive"), auto_run: bool = True,
-                 live: LiveModel | None = None):
+                 live: LiveModel | None = None, device=None, dtype=None):
         import ipywidgets as W
 
         if not prompt_sets:
             raise ValueError("no prompt set given")
+        model, tokenizer = panel_model(model, tokenizer, live, device, dtype)
         self.tokenizer = tokenizer
         self.live = live or LiveModel(model, dict(vectors))
         self.prompt_sets = {k: list(v) for k, v in prompt_sets.items()}
