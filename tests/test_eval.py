@@ -149,3 +149,185 @@ def test_plot_eval_draws_a_line_per_task_and_metric():
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["t · acc", "t · f1", "u · acc"]
     ax = plot_eval(df, metrics=["f1"]).axes[0]
     assert [c.get_label() for c in ax.containers] == ["t · f1"]
+
+
+# ------------------------------------------------------------------ refusals: one line, before the work
+
+
+def no_work(monkeypatch, evaluation: bool = True):
+    """Make loading a model (and with ``evaluation``, the CLI's call of the evaluation) fail the test: a refusal
+    must come first."""
+    from chatvec_lab.behaviour import engines, harness
+
+    monkeypatch.setattr(engines, "load_target", lambda *a, **k: pytest.fail("the model was loaded"))
+    if evaluation:
+        monkeypatch.setattr(harness, "evaluate_harness", lambda *a, **k: pytest.fail("the evaluation ran"))
+
+
+def eval_cli(cv_folder, *more, tasks=TASK, alphas="0") -> list[str]:
+    return ["eval", "--target", str(toy.path("cp")), "--vector", str(cv_folder), "--alphas", alphas, "--tasks", tasks,
+            "--limit", "2", "-q", *map(str, more)]
+
+
+def one_line_error(capsys, rc) -> str:
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("chatvec eval: error: "), err
+    return err
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+@pytest.mark.parametrize("plot", ["./sub/../x.out", "alias/x.out"])
+def test_csv_and_plot_naming_one_file_are_refused_up_front(cv_folder, tmp_path, monkeypatch, capsys, plot, overwrite):
+    (tmp_path / "alias").symlink_to(tmp_path)  # a linked folder: alias/x.out is x.out
+    monkeypatch.chdir(tmp_path)
+    no_work(monkeypatch)
+    err = one_line_error(capsys, main(eval_cli(cv_folder, "--csv", "x.out", "--plot", plot, *overwrite)))
+    assert "overlap" in err and "--csv x.out" in err and f"--plot {plot}" in err
+    assert not (tmp_path / "x.out").exists()
+
+
+@pytest.mark.parametrize("flag", ["--csv", "--plot"])
+def test_an_output_ending_in_a_separator_is_refused(cv_folder, tmp_path, monkeypatch, capsys, flag):
+    monkeypatch.chdir(tmp_path)
+    no_work(monkeypatch)
+    err = one_line_error(capsys, main(eval_cli(cv_folder, flag, "newdir/")))
+    assert f"{flag} newdir/ ends in a path separator" in err
+    assert not (tmp_path / "newdir").exists()
+
+
+def user_task(folder, name: str, yaml_from=(), yaml_add: str = "", files=None) -> None:
+    """The shipped task copied to ``folder`` as task ``name``: its YAML with each (old, new) of ``yaml_from``
+    replaced and ``yaml_add`` appended; ``files``: more files beside it."""
+    from chatvec_lab.io.resources import harness_task_dir
+
+    shutil.copytree(harness_task_dir() / TASK, folder)
+    yaml = folder / f"{TASK}.yaml"
+    text = yaml.read_text().replace(f"task: {TASK}", f"task: {name}")
+    for old, new in yaml_from:
+        assert old in text
+        text = text.replace(old, new)
+    yaml.write_text(text + yaml_add)
+    for file, content in (files or {}).items():
+        (folder / file).write_text(content)
+
+
+LOADER = ("chatvec_lab.behaviour.harness.local_dataset", "broken.load")
+
+
+@pytest.mark.parametrize("change, says", [
+    (dict(yaml_add="foo: 1\n"), "TypeError: TaskConfig.__init__() got an unexpected keyword argument 'foo'"),
+    (dict(yaml_from=[("{{context}}", "{{nosuchfield}}")]), "UndefinedError: 'nosuchfield' is undefined"),
+    (dict(yaml_from=[LOADER], files={"broken.py": "def load(**kw):\n    raise RuntimeError('loader broke')\n"}),
+     "RuntimeError: loader broke"),
+])
+def test_a_user_task_the_harness_cannot_build_is_one_line(cv_folder, tmp_path, monkeypatch, capsys, change, says):
+    from chatvec_lab.errors import UsageError
+
+    user_task(tmp_path / "tasks" / "t", "t_broken", **change)
+    no_work(monkeypatch, evaluation=False)
+    err = one_line_error(capsys, main(eval_cli(cv_folder, "--include-path", tmp_path / "tasks", tasks="t_broken")))
+    assert "harness task t_broken failed while loading" in err and says in err
+    with pytest.raises(UsageError, match="t_broken failed while loading") as caught:
+        evaluate_harness(toy.path("cp"), cv_folder, [0], ["t_broken"], include_path=tmp_path / "tasks")
+    assert says in str(caught.value)
+
+
+def test_a_user_task_that_fails_while_evaluated_is_one_line(cv, tmp_path):
+    from chatvec_lab.errors import UsageError
+
+    user_task(tmp_path / "t", "t_late", yaml_add="process_results: !function broken.score\n",
+              files={"broken.py": "def score(doc, results):\n    raise RuntimeError('scoring broke')\n"})
+    with pytest.raises(UsageError, match=r"harness task t_late failed while being evaluated at α 0 \(raised by "
+                                         r"lm-eval\): RuntimeError: scoring broke"):
+        evaluate_harness(toy.path("cp"), cv, [0, 1], ["t_late"], limit=2, include_path=tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("raised", [MemoryError, KeyboardInterrupt])
+def test_memory_errors_and_interrupts_in_a_task_pass_as_they_are(cv_folder, tmp_path, monkeypatch, raised):
+    user_task(tmp_path / "t", "t_raises", yaml_from=[LOADER],
+              files={"broken.py": f"def load(**kw):\n    raise {raised.__name__}()\n"})
+    no_work(monkeypatch, evaluation=False)
+    with pytest.raises(raised):
+        evaluate_harness(toy.path("cp"), cv_folder, [0], ["t_raises"], include_path=tmp_path)
+
+
+def test_a_lab_error_in_a_task_keeps_its_own_message(cv_folder, tmp_path, monkeypatch, capsys):
+    user_task(tmp_path / "t", "t_empty", yaml_from=[("de_en.jsonl", "empty.jsonl")], files={"empty.jsonl": "\n"})
+    no_work(monkeypatch, evaluation=False)
+    err = one_line_error(capsys, main(eval_cli(cv_folder, "--include-path", tmp_path, tasks="t_empty")))
+    assert err == f"chatvec eval: error: {tmp_path / 't' / 'empty.jsonl'} holds no items\n"
+
+
+def test_more_few_shot_examples_than_documents_is_refused(cv_folder, monkeypatch, capsys):
+    no_work(monkeypatch, evaluation=False)
+    err = one_line_error(capsys, main(eval_cli(cv_folder, "--num-fewshot", "1000")))
+    assert f"harness task '{TASK}' has only 40 document(s) to draw few-shot examples from" in err
+    assert "--num-fewshot" in err and "1000" in err and "Sample larger" not in err
+
+
+def test_an_unknown_task_names_the_include_path_yaml_that_failed(cv_folder, tmp_path, monkeypatch, capsys):
+    bad = {"syntax": "task: t_bad\n  : : [unclosed\n", "cycle": "task: t_cycle\ninclude: t.yaml\n",
+           "python": "task: t_py\ndataset_path: !!python/object/apply:os.getcwd []\n"}
+    for folder, text in bad.items():
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "t.yaml").write_text(text)
+    user_task(tmp_path / "fine", "t_fine")
+    no_work(monkeypatch, evaluation=False)
+    err = one_line_error(capsys, main(eval_cli(cv_folder, "--include-path", tmp_path, tasks="t_cycle")))
+    assert "unknown harness task 't_cycle'" in err and "3 YAML file(s) of the include path could not be loaded" in err
+    for folder, kind in (("syntax", "ParserError"), ("cycle", "ValueError: Include cycle"),
+                         ("python", "ConstructorError")):
+        assert f"{tmp_path / folder / 't.yaml'} ({kind}" in err
+    assert "fine" not in err.split("could not be loaded")[1]
+
+
+def test_an_alpha_listed_twice_is_refused_in_eval_s_own_words(cv_folder, monkeypatch, capsys):
+    no_work(monkeypatch, evaluation=False)
+    err = one_line_error(capsys, main(eval_cli(cv_folder, alphas="0,0,1")))
+    assert "α 0 is listed twice" in err and "seed" not in err and "pooled" not in err
+
+
+def test_a_target_with_another_vocabulary_is_told_what_is_wrong(cv):
+    from chatvec_lab.errors import MismatchError
+
+    with pytest.raises(MismatchError, match="vocabulary sizes differ") as caught:
+        evaluate_harness(toy.path("cp-xvocab"), cv, [0], [TASK], limit=2, progress=False)
+    assert "has no tokenizer" not in str(caught.value) and "a live model" in str(caught.value)
+    table = evaluate_harness(toy.path("cp-xvocab"), cv, [1], [TASK], limit=2, progress=False, embeddings="skip")
+    assert set(table["alpha"]) == {1.0}
+
+
+@pytest.mark.parametrize("change, says", [
+    (dict(tasks=5), "tasks must be harness task names"),
+    (dict(vectors=None), "vectors must be"),
+    (dict(foo=1), "unknown keyword argument 'foo'"),
+    (dict(model="x"), "sets simple_evaluate's 'model' itself"),
+    (dict(limit=1.5), "limit is a number of items per task"),
+])
+def test_python_arguments_are_checked_before_the_model_loads(cv_folder, monkeypatch, change, says):
+    from chatvec_lab.errors import UsageError
+
+    no_work(monkeypatch)
+    args = dict(target=toy.path("cp"), vectors=cv_folder, alphas=[0], tasks=[TASK]) | change
+    with pytest.raises(UsageError, match=says):
+        evaluate_harness(**args)
+
+
+def test_limit_has_one_rule_in_python_and_on_the_command_line():
+    import argparse
+
+    from chatvec_lab.behaviour.harness import check_limit
+    from chatvec_lab.cli.evaluate import item_limit
+    from chatvec_lab.errors import UsageError
+
+    for text in ["1", "2.0", "50", "0.5", "1.5", "0", "-1", "nan", "inf", "1e-9", "0.999"]:
+        try:
+            cli = item_limit(text)
+        except argparse.ArgumentTypeError:
+            cli = "refused"
+        try:
+            python = check_limit(float(text))
+        except UsageError:
+            python = "refused"
+        assert cli == python, text
+    assert check_limit(2.0) == 2 and isinstance(check_limit(2.0), int)

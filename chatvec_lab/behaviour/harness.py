@@ -20,15 +20,18 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import inspect
 import io
 import json
 import logging
 import math
+import numbers
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence
 
-from chatvec_lab.errors import NotFound, Unavailable, UnknownName, UsageError
+from chatvec_lab.errors import ChatVecError, NotFound, Unavailable, UnknownName, UsageError
+from chatvec_lab.io.signals import received_signal
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -96,10 +99,45 @@ def _include_paths(include_path) -> list[Path]:
     return paths
 
 
+@contextlib.contextmanager
+def _skipped_files(folders: list[Path]) -> Iterator[dict]:
+    """``{yaml file: error}`` of the files in ``folders`` that the harness's task index skipped while the block ran
+    (it logs each at debug level, "Skip FILE (ERROR)", and goes on): what is wrong with a task it then does not
+    know. The log shows no more than it did."""
+    skipped: dict = {}
+    roots = [f.resolve() for f in folders]
+    logger = logging.getLogger("lm_eval.tasks._index")
+    level, shown = logger.level, logger.getEffectiveLevel()
+
+    def note(record: logging.LogRecord) -> bool:
+        if record.msg == "Skip %s (%s)" and isinstance(record.args, tuple) and len(record.args) == 2:
+            path = Path(str(record.args[0])).resolve()
+            if any(path == r or r in path.parents for r in roots):
+                skipped[path] = record.args[1]
+        return record.levelno >= shown
+
+    logger.addFilter(note)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield skipped
+    finally:
+        logger.setLevel(level)
+        logger.removeFilter(note)
+
+
+def _skipped_hint(skipped: dict) -> str:
+    if not skipped:
+        return ""
+    said = [f"{path} ({type(err).__name__}: {_cut(' '.join(str(err).split()), 200)})" for path, err in skipped.items()]
+    return (f"; {len(said)} YAML file(s) of the include path could not be loaded: {'; '.join(said[:3])}"
+            + (" …" if len(said) > 3 else ""))
+
+
 def task_manager(tasks: Sequence[str], include_path=None):
     """A harness ``TaskManager`` that knows every task in ``tasks``: the lab's and ``include_path``'s alone when
     they hold them all (no scan of the harness's thousands of YAML files), else the harness's own as well.
-    A name none of them knows is an ``UnknownName`` that names it (and the nearest known names)."""
+    A name none of them knows is an ``UnknownName`` that names it (and the nearest known names, or the YAML files
+    of ``include_path`` that the harness could not load, and why)."""
     harness()
     from lm_eval.tasks import TaskManager
 
@@ -108,7 +146,8 @@ def task_manager(tasks: Sequence[str], include_path=None):
     def known(manager, name) -> bool:
         return name in manager.all_tasks or (name.endswith((".yaml", ".yml")) and Path(name).is_file())
 
-    local = TaskManager(include_path=[str(p) for p in paths], include_defaults=False)
+    with _skipped_files(paths[1:]) as skipped:
+        local = TaskManager(include_path=[str(p) for p in paths], include_defaults=False)
     if all(known(local, t) for t in tasks):
         return local
     manager = TaskManager(include_path=[str(p) for p in paths])
@@ -118,25 +157,72 @@ def task_manager(tasks: Sequence[str], include_path=None):
         hint = f"; did you mean {', '.join(near)}?" if near else " (`lm-eval ls tasks` lists the harness's)"
         raise UnknownName(f"unknown harness task{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}: not "
                           f"shipped with chatvec_lab or in an include path ({', '.join(local.all_tasks) or 'none'}), "
-                          f"nor among lm-eval's {len(manager.all_tasks)}{hint}")
+                          f"nor among lm-eval's {len(manager.all_tasks)}{hint}{_skipped_hint(skipped)}")
     return manager
 
 
-def load_tasks(manager, tasks: Sequence[str]) -> dict:
-    """Build ``tasks`` once with ``manager`` (their data read or downloaded): a task that cannot be built fails
-    here, before a model loads. A package a task needs and this machine lacks is an ``Unavailable`` error."""
+@contextlib.contextmanager
+def _task_errors(names: Sequence[str], doing: str):
+    """An exception the harness raises while building or running ``names`` (a YAML key its ``TaskConfig`` does not
+    know, a template naming a missing field, a ``!function`` that fails …) as one ``UsageError`` that names the
+    task(s) and the exception. The lab's own errors, signals and running out of memory pass as they are."""
+    import torch
+
     try:
-        return manager.load(list(tasks))
-    except ImportError as e:
-        raise Unavailable(f"harness task(s) {', '.join(tasks)} need a package this machine lacks: {e}") from None
+        yield
+    except ImportError as e:  # a package the task or its metric needs (sacrebleu, rouge …)
+        raise Unavailable(f"harness task(s) {', '.join(names)} need a package this machine lacks: {e}") from None
+    except (ChatVecError, MemoryError, getattr(torch, "OutOfMemoryError", MemoryError)):
+        raise
+    except Exception as e:
+        if received_signal():
+            raise
+        raise UsageError(f"harness task{'s' * (len(names) > 1)} {', '.join(names)} failed while {doing} "
+                         f"(raised by lm-eval): {type(e).__name__}: {e}") from e
+
+
+def load_tasks(manager, tasks: Sequence[str]) -> dict:
+    """Build ``tasks`` once with ``manager`` (their data read or downloaded), one at a time: a task that cannot be
+    built fails here, before a model loads, in one line that names it (a package it needs and this machine lacks
+    is an ``Unavailable`` error). Returns ``manager.load``'s dict (``{"tasks": {name: task}, "groups": …}``)."""
+    loaded: dict = {}
+    for name in tasks:
+        with _task_errors([name], "loading"):
+            part = manager.load([name])
+        for key, value in (part or {}).items():
+            if isinstance(value, dict):
+                loaded.setdefault(key, {}).update(value)
+            else:
+                loaded[key] = value
+    return loaded
+
+
+def _check_fewshot(loaded: dict, num_fewshot: int | None) -> None:
+    """Refuse more few-shot examples than a loaded task has documents to draw them from (the harness would stop
+    at the first item with "Sample larger than population"), before the model loads."""
+    for name, task in (loaded.get("tasks") or {}).items():
+        config = getattr(task, "config", None)
+        default = getattr(config, "num_fewshot", None)
+        shots = default if num_fewshot is None or default == 0 else num_fewshot  # the harness's own rule
+        if isinstance(shots, bool) or not isinstance(shots, int) or shots <= 0:
+            continue
+        sampler = getattr(task, "sampler", None)
+        pool = len(sampler.fewshot_docs()) if sampler is not None else 0
+        if getattr(getattr(task, "fewshot_cfg", None), "split", None) == getattr(config, "test_split", None):
+            pool = max(pool - 1, 0)  # the item itself is never its own example
+        if shots > pool:
+            asked = "--num-fewshot / num_fewshot asks" if shots == num_fewshot else "its YAML's num_fewshot asks"
+            raise UsageError(f"harness task {name!r} has only {pool} document(s) to draw few-shot examples from; "
+                             f"{asked} for {shots}")
 
 
 def check_tasks(tasks) -> list[str]:
     """``"a,b"`` or ``["a", "b"]`` → ``["a", "b"]``: names (or YAML paths), each once; one clear line otherwise."""
     if isinstance(tasks, str):
         tasks = tasks.split(",")
-    if tasks is None or not all(isinstance(t, str) for t in tasks):
-        raise UsageError("tasks must be harness task names (a list, or a comma-separated string)")
+    if not isinstance(tasks, (list, tuple)) or not all(isinstance(t, str) for t in tasks):
+        raise UsageError(f"tasks must be harness task names (a list of str, or a comma-separated string), not "
+                         f"{_cut(repr(tasks))}")
     names = [t.strip() for t in tasks if t.strip()]
     if not names:
         raise UsageError("no harness task given")
@@ -146,10 +232,22 @@ def check_tasks(tasks) -> list[str]:
     return names
 
 
-def _check_settings(limit, num_fewshot, batch_size, bootstrap_iters) -> None:
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float))
-                              or not math.isfinite(limit) or limit <= 0):
-        raise UsageError(f"limit must be a positive number of items per task (or a fraction below 1), not {limit!r}")
+def check_limit(limit, name: str = "limit") -> int | float:
+    """The one rule for ``limit`` (``evaluate_harness``) and ``--limit`` (``chatvec eval``): a whole number of items
+    per task (``2.0`` is 2) or a fraction of each task below 1; anything else is a ``UsageError`` naming ``name``."""
+    ok = (not isinstance(limit, bool) and isinstance(limit, numbers.Real) and math.isfinite(limit) and limit > 0
+          and (limit < 1 or limit == int(limit)))
+    if not ok:
+        raise UsageError(f"{name} is a number of items per task (e.g. 50) or a fraction below 1 (e.g. 0.1), "
+                         f"not {limit!r}")
+    return int(limit) if limit >= 1 else float(limit)
+
+
+def _cut(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _check_settings(num_fewshot, batch_size, bootstrap_iters) -> None:
     if num_fewshot is not None and (isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int)
                                     or num_fewshot < 0):
         raise UsageError(f"num_fewshot must be a whole number ≥ 0, not {num_fewshot!r}")
@@ -223,10 +321,64 @@ def _without_run_record():
         yield
 
 
+SETS = ("model", "tasks", "task_manager", "limit", "num_fewshot", "bootstrap_iters", "log_samples")
+
+
+def _check_harness_kwargs(simple_evaluate, harness_kwargs: dict) -> None:
+    """Refuse, before the model loads, a keyword that ``simple_evaluate`` does not take or that this module sets."""
+    params = inspect.signature(simple_evaluate).parameters
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    for key in harness_kwargs:
+        if key in SETS:
+            raise UsageError(f"evaluate_harness sets simple_evaluate's {key!r} itself: leave it out")
+        if key not in params and not open_ended:
+            near = difflib.get_close_matches(key, [*params, "tokenizer", "include_path", "device", "dtype",
+                                                   "batch_size", "progress"], n=2)
+            raise UsageError(f"unknown keyword argument {key!r}: evaluate_harness passes other keywords to "
+                             f"lm_eval.simple_evaluate, which does not take it"
+                             + (f"; did you mean {', '.join(near)}?" if near else ""))
+
+
+def _named(vectors) -> dict:
+    from chatvec_lab.core.vector import ChatVector, named_vectors
+
+    one = (ChatVector, str, os.PathLike)
+    if isinstance(vectors, one):
+        vectors = {"chat": vectors}
+    given = list(vectors.values()) if isinstance(vectors, Mapping) else vectors
+    if not isinstance(given, (list, tuple)) or not all(isinstance(v, one) for v in given):
+        raise UsageError(f"vectors must be a vector, a saved vector's folder, a list of them or {{name: vector}}, "
+                         f"not {_cut(repr(vectors))}")
+    return named_vectors(dict(vectors) if isinstance(vectors, Mapping) else vectors)
+
+
+def _points(alphas, names: list[str]) -> list[dict[str, float]]:
+    """``alphas`` as ``[{vector: α}]``, each point once (a point listed twice would be evaluated twice, to the
+    same scores)."""
+    from chatvec_lab.behaviour.sweep import check_alphas
+
+    if isinstance(alphas, (numbers.Number, str, Mapping)) or alphas is None:
+        alphas = [alphas]
+    if not isinstance(alphas, Iterable):
+        raise UsageError(f"alphas must be numbers or {{vector: α}} dicts, not {_cut(repr(alphas))}")
+    points = [check_alphas([a], names)[0] for a in alphas]
+    if not points:
+        raise UsageError("no α given")
+    for i, point in enumerate(points):
+        if point in points[:i]:
+            raise UsageError(f"α {_alpha_text(point)} is listed twice: each α is evaluated once (the harness gives "
+                             "it the same scores again)")
+    return points
+
+
+def _alpha_text(point: dict[str, float]) -> str:
+    return f"{next(iter(point.values())):g}" if len(point) == 1 else ", ".join(f"{k}={v:g}" for k, v in point.items())
+
+
 def evaluate_harness(target, vectors, alphas, tasks, *, tokenizer=None, limit: float | None = None,
                      num_fewshot: int | None = None, include_path=None, device="auto", dtype="auto",
                      batch_size: int | str | None = None, bootstrap_iters: int = 100_000, progress: bool = True,
-                     **harness_kwargs) -> pd.DataFrame:
+                     embeddings: str = "error", **harness_kwargs) -> pd.DataFrame:
     """Evaluate ``target + Σ αᵢ·vectorᵢ`` on harness ``tasks`` at each point of ``alphas``; the tidy table.
 
     ``target``: a model folder or hub id (loaded once, on ``device`` in ``dtype`` as ``sweep`` loads it), or a
@@ -235,7 +387,8 @@ def evaluate_harness(target, vectors, alphas, tasks, *, tokenizer=None, limit: f
     ``tasks``: harness task names (or a comma-separated string); ``include_path``: folders of your own task
     YAML files. ``limit``: items per task (a fraction below 1: that share of each task); ``num_fewshot``: the
     harness's few-shot override; ``batch_size``: the harness's (None: ``"auto"`` on a GPU, 8 on a CPU);
-    ``bootstrap_iters``: the harness's, for metrics whose standard error it bootstraps. Other keyword arguments
+    ``bootstrap_iters``: the harness's, for metrics whose standard error it bootstraps; ``embeddings``: as for
+    ``LiveModel`` (``'skip'`` or ``'shared'`` where the vocabularies differ). Other keyword arguments
     go to ``lm_eval.simple_evaluate`` as they are (``apply_chat_template=True``, ``system_instruction=…``).
 
     Every α sees the same items and the same few-shot examples (the harness's fixed seeds). Columns:
@@ -244,24 +397,25 @@ def evaluate_harness(target, vectors, alphas, tasks, *, tokenizer=None, limit: f
     import torch
 
     from chatvec_lab.behaviour.engines import load_target
-    from chatvec_lab.behaviour.sweep import check_alphas
     from chatvec_lab.core.live import LiveModel
-    from chatvec_lab.core.vector import ChatVector, named_vectors
 
     lm_eval = harness()
     from lm_eval.models.huggingface import HFLM
 
     names = check_tasks(tasks)
-    _check_settings(limit, num_fewshot, batch_size, bootstrap_iters)
-    if isinstance(vectors, (ChatVector, str, Path)):
-        vectors = {"chat": vectors}
-    vectors = named_vectors(vectors)
-    points = check_alphas(alphas, list(vectors))
+    limit = None if limit is None else check_limit(limit)
+    _check_settings(num_fewshot, batch_size, bootstrap_iters)
+    if embeddings not in ("error", "skip", "shared"):  # a live model keeps its vocabulary: no 'tokens' / 'union'
+        raise UsageError(f"embeddings must be 'error', 'skip' or 'shared' (a live model), not {_cut(repr(embeddings))}")
+    vectors = _named(vectors)
+    points = _points(alphas, list(vectors))
     if isinstance(target, torch.nn.Module) and tokenizer is None:
         raise UsageError("pass tokenizer= with an in-memory model")
+    _check_harness_kwargs(lm_eval.simple_evaluate, harness_kwargs)
     manager = task_manager(names, include_path)  # a task that does not exist fails before the model loads
     with _hushed(progress):
-        load_tasks(manager, names)  # and so does one whose data or packages are missing
+        loaded = load_tasks(manager, names)  # and so does one that cannot be built, or whose data is missing
+    _check_fewshot(loaded, num_fewshot)
     if isinstance(target, torch.nn.Module):
         model, checkpoint = target, None
     else:
@@ -270,7 +424,7 @@ def evaluate_harness(target, vectors, alphas, tasks, *, tokenizer=None, limit: f
         checkpoint = target
     import pandas as pd
 
-    live = LiveModel(model, vectors, checkpoint=checkpoint)
+    live = LiveModel(model, vectors, embeddings=embeddings, checkpoint=checkpoint)
     try:
         with _hushed(progress), _without_run_record():
             if batch_size is None:
@@ -279,14 +433,12 @@ def evaluate_harness(target, vectors, alphas, tasks, *, tokenizer=None, limit: f
             rows = []
             for point in points:
                 live.set(point)
-                try:  # the tasks are built afresh at each α (the harness's own set-up; their data is cached)
+                # the tasks are built afresh at each α (the harness's own set-up; their data is cached)
+                with _task_errors(names, f"being evaluated at α {_alpha_text(point)}"):
                     results = lm_eval.simple_evaluate(model=lm, tasks=list(names), task_manager=manager,
                                                       limit=limit, num_fewshot=num_fewshot,
                                                       bootstrap_iters=bootstrap_iters, log_samples=False,
                                                       **harness_kwargs)
-                except ImportError as e:  # a metric's package (sacrebleu, rouge …)
-                    raise Unavailable(f"harness task(s) {', '.join(names)} need a package this machine lacks: "
-                                      f"{e}") from None
                 rows += tidy_results(results or {}, point)
     finally:
         live.reset()  # the model holds the target's weights again, as it was found

@@ -10,22 +10,46 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from pathlib import Path
 
 from chatvec_lab.cli.arguments import Command, add_device_options, add_quiet, alpha_list, positive_int
-from chatvec_lab.errors import OutputError
+from chatvec_lab.errors import OutputError, UsageError
 
 
 def item_limit(text: str) -> float:
-    """``--limit``: a whole number of items per task, or a fraction below 1 (that share of each task)."""
+    """``--limit``: a whole number of items per task, or a fraction below 1 (that share of each task); the rule is
+    ``evaluate_harness``'s own (``behaviour.harness.check_limit``)."""
+    from chatvec_lab.behaviour.harness import check_limit
+
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not math.isfinite(value) or value <= 0 or (value >= 1 and value != int(value)):
+    try:
+        return check_limit(value, "--limit")
+    except UsageError:
         raise argparse.ArgumentTypeError(f"--limit is a number of items per task (e.g. 50) or a fraction below 1 "
-                                         f"(e.g. 0.1), not {text!r}")
-    return int(value) if value >= 1 else value
+                                         f"(e.g. 0.1), not {text!r}") from None
+
+
+def check_outputs(args, inputs) -> None:
+    """``--csv`` and ``--plot``, before any work: each names a file (not a path ending in a separator), the two are
+    not one file however spelled (``..``, a linked folder), and each is new (or ``--overwrite``) and clear of the
+    inputs."""
+    from chatvec_lab.io.output import check_output_path, check_separate_outputs
+
+    given = [(path, flag) for path, flag in ((args.csv, "--csv"), (args.plot, "--plot")) if path is not None]
+    for path, flag in given:
+        if path.endswith(tuple(s for s in (os.sep, os.altsep) if s)):
+            raise OutputError(f"{flag} {path} ends in a path separator: name a file (e.g. "
+                              f"{path}eval{'.csv' if flag == '--csv' else '.png'})")
+    try:
+        check_separate_outputs(given)
+    except (OSError, RuntimeError) as e:  # a loop of links …
+        raise OutputError(f"cannot write to {' / '.join(p for p, _ in given)}: {e}") from None
+    for path, _ in given:
+        check_output_path(Path(path), args.overwrite, inputs, folder=False)
 
 
 def fewshot_count(text: str) -> int:
@@ -63,19 +87,15 @@ def run_eval(args) -> None:
 
     from chatvec_lab.behaviour.harness import check_tasks, evaluate_harness, harness
     from chatvec_lab.core.vector import ChatVector, named_vectors
-    from chatvec_lab.io.output import atomic_file, check_output_path, source_paths
+    from chatvec_lab.io.output import atomic_file, source_paths
     from chatvec_lab.io.resources import harness_task_dir
     from chatvec_lab.io.sources import open_weights
 
     harness()  # missing: say how to install it before anything else
     tasks = check_tasks(args.tasks)
-    outputs = [Path(p) for p in (args.csv, args.plot) if p]
-    if len(outputs) == 2 and outputs[0].expanduser().absolute() == outputs[1].expanduser().absolute():
-        raise OutputError(f"--csv and --plot name the same file {outputs[0]}")
     inputs = [*source_paths(open_weights(args.target)), harness_task_dir(), *map(Path, args.include_path or []),
               *(p for v in args.vector for p in ChatVector.load(v).input_paths())]
-    for out in outputs:  # before the evaluation's work, not after
-        check_output_path(out, args.overwrite, inputs, folder=False)
+    check_outputs(args, inputs)  # before the evaluation's work, not after
     df = evaluate_harness(args.target, named_vectors(args.vector), args.alphas, tasks, limit=args.limit,
                           num_fewshot=args.num_fewshot, include_path=args.include_path, device=args.device,
                           dtype=args.dtype, batch_size=args.batch_size, progress=not args.quiet)

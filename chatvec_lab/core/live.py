@@ -78,7 +78,10 @@ class LiveModel:
         self.pairs = [(ChatVector.open(v), 1.0) for v in vectors.values()]
         if embeddings in ("tokens", "union"):
             raise UsageError(f"embeddings={embeddings!r} is for apply_vectors; a live model keeps its vocabulary")
-        plans, self.notes = plan_apply(source, self.pairs, embeddings, layer_filter(layers, include, exclude))
+        plans, self.notes = plan_apply(source, self.pairs, embeddings, layer_filter(layers, include, exclude),
+                                       no_target_vocab="a live model (sweep, eval, the panel) keeps the target's "
+                                       "vocabulary: to match rows by token, write a checkpoint with apply_vectors "
+                                       "(chatvec apply --embeddings tokens) and use that")
         self.plans = {n: p for n, p in plans.items() if p.added}
         if not self.plans:
             raise MismatchError("none of the model's tensors is changed by these vectors")

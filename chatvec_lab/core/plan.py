@@ -131,12 +131,14 @@ def _tied(target: WeightSource) -> bool:
 
 def plan_apply(target: WeightSource, pairs: list[tuple[ChatVector, Alpha]], embeddings: str = "error",
                keep: Callable[[TensorInfo], bool] | None = None, target_vocab: Vocabulary | None = None,
-               new_tokens: dict[str, int] | None = None) -> tuple[dict[str, TensorPlan], list[str]]:
+               new_tokens: dict[str, int] | None = None, no_target_vocab: str = "the target has no tokenizer",
+               ) -> tuple[dict[str, TensorPlan], list[str]]:
     """Check that the vectors fit the target and decide, per tensor, what to add. Raises before any write.
 
     ``target_vocab``: the target's tokenizer vocabulary; with the vectors' own, token-indexed rows are matched
     by token (``embeddings='tokens'`` or ``'union'``), or checked to agree by id (the other policies).
-    ``new_tokens`` (union): ``{token: output id}`` of the chat-added tokens the output vocabulary gains."""
+    ``new_tokens`` (union): ``{token: output id}`` of the chat-added tokens the output vocabulary gains.
+    ``no_target_vocab``: why there is no ``target_vocab`` (said when rows cannot be matched by token)."""
     if embeddings not in EMBEDDING_POLICIES:
         raise UsageError(f"embeddings policy must be one of {EMBEDDING_POLICIES}, not {embeddings!r}")
     notes: list[str] = []
@@ -206,7 +208,7 @@ def plan_apply(target: WeightSource, pairs: list[tuple[ChatVector, Alpha]], embe
                                "chat model's new tokens to the vocabulary), 'skip' (leave these tensors) or 'shared' "
                                "(add by row index to the shared rows) [--embeddings tokens|union|skip|shared]")
                 else:
-                    lacking = "the vector records no vocabulary" if vec.vocabulary is None else "the target has no tokenizer"
+                    lacking = "the vector records no vocabulary" if vec.vocabulary is None else no_target_vocab
                     choices = ("choose embeddings='skip' (leave these tensors) or 'shared' (add by row index to the "
                                "shared rows) [--embeddings skip|shared]; 'tokens' and 'union' match rows by token and "
                                f"need both vocabularies, but {lacking}")
