@@ -213,3 +213,210 @@ def test_elementwise_methods_run_in_row_blocks_with_the_same_bits(tmp_path, monk
     whole, blocks = _weights(tmp_path / "whole"), _weights(tmp_path / "blocks")
     assert set(whole) == set(blocks) and all(torch.equal(whole[k], blocks[k]) for k in whole)
     assert any(not torch.equal(whole[k], _weights(t / "chat")[k]) for k in whole)
+
+
+# ------------------------------------------------------------------ hostile configs, outputs and merge records
+
+
+@pytest.fixture
+def mcase(tmp_path, monkeypatch):
+    """Copies of the toy base, chat and chat-alt in ``mcase/`` with a task_arithmetic config beside them (paths
+    relative to it); the working folder is ``tmp_path``."""
+    import shutil
+
+    import yaml
+
+    t = toy.path("base").parent
+    for name in ("base", "chat", "chat-alt"):
+        shutil.copytree(t / name, tmp_path / "mcase" / name)
+    (tmp_path / "mcase" / "m.yml").write_text(yaml.safe_dump({
+        "merge_method": "task_arithmetic", "base_model": "base", "dtype": "float32",
+        "models": [{"model": "chat", "parameters": {"weight": 1.0}},
+                   {"model": "chat-alt", "parameters": {"weight": 0.5}}]}))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _tree(folder) -> dict:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(Path(folder).rglob("*"))}
+
+
+@pytest.mark.parametrize("args", [
+    ["-o", "mo", "--vector-out", "mcase/chat/vec"],
+    ["-o", "mo", "--vector-out", "mcase/chat-alt", "--overwrite"],  # would delete the input chat-alt
+    ["-o", "mo", "--vector-out", "alt-link", "--overwrite"],  # a link to chat-alt
+    ["-o", "mo", "--vector-out", "mcase/nothing/../chat-alt/v"],
+    ["-o", "mcase/base/merged"],
+    ["-o", "mcase/chat-alt", "--overwrite"],
+    ["-o", "mcase", "--overwrite", "--report"],  # holds every input
+    ["-o", "mcase/m.yml", "--overwrite"],  # the config file
+    ["-o", "tok-link/out", "--tokenizer"],  # inside the tokenizer source (through a link)
+])
+def test_no_output_is_in_holds_or_is_an_input(mcase, capsys, args):
+    import yaml
+
+    (mcase / "alt-link").symlink_to(mcase / "mcase" / "chat-alt")
+    (mcase / "tok").mkdir()
+    (mcase / "tok" / "tokenizer.json").write_bytes((mcase / "mcase" / "chat" / "tokenizer.json").read_bytes())
+    (mcase / "tok-link").symlink_to(mcase / "tok")
+    if "--tokenizer" in args:
+        args = args[:-1]
+        config = yaml.safe_load((mcase / "mcase" / "m.yml").read_text())
+        (mcase / "mcase" / "m.yml").write_text(yaml.safe_dump({**config, "tokenizer_source": "../tok-link"}))
+    before = _tree(mcase)
+    assert cli(["merge", "mcase/m.yml", *args, "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "input" in err and err.count("\n") == 0, err
+    assert _tree(mcase) == before  # nothing written, nothing deleted
+
+
+def test_out_and_vector_out_may_not_overlap(mcase, capsys):
+    assert cli(["merge", "mcase/m.yml", "-o", "mo", "--vector-out", "mo/v", "-q"]) == 2
+    assert "overlap" in capsys.readouterr().err and not Path("mo").exists()
+
+
+def _merge_yaml(folder: Path, weight: str, extra: str = "") -> Path:
+    path = folder / "y.yml"
+    path.write_text(f"merge_method: task_arithmetic\nbase_model: base\n{extra}models:\n  - model: chat\n"
+                    f"    parameters:\n      weight: {weight}\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("weight, extra, says", [
+    ("9" * 400, "", "weight"),  # past float's range: was an OverflowError traceback
+    ("9" * 5000, "", "cannot read"),  # past Python's digits for int()
+    ("x" * 5000, "", "weight"),  # a long value, quoted short
+    ("1.0", "x" * 1000 + ": 1\n", "field"),  # a long unknown field's name
+    ("&w 1.0", "", "alias"),  # an anchor
+    ("*w", "parameters: &w {normalize: true}\n", "alias"),
+    # an alias bomb: 4 levels of 9 aliases; 8 levels took 39 s and 8.4 GB
+    (("\n        - &l3 [&l2 [&l1 [&l0 [1,1,1,1,1,1,1,1,1,1], *l0, *l0, *l0, *l0, *l0, *l0, *l0, *l0, *l0], *l1, *l1, "
+      "*l1, *l1, *l1, *l1, *l1, *l1, *l1], *l2, *l2, *l2, *l2, *l2, *l2, *l2, *l2, *l2], *l3, *l3, *l3, *l3]\n"
+      "        - 1"), "", "alias"),
+])
+def test_a_hostile_config_is_one_short_line(mcase, capsys, weight, extra, says):
+    config = _merge_yaml(mcase / "mcase", weight, extra)
+    assert cli(["merge", str(config), "-o", "mo", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and err.count("\n") == 0 and len(err) < 600, err[:600]
+    assert not Path("mo").exists()
+
+
+def test_a_model_listed_twice_is_one_whatever_its_spelling(mcase, capsys):
+    import yaml
+
+    from chatvec_lab.core.merge_config import read_config
+
+    (mcase / "chat-link").symlink_to(mcase / "mcase" / "chat")
+    path = mcase / "mcase" / "twice.yml"
+    for other in ("../mcase/./chat/", str(mcase / "chat-link")):
+        path.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": "base", "models": [
+            {"model": "chat", "parameters": {"weight": 1, "density": 0.5}},
+            {"model": other, "parameters": {"weight": 1, "density": 0.5}}]}))
+        assert cli(["merge", str(path), "-o", "mo", "-q"]) == 2
+        assert "listed twice" in capsys.readouterr().err and not Path("mo").exists()
+    config = read_config({"merge_method": "task_arithmetic", "base_model": "mcase/./base/",
+                          "models": ["mcase/chat", "mcase/base"]})
+    assert len(config.inputs) == 2 and config.base == 1  # the base, listed, is not added a second time
+
+
+def test_density_above_one_counts_as_one_and_zero_is_refused_saying_so(mcase, capsys):
+    import yaml
+
+    def config(density):
+        return yaml.safe_dump({"merge_method": "ties", "base_model": "base", "dtype": "float32", "models": [
+            {"model": "chat", "parameters": {"weight": 1.0, "density": density}},
+            {"model": "chat-alt", "parameters": {"weight": 0.5, "density": 0.5}}]})
+
+    for name, density in (("d1", 1.0), ("d15", 1.5), ("d0", 0), ("dgrad", [0.5, 0.0])):
+        (mcase / "mcase" / f"{name}.yml").write_text(config(density))
+    assert cli(["merge", "mcase/d1.yml", "-o", "d1", "-q"]) == 0
+    assert cli(["merge", "mcase/d15.yml", "-o", "d15", "-q"]) == 0  # as mergekit: a density ≥ 1 keeps everything
+    one, above = _weights("d1"), _weights("d15")
+    assert all(torch.equal(one[k], above[k]) for k in one)
+    capsys.readouterr()
+    for name in ("d0", "dgrad"):  # a gradient reaching 0 at the last layer: refused before the merge too
+        assert cli(["merge", f"mcase/{name}.yml", "-o", name, "-q"]) == 2
+        err = capsys.readouterr().err
+        assert "density must be in (0, 1]; values above 1 count as 1" in err and "chat" in err
+        assert not Path(name).exists()
+
+
+def _rewrite_record(folder: Path, **changes) -> None:
+    path = folder / "chatvec_merge.json"
+    record = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            record.pop(key, None)
+        else:
+            record[key] = value
+    path.write_text(json.dumps(record))
+
+
+def test_a_merge_records_its_base_and_its_files_sizes(mcase):
+    from chatvec_lab.core.model_merge import merged_vector
+
+    assert cli(["merge", "mcase/m.yml", "-o", "mo", "-q"]) == 0
+    record = json.loads(Path("mo/chatvec_merge.json").read_text())
+    assert record["base"] == str((mcase / "mcase" / "base").resolve())
+    assert record["base_files"] == {"model.safetensors": (mcase / "mcase/base/model.safetensors").stat().st_size}
+    full = merged_vector("mo")
+    _rewrite_record(Path("mo"), base_files=None)  # a record written before the sizes were kept still works
+    old = merged_vector("mo")
+    assert set(full.names) == set(old.names) and all(torch.equal(full[n], old[n]) for n in full.names)
+
+
+@pytest.mark.parametrize("case, says", [
+    ("itself", "is the merge folder"),
+    ("inside", "inside the merge folder"),
+    ("vector", "saved chat vector"),
+    ("number", "base field must be a path"),
+    ("deleted", "the base recorded in"),
+    ("changed", "has changed since the merge"),
+    ("one more file", "has changed since the merge"),
+])
+def test_a_merge_record_is_not_trusted_blindly(mcase, capsys, case, says):
+    from safetensors.torch import load_file, save_file
+
+    from chatvec_lab.core.model_merge import merged_vector
+    from chatvec_lab.errors import ChatVecError
+
+    assert cli(["merge", "mcase/m.yml", "-o", "mo", "--vector-out", "mv", "-q"]) == 0
+    base = mcase / "mcase" / "base"
+    if case == "itself":
+        _rewrite_record(Path("mo"), base=str(mcase / "mo"))
+    elif case == "inside":
+        (mcase / "mo" / "sub").mkdir()
+        _rewrite_record(Path("mo"), base=str(mcase / "mo" / "sub"))
+    elif case == "vector":
+        _rewrite_record(Path("mo"), base=str(mcase / "mv"))
+    elif case == "number":
+        _rewrite_record(Path("mo"), base=5)
+    elif case == "deleted":
+        import shutil
+
+        shutil.rmtree(base)
+    elif case == "changed":  # the base replaced by a half-precision copy: the same names, other values
+        weights = load_file(base / "model.safetensors")
+        save_file({k: v.half() for k, v in weights.items()}, base / "model.safetensors")
+    else:
+        (base / "pytorch_model.bin").write_bytes(b"0")
+    with pytest.raises(ChatVecError, match=says):
+        merged_vector("mo")
+    capsys.readouterr()
+    assert cli(["compare", "mv", "mo"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and err.count("\n") == 0, err
+
+
+def test_the_atlas_command_takes_a_merge_output_as_its_vector(merged, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Erzähl mir etwas über die Liebe.\n", encoding="utf-8")
+    tables = []
+    for vector in (merged / "toy-merged", merged / "merged-vector"):
+        out = tmp_path / vector.name
+        assert cli(["atlas", "--target", str(toy.path("cp")), "--vector", str(vector), "--prompts", str(prompts),
+                    "-o", str(out), "--skip-map", "--ranks", "1", "--max-new-tokens", "2", "-q"]) == 0
+        tables.append(pd.read_csv(out / "rank-curve.csv"))
+    pd.testing.assert_frame_equal(*tables)  # the folder is read as the vector --vector-out saved

@@ -45,7 +45,8 @@ def run_sweep(args) -> None:
 
 def atlas_arguments(t) -> None:
     t.add_argument("--target", required=True)
-    t.add_argument("--vector", required=True, help="a saved vector (chatvec extract)")
+    t.add_argument("--vector", required=True,
+                   help="a saved vector (chatvec extract), or a merge's output folder (read as merged − base)")
     t.add_argument("--prompts", required=True, help="one prompt a line, or JSONL with a 'prompt' field")
     t.add_argument("-o", "--out", required=True, help="a new folder: atlas.csv, summary.csv, rankings, heatmaps")
     t.add_argument("--alphas", type=alpha_list, default=[1.0], help="grid α values besides the norm-matched one")
@@ -97,6 +98,7 @@ def atlas_study(target, vector_path, prompts_path, out, alphas=None, seeds: int 
     from chatvec_lab.behaviour.ablations import merge_sweep, rank_curve, summarize
     from chatvec_lab.behaviour.atlas import atlas, rank_cells, summarize_atlas
     from chatvec_lab.behaviour.sweep import load_target, read_prompts
+    from chatvec_lab.core.model_merge import is_merge_output, merged_vector, named_sources
     from chatvec_lab.core.vector import ChatVector
     from chatvec_lab.io.output import atomic_folder, check_output_path, source_paths
     from chatvec_lab.io.sources import open_weights
@@ -104,15 +106,15 @@ def atlas_study(target, vector_path, prompts_path, out, alphas=None, seeds: int 
     if skip_map and not (ranks or second_vector):
         raise ChatVecError("--skip-map leaves nothing to do: add --ranks and/or --second-vector")
     alphas = [1.0] if alphas is None else alphas
-    vector = ChatVector.load(vector_path)
+    vector = merged_vector(vector_path) if is_merge_output(vector_path) else ChatVector.load(vector_path)
     second = names = None
     if second_vector:
         from chatvec_lab.core.merge import METHODS
         from chatvec_lab.core.transforms import check_settings
-        from chatvec_lab.core.vector import check_compatible, named_vectors
+        from chatvec_lab.core.vector import check_compatible
 
         check_settings(density)  # before the work, not after it
-        names = named_vectors([vector_path, second_vector])  # the same folder twice is refused here
+        names = named_sources([vector_path, second_vector])  # the same folder twice is refused here
         names = {(f"{k} (source)" if k in METHODS else k): v for k, v in names.items()}
         second = list(names.values())[1]
         check_compatible(vector, second)

@@ -28,9 +28,8 @@ def run(args) -> None:
     from chatvec_lab.core.threads import one_torch_thread
 
     config = read_config(args.config)
+    _check_outputs(config, args.out, args.vector_out, args.overwrite)
     _keep_freed_memory()
-    if args.vector_out is not None:
-        _check_vector_out(config, args.out, args.vector_out, args.overwrite)
     observer = None
     if args.report:
         from chatvec_lab.analysis.merge_report import MergeReport
@@ -76,20 +75,23 @@ def _keep_freed_memory() -> None:
     mallopt(m_trim_threshold, 2**31 - 1)  # and freed ones stay there (up to 2 GB at its top)
 
 
-def _check_vector_out(config, out, vector_out, overwrite: bool) -> None:
-    """--vector-out needs a base and a path of its own: said before the merge, not after it."""
-    from pathlib import Path
-
+def _check_outputs(config, out, vector_out, overwrite: bool) -> None:
+    """Before any work: OUT (with --report's files in it) and --vector-out may not be, contain or sit inside any
+    input (every model, the base, the config file, the tokenizer source; links and ``..`` resolved), nor overlap
+    each other, with or without --overwrite; --vector-out needs a base."""
+    from chatvec_lab.core.model_merge import input_paths
     from chatvec_lab.errors import UsageError
-    from chatvec_lab.io.output import check_output_path
+    from chatvec_lab.io.output import check_output_path, check_separate_outputs
 
+    inputs = input_paths(config)
+    check_output_path(out, overwrite, inputs)
+    if vector_out is None:
+        return
     if config.base is None:
         raise UsageError(f"--vector-out writes merged − base: {config.method.name} has no base here (give base_model, "
                          "with a method that uses it; or chatvec extract --base BASE --chat OUT)")
-    a, b = Path(out).expanduser().resolve(), Path(vector_out).expanduser().resolve()
-    if a == b or a in b.parents or b in a.parents:
-        raise UsageError(f"--vector-out {vector_out} and --out {out} overlap: give each its own folder")
-    check_output_path(vector_out, overwrite)
+    check_output_path(vector_out, overwrite, inputs)
+    check_separate_outputs([(out, "--out"), (vector_out, "--vector-out")])
 
 
 def _plot(table, folder) -> None:

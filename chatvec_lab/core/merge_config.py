@@ -10,11 +10,14 @@ parameter may be a number, a gradient (a list, interpolated over the layers as m
 ``i / (n − 1)``, tensors outside the layers at 0) or filtered values (``[{filter: self_attn, value: 0.5},
 {value: 1}]``, the first whose filter is in the tensor's name). Anything else — ``slices``, ``modules``,
 ``tokenizer``, ``chat_template``, ``tokenizer_source: union``, a LoRA reference ``model+lora``, a method or a
-parameter the lab lacks — is refused in one line naming it (``UsageError``), before any tensor is read.
+parameter the lab lacks — is refused in one line naming it (``UsageError``), before any tensor is read; so are
+YAML anchors and aliases (``load_yaml``), a model listed twice however spelled (``model_identity``) and a density
+of 0 or less (above 1 counts as 1, as in mergekit). Values quoted in messages are cut to ``QUOTE_LIMIT`` characters.
 """
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +31,63 @@ LACKING_FIELDS = {"slices": "layer slices (frankenmerges)", "modules": "per-modu
                   "tokenizer": "vocabulary surgery (the tokenizer field)", "chat_template": "chat_template"}
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+QUOTE_LIMIT = 200  # characters of a config's value quoted in an error message
+
+
+def quoted(value, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(value)`` for a one-line message, cut to ``limit`` characters (nested values abbreviated first)."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = short.maxlong = limit
+    try:
+        text = short.repr(value)
+    except ValueError:  # an integer past Python's digit limit for str()
+        text = f"<an integer of more than {limit} digits>"
+    return cut(text, limit)
+
+
+def cut(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """``text`` for a one-line message: at most ``limit`` characters."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _no_alias_loader():
+    """yaml's SafeLoader, refusing anchors and aliases as it composes: a few hundred bytes of nested aliases
+    expand to gigabytes (a "billion laughs"), and mergekit's configs do not need them."""
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                raise UsageError(f"{getattr(self, 'origin', 'the config')} uses a YAML anchor or alias "
+                                 f"({'*' if isinstance(event, yaml.AliasEvent) else '&'}{cut(str(event.anchor), 40)}"
+                                 f", line {event.start_mark.line + 1}), which a merge config does not take: "
+                                 "write each value out")
+            return super().compose_node(parent, index)
+
+    return NoAliasLoader
+
+
+def load_yaml(origin: Path):
+    """A merge config file's YAML (safe, without anchors or aliases); one line on what is wrong with it."""
+    import yaml
+
+    loader = _no_alias_loader()(origin.read_text(encoding="utf-8"))
+    loader.origin = origin
+    try:
+        return loader.get_single_data()
+    except UsageError:
+        raise
+    except yaml.YAMLError as e:
+        raise UsageError(f"{origin} is not YAML: {cut(' '.join(str(e).split()), 2 * QUOTE_LIMIT)}") from None
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise UsageError(f"{origin} holds a value the lab cannot read: {cut(' '.join(str(e).split()))}") from None
+    except RecursionError:
+        raise UsageError(f"{origin} nests its values too deeply to be a merge config") from None
+    finally:
+        loader.dispose()
 
 
 @dataclass
@@ -83,16 +143,16 @@ def _check_value(key: str, value, kind, method: MergeMethod):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
-        raise UsageError(f"{method.name} parameter {key} must be true or false, not {value!r}")
+        raise UsageError(f"{method.name} parameter {key} must be true or false, not {quoted(value)}")
     try:
         number = float(value) if not isinstance(value, bool) else math.nan
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer past float's range
         number = math.nan
     if not math.isfinite(number):
-        raise UsageError(f"{method.name} parameter {key} must be a number, not {value!r}")
+        raise UsageError(f"{method.name} parameter {key} must be a finite number, not {quoted(value)}")
     if kind is int:
         if number != int(number):
-            raise UsageError(f"{method.name} parameter {key} must be a whole number, not {value!r}")
+            raise UsageError(f"{method.name} parameter {key} must be a whole number, not {quoted(value)}")
         return int(number)
     return number
 
@@ -117,24 +177,32 @@ def _evaluate(key: str, setting, name: str, t: float, kind, method: MergeMethod)
             return _check_value(key, (1 - frac) * values[i0] + frac * values[i1], kind, method)
         for cond in setting:
             if not isinstance(cond, dict) or "value" not in cond or set(cond) - {"value", "filter"}:
-                raise UsageError(f"parameter {key}: {cond!r} is not a value, a gradient or {{filter, value}}")
+                raise UsageError(f"parameter {key}: {quoted(cond)} is not a value, a gradient or {{filter, value}}")
             f = cond.get("filter")
+            if f is not None and not isinstance(f, str):
+                raise UsageError(f"parameter {key}: filter {quoted(f)} is not a string (a part of tensor names)")
             if f is None or f == "*" or (name and f in name):
                 return _evaluate(key, cond["value"], name, t, kind, method)
         return None
-    raise UsageError(f"parameter {key}: {setting!r} is not a value, a gradient or {{filter, value}}")
+    raise UsageError(f"parameter {key}: {quoted(setting)} is not a value, a gradient or {{filter, value}}")
 
 
 def _resolve(key, scopes, name, t, default, method: MergeMethod, model: str | None = None):
     kind = method.types.get(key, float)
+    where = f"{cut(model)}: " if model else ""
     for scope in scopes:
         if scope and key in scope:
-            value = _evaluate(key, scope[key], name, t, kind, method)
+            try:
+                value = _evaluate(key, scope[key], name, t, kind, method)
+            except UsageError as e:
+                raise UsageError(f"{where}{e}") from None
+            if key == "density" and value is not None and value <= 0:  # as mergekit, a density above 1 keeps all
+                raise UsageError(f"{where}{method.name} parameter density must be in (0, 1]; values above 1 count "
+                                 f"as 1 (not {quoted(value)})")
             if value is not None:
                 return value
     if default is REQUIRED:
-        where = f"{model}: " if model else ""
-        raise UsageError(f"{where}{method.name} needs parameter {key!r} for tensor {name!r}")
+        raise UsageError(f"{where}{method.name} needs parameter {quoted(key)} for tensor {quoted(name)}")
     return default
 
 
@@ -144,38 +212,59 @@ def _reference(value, what: str) -> str:
     if isinstance(value, dict) and "path" in value and not value.get("lora"):
         value = value["path"]
     if not isinstance(value, str) or not value:
-        raise UsageError(f"{what} must be a model (a path or hub id), not {value!r}")
+        raise UsageError(f"{what} must be a model (a path or hub id), not {quoted(value)}")
     if "+" in value:
-        raise UsageError(f"{what} {value!r}: a model with a LoRA applied (model+lora) is not in the lab; "
+        raise UsageError(f"{what} {quoted(value)}: a model with a LoRA applied (model+lora) is not in the lab; "
                          "merge the adapter first")
     return value
 
 
+def _exists(path) -> bool:
+    try:
+        return Path(path).exists()
+    except (OSError, ValueError):  # a NUL byte, a name too long …
+        return False
+
+
+def locate(spec: str, origin: Path | None) -> str:
+    """A model as the config names it: a path from the working folder (as mergekit), else from the config's
+    folder (``origin``: the config file), else a hub id."""
+    if _exists(spec) or origin is None:
+        return spec
+    beside = origin.parent / spec
+    return str(beside) if _exists(beside) else spec
+
+
+def model_identity(spec: str, origin: Path | None) -> str:
+    """What makes two of a config's models one: a local model's real path (links, ``.`` and ``..`` resolved),
+    else the hub id as written."""
+    found = locate(spec, origin)
+    return os.path.realpath(found) if _exists(found) else spec
+
+
 def read_config(config) -> MergeConfig:
     """Read and check a mergekit config (a YAML file's path, or its dict); one line on what the lab lacks."""
-    import yaml
-
     origin = None
     if isinstance(config, (str, Path)) and not isinstance(config, dict):
         origin = Path(config)
         if not origin.is_file():
             raise UsageError(f"no merge config at {origin}")
         try:
-            config = yaml.safe_load(origin.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise UsageError(f"{origin} is not YAML: {' '.join(str(e).split())}") from None
+            config = load_yaml(origin)
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read the merge config {origin}: {getattr(e, 'strerror', None) or e}") from None
     if not isinstance(config, dict):
         raise UsageError("a merge config is a mapping with models, merge_method and (mostly) base_model")
     for key in config:
         if key in LACKING_FIELDS:
-            raise UsageError(f"the config uses {key!r} ({LACKING_FIELDS[key]}), which the lab does not have; "
+            raise UsageError(f"the config uses {quoted(key)} ({LACKING_FIELDS[key]}), which the lab does not have; "
                              "it merges whole models (models:)")
         if key not in KNOWN_FIELDS:
-            raise UsageError(f"the config has field {key!r}, which is not a mergekit field the lab knows "
+            raise UsageError(f"the config has field {quoted(key)}, which is not a mergekit field the lab knows "
                              f"({', '.join(sorted(KNOWN_FIELDS))})")
     name = config.get("merge_method")
-    if name not in REGISTRY:
-        raise UsageError(f"merge_method {name!r} is not in the lab (it has {', '.join(REGISTRY)})")
+    if not isinstance(name, str) or name not in REGISTRY:
+        raise UsageError(f"merge_method {quoted(name)} is not in the lab (it has {', '.join(REGISTRY)})")
     method = REGISTRY[name]
     models = config.get("models")
     if not isinstance(models, list) or not models:
@@ -185,25 +274,31 @@ def read_config(config) -> MergeConfig:
         if isinstance(entry, str):
             entry = {"model": entry}
         if not isinstance(entry, dict) or "model" not in entry or set(entry) - {"model", "parameters"}:
-            raise UsageError(f"models[{i}] must be {{model: PATH, parameters: {{…}}}}, not {entry!r}")
+            raise UsageError(f"models[{i}] must be {{model: PATH, parameters: {{…}}}}, not {quoted(entry)}")
         inputs.append(_reference(entry["model"], f"models[{i}]"))
         settings.append(_parameters(entry.get("parameters"), method, f"models[{i}] parameters", per_source=True))
+    identities = [model_identity(spec, origin) for spec in inputs]
+    for i, identity in enumerate(identities):
+        if identity in identities[:i]:
+            first = inputs[identities.index(identity)]
+            same = "" if first == inputs[i] else f" and {quoted(inputs[i])} (both {cut(identity)})"
+            raise UsageError(f"a model is listed twice: {quoted(first)}{same}")
     base = None
     if config.get("base_model") is not None:
         base_ref = _reference(config["base_model"], "base_model")
-        if base_ref not in inputs:  # mergekit adds it to the inputs
+        base_identity = model_identity(base_ref, origin)
+        if base_identity not in identities:  # mergekit adds it to the inputs
             inputs.append(base_ref)
             settings.append({})
+            identities.append(base_identity)
         if method.base != "input":
-            base = inputs.index(base_ref)
+            base = identities.index(base_identity)
     elif method.base == "required":
         raise UsageError(f"{name} needs base_model")
-    if len(set(inputs)) != len(inputs):
-        raise UsageError(f"a model is listed twice: {sorted({m for m in inputs if inputs.count(m) > 1})}")
     shared = _parameters(config.get("parameters"), method, "parameters", per_source=False)
     for key in ("dtype", "out_dtype"):
-        if config.get(key) is not None and config[key] not in DTYPES:
-            raise UsageError(f"{key} {config[key]!r} is not one of {', '.join(DTYPES)}")
+        if config.get(key) is not None and (not isinstance(config[key], str) or config[key] not in DTYPES):
+            raise UsageError(f"{key} {quoted(config[key])} is not one of {', '.join(DTYPES)}")
     tokenizer = config.get("tokenizer_source")
     if tokenizer is not None:
         if tokenizer == "union":
@@ -224,11 +319,11 @@ def _parameters(params, method: MergeMethod, what: str, per_source: bool) -> dic
     if params is None:
         return {}
     if not isinstance(params, dict):
-        raise UsageError(f"{what} must be a mapping, not {params!r}")
+        raise UsageError(f"{what} must be a mapping, not {quoted(params)}")
     allowed = set(method.per_source) | (set() if per_source else set(method.shared))
     for key in params:
         if key not in allowed:
             where = "per model" if per_source and key in method.shared else "here"
-            raise UsageError(f"{what}: {method.name} has no parameter {key!r} {where} (it takes "
+            raise UsageError(f"{what}: {method.name} has no parameter {quoted(key)} {where} (it takes "
                              f"{', '.join(sorted(allowed)) or 'none'})")
     return dict(params)

@@ -8,14 +8,16 @@ compute dtype (float32; float64 if ``dtype: float64``), merge it with the method
 (``core/merge_methods.py``), cast to the output dtype (``out_dtype``, else ``dtype``, else the tensor's own)
 and write it into the next shard. Memory holds one tensor per input and the result; the folder appears only
 when complete, with the config and tokenizer files of ``tokenizer_source`` (else the base, else the first
-model), ``config.json``'s dtype set to the output's, and ``chatvec_merge.json`` (the config and the seed).
+model), ``config.json``'s dtype set to the output's, and ``chatvec_merge.json`` (the config, the seed, the base
+and its weight files' sizes). The output may not be, contain or sit inside any input (``input_paths``).
 
 ``observer``: an object with ``observe(name, base, sources, merged)`` (float tensors in the compute dtype,
 ``base`` None for a method without one), called for every tensor, and optionally ``finish(folder)``, called
 with the output's temporary folder to add files to it (``analysis/merge_report.py``'s ``MergeReport``).
 
 A merge's output as one more vector: ``merged_vector(folder)`` is ``merged − base`` (lazy, as
-``ChatVector.from_models``), the base read from its ``chatvec_merge.json``; ``named_sources`` names vectors and
+``ChatVector.from_models``), the base read from its ``chatvec_merge.json`` and checked (not the folder itself, not a
+saved vector, not changed since the merge); ``named_sources`` names vectors and
 merge outputs together for ``chatvec compare`` and the atlas.
 """
 from __future__ import annotations
@@ -28,8 +30,9 @@ from pathlib import Path
 import torch
 
 from chatvec_lab.core.apply import MODEL_FILES
-from chatvec_lab.core.merge_config import MergeConfig, read_config
-from chatvec_lab.errors import MismatchError, UsageError, check_finite, require_bool
+from chatvec_lab.core.merge_config import MergeConfig, cut, locate, quoted, read_config
+from chatvec_lab.errors import (ChatVecError, MismatchError, NotFound, SourceError, UsageError, check_finite,
+                                require_bool)
 from chatvec_lab.io.formats import read_json_object
 from chatvec_lab.io.naming import parse
 from chatvec_lab.io.output import atomic_folder, check_output_path, source_paths, write_json
@@ -41,13 +44,30 @@ DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat1
                torch.float16: "float16"}
 
 
-def _locate(spec: str, origin: Path | None) -> str:
-    """A model as the config names it: a path from the working folder (as mergekit), else from the config's
-    folder, else a hub id."""
-    if Path(spec).exists() or origin is None:
-        return spec
-    beside = origin.parent / spec
-    return str(beside) if beside.exists() else spec
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def locate_inputs(config: MergeConfig) -> MergeConfig:
+    """Each model (and ``tokenizer_source``) as found: from the working folder, else beside the config."""
+    config.inputs = [locate(s, config.origin) for s in config.inputs]
+    if config.tokenizer_source is not None:
+        config.tokenizer_source = locate(config.tokenizer_source, config.origin)
+    return config
+
+
+def input_paths(config: MergeConfig) -> list[Path]:
+    """What a merge reads on this machine: the config file, every local model (the base among them) and the
+    tokenizer source. An output may not be, contain or sit inside any of them (hub models' files are added
+    once opened)."""
+    specs = [config.origin, *locate_inputs(config).inputs, config.tokenizer_source]
+    return [Path(s) for s in specs if s is not None and os.path.lexists(s)]
+
+
+def weight_files(path) -> dict[str, int]:
+    """``{file name: size}`` of a local model's weight files (a weight file itself, or those in a folder)."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
+    return {p.name: p.stat().st_size for p in files if p.is_file()}
 
 
 def check_inputs(config: MergeConfig, sources) -> list[str]:
@@ -114,10 +134,7 @@ def merge_from_config(config, out, overwrite: bool = False, seed: int = 0, obser
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise UsageError(f"seed must be an integer, not {seed!r}")
     config = config if isinstance(config, MergeConfig) else read_config(config)
-    config.inputs = [_locate(s, config.origin) for s in config.inputs]
-    if config.tokenizer_source is not None:
-        config.tokenizer_source = _locate(config.tokenizer_source, config.origin)
-    check_output_path(out, overwrite)
+    check_output_path(out, overwrite, input_paths(config))
     with contextlib.ExitStack() as stack:
         sources = []
         for spec in config.inputs:
@@ -127,8 +144,8 @@ def merge_from_config(config, out, overwrite: bool = False, seed: int = 0, obser
         names = check_inputs(config, sources)
         layers = [parse(n).layer for n in names]
         config.num_layers = max((x for x in layers if x is not None), default=-1) + 1
-        for n in names[:1]:
-            config.parameters_for(n)  # a missing parameter fails now, not mid-merge
+        for n in names:
+            config.parameters_for(n)  # a missing or bad parameter fails now, not mid-merge
         ref = sources[config.base if config.base is not None else 0]
         plan = [(n, tuple(ref.shape(n)), config.output_dtype(ref.dtype(n))) for n in names]
         inputs = [p for src in sources for p in source_paths(src)]
@@ -149,8 +166,11 @@ def merge_from_config(config, out, overwrite: bool = False, seed: int = 0, obser
             writer.close()
             _model_files(config, sources, tmp, plan)
             base = config.inputs[config.base] if config.base is not None else None
-            write_json(tmp / MERGE_RECORD, {"config": config.raw, "inputs": config.inputs, "seed": seed,
-                                            "method": config.method.name, "base": _absolute(base)})
+            record = {"config": config.raw, "inputs": config.inputs, "seed": seed, "method": config.method.name,
+                      "base": _absolute(base)}
+            if base is not None and Path(base).exists():  # to tell, when read as a vector, that it is the same base
+                record["base_files"] = weight_files(base)
+            write_json(tmp / MERGE_RECORD, record)
             if observer is not None and hasattr(observer, "finish"):
                 observer.finish(tmp)
     return Path(out)
@@ -190,21 +210,68 @@ def is_merge_output(spec) -> bool:
 
 def merged_vector(folder, base=None, allow_pickle: bool = False):
     """``merged − base``: a merge's output folder as a chat vector (lazy, as ``ChatVector.from_models``); the base
-    is the one its ``chatvec_merge.json`` records unless ``base`` is given."""
+    is the one its ``chatvec_merge.json`` records unless ``base`` is given.
+
+    A recorded base is checked first: a path (or hub id), neither the merge folder (nor inside it) nor a saved
+    vector, still there, and — where the record lists the sizes of its weight files — the same files."""
     from chatvec_lab.core.vector import ChatVector
 
+    record_path = Path(folder) / MERGE_RECORD
+    if base is not None:
+        _check_base(folder, base, f"base {cut(str(base))}")
+        return ChatVector.from_models(base, folder, allow_pickle=allow_pickle)
+    if not record_path.is_file():
+        raise UsageError(f"{folder} is no merge output (it has no {MERGE_RECORD}): give base=")
+    record = read_json_object(record_path, "merge record")
+    base = record.get("base")
+    if base is None and isinstance(record.get("config"), dict) and isinstance(record.get("inputs"), list):
+        config = read_config(record["config"])  # a record written before the base was kept
+        if config.base is not None and config.base < len(record["inputs"]):
+            base = record["inputs"][config.base]
     if base is None:
-        if not (Path(folder) / MERGE_RECORD).is_file():
-            raise UsageError(f"{folder} is no merge output (it has no {MERGE_RECORD}): give base=")
-        record = read_json_object(Path(folder) / MERGE_RECORD, "merge record")
-        base = record.get("base")
-        if base is None and isinstance(record.get("config"), dict) and isinstance(record.get("inputs"), list):
-            config = read_config(record["config"])  # a record written before the base was kept
-            base = record["inputs"][config.base] if config.base is not None else None
-        if base is None:
-            raise UsageError(f"{folder} is a {record.get('method')} merge without a base model, so it has no "
-                             f"vector (merged − base): chatvec extract --base BASE --chat {folder} -o VECTOR")
-    return ChatVector.from_models(base, folder, allow_pickle=allow_pickle)
+        raise UsageError(f"{folder} is a {cut(str(record.get('method')))} merge without a base model, so it has no "
+                         f"vector (merged − base): chatvec extract --base BASE --chat {folder} -o VECTOR")
+    what = f"{cut(str(base))}, the base recorded in {record_path},"
+    if not isinstance(base, str) or not base:
+        raise SourceError(f"bad merge record {record_path}: its base field must be a path (or hub id), not "
+                          f"{quoted(base)}")
+    if not os.path.exists(base) and (os.path.isabs(base) or base.startswith(".")):
+        raise NotFound(f"{what} no longer exists: extract the vector from the base the merge used (chatvec "
+                       "extract, the merge folder as the chat model; or merged_vector(folder, base=…))")
+    _check_base(folder, base, what)
+    sizes = record.get("base_files")
+    if sizes is not None and os.path.exists(base):
+        if not isinstance(sizes, dict) or not all(isinstance(v, int) for v in sizes.values()):
+            raise SourceError(f"bad merge record {record_path}: base_files must map file names to sizes")
+        try:
+            now = weight_files(base)
+        except OSError as e:
+            raise SourceError(f"cannot read {what} {e.strerror or e}") from None
+        if now != sizes:
+            raise MismatchError(f"the base recorded in {record_path} ({cut(base)}) has changed since the merge (its "
+                                "weight files differ in number or size): extract the vector from the base the merge "
+                                "used (chatvec extract, the merge folder as the chat model)")
+    try:
+        return ChatVector.from_models(base, folder, allow_pickle=allow_pickle)
+    except ChatVecError as e:
+        if os.path.exists(base):
+            raise
+        raise SourceError(f"{e} (it is the base recorded in {record_path})") from None
+
+
+def _check_base(folder, base, what: str) -> None:
+    """A base that makes merged − base meaningless: the merge folder itself (or a folder in it: all zeros, or
+    nothing), or a saved vector (a difference, not a model)."""
+    if not isinstance(base, (str, os.PathLike)) or not os.path.exists(base):
+        return
+    real, merged = Path(os.path.realpath(base)), Path(os.path.realpath(folder))
+    if real == merged or merged in real.parents:
+        where = "the merge folder" if real == merged else "inside the merge folder"
+        raise UsageError(f"{what} is {where} {folder}: merged − base would be zero or wrong; give the base the "
+                         "merge used")
+    if (real / "chatvec.json").is_file():
+        raise UsageError(f"{what} is a saved chat vector (it holds chatvec.json), not a model: give the base the "
+                         "merge used")
 
 
 def open_source(spec):
