@@ -10,8 +10,8 @@ A job's estimate is the sum of four parts, each a column:
   model of 0.4 MB by ``benchmarks/bench_real.py --size tiny`` (``OVERHEAD``);
 - ``model``: the parameters in the dtype the job runs them in (the checkpoint's own under ``auto``);
 - ``working``: what the job holds beside the model. The live model (sweep, atlas, eval, the panel) rewrites one
-  tensor at a time, on the CPU: its original, each vector's float32 delta, the float32 sum and the result, for
-  the largest tensor;
+  tensor at a time, on the CPU: the largest tensor's stored values and its result, and float32 blocks of rows
+  of the sum and each vector's delta;
 - ``batch``: the generation state of a batch (KV cache, activations, scores: ``generation.config_row_bytes``).
 
 Extract, apply and merge stream tensor by tensor: their memory does not grow with the model, and their row gives
@@ -29,6 +29,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from chatvec_lab.core.terms import CHUNK_ELEMENTS
 from chatvec_lab.errors import NotFound, UsageError
 
 GB = 1e9
@@ -167,7 +168,8 @@ def memory_estimate(target, *, device="cpu", dtype="auto", vectors: int = 1, bat
         run = footprint.stored  # a config's own dtype
     model = footprint.model_bytes(run)
     batch = batch_size * config_row_bytes(footprint.config, run.itemsize, tokens)
-    working = footprint.largest * (footprint.stored.itemsize + 4 * vectors + 4 + run.itemsize)
+    # the largest tensor's stored values (read from the checkpoint) and its result, plus float32 blocks of rows
+    working = footprint.largest * (footprint.stored.itemsize + run.itemsize) + CHUNK_ELEMENTS * 4 * (vectors + 1)
     measured = "checked against CPU peaks at 0.36B and 0.97B (memory_check)"
     basis = "RAM as on a CPU; GPU memory: model + batch, not yet measured on a GPU" if gpu else measured
     rows = []
