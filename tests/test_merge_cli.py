@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -420,3 +421,25 @@ def test_the_atlas_command_takes_a_merge_output_as_its_vector(merged, tmp_path):
                     "-o", str(out), "--skip-map", "--ranks", "1", "--max-new-tokens", "2", "-q"]) == 0
         tables.append(pd.read_csv(out / "rank-curve.csv"))
     pd.testing.assert_frame_equal(*tables)  # the folder is read as the vector --vector-out saved
+
+
+def test_an_output_inside_a_hub_models_cache_is_refused(tmp_path, monkeypatch, capsys):
+    """Review round 4 (N1): --vector-out inside a hub model's cache folder replaced the cached model."""
+    import huggingface_hub.constants as hub
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--fake--chat" / "snapshots" / "abc123"
+    shutil.copytree(toy.path("chat"), snapshot)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))
+    shutil.copytree(toy.path("base"), tmp_path / "base")
+    config = tmp_path / "hub.yml"
+    config.write_text("merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: fake/chat\n"
+                      "    parameters:\n      weight: 1.0\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    before = {p: p.read_bytes() for p in snapshot.iterdir()}
+    for target in (snapshot, snapshot / "vec"):
+        assert cli(["merge", str(config), "-o", str(tmp_path / "out"), "--vector-out", str(target), "--overwrite",
+                    "-q"]) == 2
+        err = capsys.readouterr().err
+        assert "models--fake--chat" in err and "input" in err and err.count("\n") == 1, err
+    assert {p: p.read_bytes() for p in snapshot.iterdir()} == before and not (tmp_path / "out").exists()

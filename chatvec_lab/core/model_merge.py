@@ -60,7 +60,20 @@ def input_paths(config: MergeConfig) -> list[Path]:
     tokenizer source. An output may not be, contain or sit inside any of them (hub models' files are added
     once opened)."""
     specs = [config.origin, *locate_inputs(config).inputs, config.tokenizer_source]
-    return [Path(s) for s in specs if s is not None and os.path.lexists(s)]
+    local = [Path(s) for s in specs if s is not None and os.path.lexists(s)]
+    return local + [f for s in specs if s is not None and not os.path.lexists(s) for f in [_hub_cache(s)] if f]
+
+
+def _hub_cache(spec) -> Path | None:
+    """The local hub cache's folder of a hub id (``models--org--name``: every snapshot and blob), if it has one."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover
+        return None
+    if not isinstance(spec, str) or spec.count("/") != 1 or spec.startswith((".", "/", "~")):
+        return None
+    folder = Path(constants.HF_HUB_CACHE) / ("models--" + spec.replace("/", "--"))
+    return folder if folder.is_dir() else None
 
 
 def weight_files(path) -> dict[str, int]:
