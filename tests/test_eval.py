@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from chatvec_lab import ChatVector, Unavailable, apply_vectors, evaluate_harness, toy
+from chatvec_lab import ChatVecError, ChatVector, Unavailable, apply_vectors, evaluate_harness, toy
 from chatvec_lab.behaviour.engines import load_target
 from chatvec_lab.cli import main
 
@@ -331,3 +331,28 @@ def test_limit_has_one_rule_in_python_and_on_the_command_line():
             python = "refused"
         assert cli == python, text
     assert check_limit(2.0) == 2 and isinstance(check_limit(2.0), int)
+
+
+@pytest.mark.parametrize("make", ["fifo", "loop", "file", "int", "empty"])
+def test_a_hostile_include_path_is_one_line_and_never_hangs(cv_folder, tmp_path, make):
+    """Review round 4 (N2, E, F, J): a FIFO named t.yaml in the include folder hung eval for ever; a link loop was a
+    traceback; a file, an int or "" was accepted or a TypeError."""
+    import os
+
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    include = folder
+    if make == "fifo":
+        os.mkfifo(folder / "t.yaml")
+    elif make == "loop":
+        (folder / "loop.yaml").symlink_to(folder / "loop.yaml")
+    elif make == "file":
+        include = folder / "t.yaml"
+        include.write_text("task: t\n")
+    elif make == "int":
+        include = 5
+    else:
+        include = ""
+    with pytest.raises(ChatVecError) as e:
+        evaluate_harness(toy.path("cp"), cv_folder, [0], ["chatvec_toy_de_en"], limit=2, include_path=include)
+    assert "\n" not in str(e.value) and "include path" in str(e.value)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence
 
 from chatvec_lab.errors import ChatVecError, NotFound, Unavailable, UnknownName, UsageError
+from chatvec_lab.io.formats import check_yaml_folder
 from chatvec_lab.io.signals import received_signal
 
 if TYPE_CHECKING:
@@ -90,13 +91,8 @@ def _include_paths(include_path) -> list[Path]:
     from chatvec_lab.io.resources import harness_task_dir
 
     given = [] if include_path is None else [include_path] if isinstance(include_path, (str, os.PathLike)) \
-        else list(include_path)
-    paths = [harness_task_dir()]
-    for p in given:
-        if not Path(p).exists():
-            raise NotFound(f"include path {p} not found (a folder of harness task YAML files)")
-        paths.append(Path(p))
-    return paths
+        else list(include_path) if isinstance(include_path, (list, tuple)) else [include_path]
+    return [harness_task_dir(), *(check_yaml_folder(p, "include path (a folder of task YAML files)") for p in given)]
 
 
 @contextlib.contextmanager

@@ -252,3 +252,26 @@ def sha256_handle(handle, chunk: int = 1 << 24) -> str:
 
 
 # ------------------------------------------------------------------ in memory and pickles
+
+
+def check_yaml_folder(folder, what: str) -> Path:
+    """A folder whose ``.yaml`` / ``.yml`` files, at any depth, are all regular files: a FIFO among them would block
+    whoever reads it for ever, a link loop would raise deep inside the reader. One SourceError line otherwise."""
+    if not isinstance(folder, (str, os.PathLike)) or not str(folder).strip():
+        raise SourceError(f"{what} must be a folder, not {folder!r}")
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SourceError(f"{what} {folder} is not a folder" if folder.exists() or folder.is_symlink()
+                          else f"{what} {folder} not found")
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if name.endswith((".yaml", ".yml")):
+                path = Path(root) / name
+                try:
+                    regular = stat.S_ISREG(os.stat(path).st_mode)
+                except OSError as e:
+                    raise SourceError(f"{what}: cannot read {path} ({e.strerror or type(e).__name__})") from None
+                if not regular:
+                    raise SourceError(f"{what}: {path} is not a regular file (a FIFO or device would block the "
+                                      "reader)")
+    return folder
