@@ -376,6 +376,7 @@ def test_a_merge_records_its_base_and_its_files_sizes(mcase):
     ("deleted", "the base recorded in"),
     ("changed", "has changed since the merge"),
     ("one more file", "has changed since the merge"),
+    ("swapped", "has changed since the merge"),  # another model of the same shape and size: sizes cannot tell
 ])
 def test_a_merge_record_is_not_trusted_blindly(mcase, capsys, case, says):
     from safetensors.torch import load_file, save_file
@@ -401,6 +402,11 @@ def test_a_merge_record_is_not_trusted_blindly(mcase, capsys, case, says):
     elif case == "changed":  # the base replaced by a half-precision copy: the same names, other values
         weights = load_file(base / "model.safetensors")
         save_file({k: v.half() for k, v in weights.items()}, base / "model.safetensors")
+    elif case == "swapped":
+        import shutil
+
+        shutil.rmtree(base)
+        shutil.copytree(toy.path("cp"), base)
     else:
         (base / "pytorch_model.bin").write_bytes(b"0")
     with pytest.raises(ChatVecError, match=says):

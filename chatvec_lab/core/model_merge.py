@@ -33,7 +33,7 @@ from chatvec_lab.core.apply import MODEL_FILES
 from chatvec_lab.core.merge_config import MergeConfig, cut, locate, quoted, read_config
 from chatvec_lab.errors import (ChatVecError, MismatchError, NotFound, SourceError, UsageError, check_finite,
                                 require_bool)
-from chatvec_lab.io.formats import read_json_object
+from chatvec_lab.io.formats import read_json_object, sample_digest
 from chatvec_lab.io.naming import parse
 from chatvec_lab.io.output import atomic_folder, check_output_path, source_paths, write_json
 from chatvec_lab.io.shards import DEFAULT_SHARD_BYTES, ShardedSafetensorsWriter
@@ -81,6 +81,12 @@ def weight_files(path) -> dict[str, int]:
     path = Path(path)
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
     return {p.name: p.stat().st_size for p in files if p.is_file()}
+
+
+def _sample(path) -> str:
+    """``sample_digest`` of a local model's weight files: a base swapped for another of its shape is told."""
+    path = Path(path)
+    return sample_digest([path] if path.is_file() else [path / name for name in weight_files(path)])
 
 
 def check_inputs(config: MergeConfig, sources) -> list[str]:
@@ -183,6 +189,7 @@ def merge_from_config(config, out, overwrite: bool = False, seed: int = 0, obser
                       "base": _absolute(base)}
             if base is not None and Path(base).exists():  # to tell, when read as a vector, that it is the same base
                 record["base_files"] = weight_files(base)
+                record["base_sample"] = _sample(base)
             write_json(tmp / MERGE_RECORD, record)
             if observer is not None and hasattr(observer, "finish"):
                 observer.finish(tmp)
@@ -260,10 +267,11 @@ def merged_vector(folder, base=None, allow_pickle: bool = False):
             now = weight_files(base)
         except OSError as e:
             raise SourceError(f"cannot read {what} {e.strerror or e}") from None
-        if now != sizes:
+        sample = record.get("base_sample")
+        if now != sizes or (sample is not None and sample != _sample(base)):
             raise MismatchError(f"the base recorded in {record_path} ({cut(base)}) has changed since the merge (its "
-                                "weight files differ in number or size): extract the vector from the base the merge "
-                                "used (chatvec extract, the merge folder as the chat model)")
+                                "weight files differ in number, size or content): extract the vector from the base "
+                                "the merge used (chatvec extract, the merge folder as the chat model)")
     try:
         return ChatVector.from_models(base, folder, allow_pickle=allow_pickle)
     except ChatVecError as e:
