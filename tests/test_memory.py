@@ -109,3 +109,27 @@ def test_info_memory_prints_each_job(capsys):
     assert main(["info", str(toy.path("cp")), "--memory", "--device", "tpu"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "chatvec info: error: device 'tpu'" in err
+
+
+def test_hostile_configs_and_vectors_are_one_line(tmp_path):
+    """Review round 4 (D, G, M): a 400-digit hidden_size or --tokens 10**200 was an OverflowError traceback; a
+    saved vector folder got a model's estimate from default shapes; a missing config.json was silent."""
+    import shutil
+
+    from chatvec_lab import ChatVector
+
+    huge = tmp_path / "huge"
+    shutil.copytree(toy.path("cp"), huge)
+    config = json.loads((huge / "config.json").read_text())
+    (huge / "config.json").write_text(json.dumps({**config, "hidden_size": int("9" * 400)}))
+    vec = tmp_path / "cv"
+    ChatVector.from_models(toy.path("base"), toy.path("chat")).save(vec)
+    for target, kwargs, says in ((huge, {}, "past any machine"), (toy.path("cp"), {"tokens": 10**200}, "past any"),
+                                 (vec, {}, "saved chat vector")):
+        with pytest.raises(ChatVecError, match=says) as e:
+            memory_estimate(target, **kwargs)
+        assert "\n" not in str(e.value)
+    bare = tmp_path / "bare"
+    shutil.copytree(toy.path("cp"), bare)
+    (bare / "config.json").unlink()
+    assert memory_estimate(bare)["basis"].str.contains("no config.json").iloc[0]

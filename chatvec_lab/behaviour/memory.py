@@ -84,12 +84,13 @@ class Footprint:
 
 def _of_checkpoint(target) -> Footprint:
     from chatvec_lab.io.formats import read_json_object
-    from chatvec_lab.io.sources import model_folder, open_weights
+    from chatvec_lab.io.sources import model_folder, open_weights, refuse_saved_vector
 
     if isinstance(target, Path) or str(target).startswith((".", "/", "~")):
         if not Path(target).expanduser().exists():
             raise NotFound(f"no such model folder: {target}")
     source = open_weights(target)
+    refuse_saved_vector(source, "the model")
     floating = other = largest = 0
     stored: dict[torch.dtype, int] = {}
     for name in source.keys():
@@ -167,11 +168,18 @@ def memory_estimate(target, *, device="cpu", dtype="auto", vectors: int = 1, bat
     else:
         run = footprint.stored  # a config's own dtype
     model = footprint.model_bytes(run)
-    batch = batch_size * config_row_bytes(footprint.config, run.itemsize, tokens)
+    try:
+        batch = batch_size * config_row_bytes(footprint.config, run.itemsize, tokens)
+        float(batch)
+    except (OverflowError, TypeError, ValueError):
+        raise UsageError("the batch's memory is past any machine's: check --batch-size, --tokens and the config's "
+                         "sizes (hidden_size, num_hidden_layers, …)") from None
     # the largest tensor's stored values (read from the checkpoint) and its result, plus float32 blocks of rows
     working = footprint.largest * (footprint.stored.itemsize + run.itemsize) + CHUNK_ELEMENTS * 4 * (vectors + 1)
     measured = "checked against CPU peaks at 0.36B and 0.97B (memory_check)"
     basis = "RAM as on a CPU; GPU memory: model + batch, not yet measured on a GPU" if gpu else measured
+    if not footprint.config:
+        basis += "; no config.json: the batch part assumes a generic shape"
     rows = []
     for job, overhead, work in (("generate", OVERHEAD["generate"], 0), ("live", OVERHEAD["live"], working)):
         ram = overhead + (max(model, work) if gpu else model + work + batch)  # a GPU's model leaves RAM once moved
