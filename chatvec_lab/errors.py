@@ -79,8 +79,10 @@ def check_finite(values, what: str) -> None:
 
 
 def one_line(message) -> str:
-    """A message on one line (paths and tensor names stay readable in a terminal and in logs)."""
-    return " ".join(str(message).split())
+    """A message on one line (paths and tensor names stay readable in a terminal and in logs); control characters
+    (a terminal's escape sequences from a tampered file, say) are shown escaped, never sent to the terminal."""
+    text = " ".join(str(message).split())
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class OneLineParser(argparse.ArgumentParser):

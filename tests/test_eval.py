@@ -356,3 +356,13 @@ def test_a_hostile_include_path_is_one_line_and_never_hangs(cv_folder, tmp_path,
     with pytest.raises(ChatVecError) as e:
         evaluate_harness(toy.path("cp"), cv_folder, [0], ["chatvec_toy_de_en"], limit=2, include_path=include)
     assert "\n" not in str(e.value) and "include path" in str(e.value)
+
+
+def test_eval_takes_the_embeddings_policy_its_message_names(cv_folder, capsys):
+    """Review round 4 (I): the error named --embeddings skip|shared, then said chatvec eval had no such flag."""
+    args = ["eval", "--target", str(toy.path("cp-xvocab")), "--vector", str(cv_folder), "--tasks",
+            "chatvec_toy_de_en", "--alphas", "0", "--limit", "2", "-q"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--embeddings skip|shared" in err and "has no --embeddings" not in err
+    assert main([*args, "--embeddings", "skip"]) == 0

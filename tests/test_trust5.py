@@ -212,3 +212,15 @@ def test_a_target_holding_nan_is_named_not_the_alpha(saved_vector, tmp_path):
     msg = str(caught.value)
     assert f"tensor {name!r} holds 1 NaN/Inf values in the target's own weights" in msg
     assert "coefficient" not in msg and "α" not in msg
+
+
+def test_messages_escape_control_characters_and_paths_are_not_flags():
+    """Review round 4 (K, L): text from a tampered file sent terminal escapes raw; a hub cache path
+    (models--org--name) was read as flags the command lacks."""
+    from chatvec_lab.cli import build_parser, flags_of_this_command
+    from chatvec_lab.errors import one_line
+
+    assert one_line("bad \x1b[31mRED\x1b[0m \x00 ü") == "bad \\x1b[31mRED\\x1b[0m \\x00 ü"
+    message = "cannot read hf/hub/models--fake--base/snapshots/x"
+    assert flags_of_this_command(message, build_parser(), "merge") == message
+    assert "has no --embeddings" in flags_of_this_command("use --embeddings skip", build_parser(), "merge")

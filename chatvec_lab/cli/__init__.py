@@ -48,7 +48,7 @@ def flags_of_this_command(message: str, parser, command: str) -> str:
     (and where it lives) instead of sending the user to a flag that does not exist here."""
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     own = {o for a in sub[command]._actions for o in a.option_strings}
-    missing = sorted({f for f in re.findall(r"--[a-z][a-z-]*", message) if f not in own})
+    missing = sorted({f for f in re.findall(r"(?<![\w/.-])--[a-z][a-z-]*", message) if f not in own})
     if not missing:
         return message
     elsewhere = sorted(name for name, p in sub.items()

@@ -76,6 +76,9 @@ def eval_arguments(e) -> None:
     e.add_argument("--csv", help="also write the table here (a new file)")
     e.add_argument("--plot", metavar="PNG", help="also draw the scores against α here (a new file)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --csv / --plot file")
+    e.add_argument("--embeddings", choices=["error", "skip", "shared"], default="error",
+                   help="when the target's vocabulary differs from the vector's: refuse (error), leave embeddings and "
+                        "lm_head as they are (skip), or add by row index to the rows both have (shared)")
     add_device_options(e, batch=False)
     e.add_argument("--batch-size", type=positive_int, default=None,
                    help="the harness's batch size (default: 'auto' on a GPU, 8 on a CPU)")
@@ -98,7 +101,8 @@ def run_eval(args) -> None:
     check_outputs(args, inputs)  # before the evaluation's work, not after
     df = evaluate_harness(args.target, named_vectors(args.vector), args.alphas, tasks, limit=args.limit,
                           num_fewshot=args.num_fewshot, include_path=args.include_path, device=args.device,
-                          dtype=args.dtype, batch_size=args.batch_size, progress=not args.quiet)
+                          dtype=args.dtype, batch_size=args.batch_size, embeddings=args.embeddings,
+                          progress=not args.quiet)
     if args.csv:
         with atomic_file(Path(args.csv), args.overwrite, inputs) as tmp:
             df.to_csv(tmp, index=False)
