@@ -249,7 +249,9 @@ def merged_vector(folder, base=None, allow_pickle: bool = False):
         if config.base is not None and config.base < len(record["inputs"]):
             base = record["inputs"][config.base]
     if base is None:
-        raise UsageError(f"{folder} is a {cut(str(record.get('method')))} merge without a base model, so it has no "
+        method = record.get("method")
+        kind = f"a {cut(method)} merge" if isinstance(method, str) and method else "a merge"
+        raise UsageError(f"{folder} is {kind} without a base model (its {MERGE_RECORD} names none), so it has no "
                          f"vector (merged − base): chatvec extract --base BASE --chat {folder} -o VECTOR")
     what = f"{cut(str(base))}, the base recorded in {record_path},"
     if not isinstance(base, str) or not base:
