@@ -312,17 +312,12 @@ def score_all(texts: Sequence[str], scorers: Sequence, languages: Sequence[str] 
 
 @torch.no_grad()
 def perplexity(model, tokenizer, texts: Sequence[str], max_length: int = 256) -> float:
-    """Token-level perplexity of ``texts`` (each scored on its own, up to ``max_length`` tokens)."""
-    device = next(model.parameters()).device
-    total_loss, total_tokens = 0.0, 0
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :max_length].to(device)
-        if ids.shape[1] < 2:
-            continue
-        loss = model(input_ids=ids, labels=ids).loss
-        n = ids.shape[1] - 1
-        total_loss += float(loss) * n
-        total_tokens += n
-    if not total_tokens:
-        raise UsageError("no text long enough to measure perplexity")
-    return math.exp(total_loss / total_tokens)
+    """Token-level perplexity of ``texts`` (each scored on its own, up to ``max_length`` tokens): exp of the mean
+    of ``analysis.interpolation.token_losses``."""
+    from chatvec_lab.analysis.interpolation import token_losses
+
+    try:
+        losses, _ = token_losses(model, tokenizer, texts, max_length)
+    except UsageError:
+        raise UsageError("no text long enough to measure perplexity") from None
+    return math.exp(float(losses.mean()))
