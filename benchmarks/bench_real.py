@@ -121,21 +121,11 @@ def build(size: str, cache: Path, log=print) -> dict[str, Path]:
 
 # ---------------------------------------------------------------- measured children
 
-def _kib(pid: int, field: str) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def run_child(job: str, spec: dict, package_root: Path | None) -> dict:
     """Run ``job`` in a child process; its JSON result plus ``peak_rss`` (bytes: the larger of its own high-water
-    mark and the summed RSS of its process tree, polled every 20 ms) and ``wall_s``."""
-    import psutil
+    mark and the summed RSS of its process tree, polled every 20 ms: ``common.watch_peak``) and ``wall_s``."""
+    sys.path.insert(0, str(HERE))
+    from common import watch_peak  # here, not at the top: common imports the lab, and --package-root picks which
 
     env = dict(os.environ)
     if package_root is not None:
@@ -151,16 +141,7 @@ def run_child(job: str, spec: dict, package_root: Path | None) -> dict:
 
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
-    peak_tree, peak_hwm = 0, 0
-    parent = psutil.Process(proc.pid)
-    while proc.poll() is None:
-        try:
-            tree = [parent, *parent.children(recursive=True)]
-            peak_tree = max(peak_tree, sum(p.memory_info().rss for p in tree if p.is_running()))
-        except psutil.Error:
-            pass
-        peak_hwm = max(peak_hwm, _kib(proc.pid, "VmHWM") * 1024)
-        time.sleep(0.02)
+    peak = watch_peak(proc)
     reader.join()
     wall = time.perf_counter() - start
     try:
@@ -170,7 +151,7 @@ def run_child(job: str, spec: dict, package_root: Path | None) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"child {job} failed ({proc.returncode}):\n{''.join(lines)[-3000:]}")
     own = result.pop("ru_maxrss", 0)
-    return {**result, "peak_rss": max(peak_tree, peak_hwm, own), "wall_s": round(wall, 2)}
+    return {**result, "peak_rss": max(peak, own), "wall_s": round(wall, 2)}
 
 
 def _supported(fn, **kwargs) -> dict:

@@ -64,37 +64,53 @@ def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
 
 
-def _hwm_kib(pid: int) -> int:
+def _status_kib(pid: int, field: str = "VmHWM") -> int:
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
     except OSError:
         pass
     return 0
 
 
-def measure(cmd: list[str], env: dict | None = None) -> dict:
-    """Run a command; wall seconds and its peak RSS in MiB.
+def watch_peak(proc: subprocess.Popen, every: float = 0.02) -> int:
+    """Poll a running command until it exits; its peak memory in bytes: the larger of the kernel's high-water
+    mark of its own process (VmHWM) and the summed RSS of its whole process tree (workers, kernels, actors).
+    ``ru_maxrss`` would also count the forked copy of this (large) parent before exec."""
+    import psutil
 
-    The peak is the kernel's high-water mark (VmHWM) of the command's own process, polled while it
-    runs: ``ru_maxrss`` would also count the forked copy of this (large) parent before exec.
-    """
+    peak_tree, peak_hwm = 0, 0
+    try:
+        parent = psutil.Process(proc.pid)
+    except psutil.Error:
+        parent = None
+    while proc.poll() is None:
+        if parent is not None:
+            try:
+                tree = [parent, *parent.children(recursive=True)]
+                peak_tree = max(peak_tree, sum(p.memory_info().rss for p in tree if p.is_running()))
+            except psutil.Error:
+                pass
+        peak_hwm = max(peak_hwm, _status_kib(proc.pid) * 1024)
+        time.sleep(every)
+    return max(peak_tree, peak_hwm)
+
+
+def measure(cmd: list[str], env: dict | None = None) -> dict:
+    """Run a command; wall seconds, CPU seconds of its whole process tree (``RUSAGE_CHILDREN``) and its peak
+    memory in MiB (``watch_peak``: the tree's, polled)."""
     import resource
+    import threading
 
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    peak = 0
     chunks = []
-    import threading
-
     reader = threading.Thread(target=lambda: chunks.append(proc.stdout.read()), daemon=True)
     reader.start()
-    while proc.poll() is None:
-        peak = max(peak, _hwm_kib(proc.pid))
-        time.sleep(0.02)
+    peak = watch_peak(proc)
     wall = time.perf_counter() - start
     cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
@@ -102,7 +118,7 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     output = b"".join(chunks).decode(errors="replace")
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{output[-2000:]}")
-    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mib": peak / 1024, "output": output}
+    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mib": peak / 2**20, "output": output}
 
 
 def table(rows: list[dict], columns: list[str]) -> str:
