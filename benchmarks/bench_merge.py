@@ -16,7 +16,9 @@ One config, the same file for both tools: three sources and a base (``ties``: we
 always does, mergekit does what ``dtype`` says) and ``out_dtype: bfloat16``. Each tool runs in its own process
 (``chatvec merge CFG -o OUT --quiet``; ``mergekit-yaml CFG OUT --quiet`` with its default CPU options: no lazy
 unpickle, no async write, its default threads), after one read of every input (the page cache warm for both).
-Peak RSS is the process's high-water mark (``VmHWM``, which counts the mapped file pages it touched). Then the
+Peak RSS is the larger of the process's high-water mark (``VmHWM``, which counts the mapped file pages it touched)
+and its process tree's summed RSS (``common.watch_peak``; both tools run as one process); CPU seconds cover the
+tree (``RUSAGE_CHILDREN``). Then the
 two outputs are compared tensor by tensor: max |chatvec − mergekit| and the share of elements exactly equal.
 
 The goal (issue 26): chatvec's wall ≤ 0.5 × mergekit's and its peak RSS ≤ mergekit's. Results are printed and
