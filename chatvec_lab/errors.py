@@ -78,6 +78,11 @@ def check_finite(values, what: str) -> None:
         raise NonFiniteError(f"{what} holds{how_many} NaN/Inf values")
 
 
+def clip(text: str, limit: int = 200) -> str:
+    """``text`` for a one-line message: at most ``limit`` characters (a hostile file's value, quoted, stays short)."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def one_line(message) -> str:
     """A message on one line (paths and tensor names stay readable in a terminal and in logs); control characters
     (a terminal's escape sequences from a tampered file, say) are shown escaped, never sent to the terminal."""

@@ -30,7 +30,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence
 
-from chatvec_lab.errors import ChatVecError, NotFound, Unavailable, UnknownName, UsageError
+from chatvec_lab.errors import ChatVecError, NotFound, Unavailable, UnknownName, UsageError, clip
 from chatvec_lab.io.formats import check_yaml_folder
 from chatvec_lab.io.signals import received_signal
 
@@ -124,7 +124,7 @@ def _skipped_files(folders: list[Path]) -> Iterator[dict]:
 def _skipped_hint(skipped: dict) -> str:
     if not skipped:
         return ""
-    said = [f"{path} ({type(err).__name__}: {_cut(' '.join(str(err).split()), 200)})" for path, err in skipped.items()]
+    said = [f"{path} ({type(err).__name__}: {clip(' '.join(str(err).split()), 201)})" for path, err in skipped.items()]
     return (f"; {len(said)} YAML file(s) of the include path could not be loaded: {'; '.join(said[:3])}"
             + (" …" if len(said) > 3 else ""))
 
@@ -218,7 +218,7 @@ def check_tasks(tasks) -> list[str]:
         tasks = tasks.split(",")
     if not isinstance(tasks, (list, tuple)) or not all(isinstance(t, str) for t in tasks):
         raise UsageError(f"tasks must be harness task names (a list of str, or a comma-separated string), not "
-                         f"{_cut(repr(tasks))}")
+                         f"{clip(repr(tasks), 81)}")
     names = [t.strip() for t in tasks if t.strip()]
     if not names:
         raise UsageError("no harness task given")
@@ -237,10 +237,6 @@ def check_limit(limit, name: str = "limit") -> int | float:
         raise UsageError(f"{name} is a number of items per task (e.g. 50) or a fraction below 1 (e.g. 0.1), "
                          f"not {limit!r}")
     return int(limit) if limit >= 1 else float(limit)
-
-
-def _cut(text: str, limit: int = 80) -> str:
-    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _check_settings(num_fewshot, batch_size, bootstrap_iters) -> None:
@@ -344,7 +340,7 @@ def _named(vectors) -> dict:
     given = list(vectors.values()) if isinstance(vectors, Mapping) else vectors
     if not isinstance(given, (list, tuple)) or not all(isinstance(v, one) for v in given):
         raise UsageError(f"vectors must be a vector, a saved vector's folder, a list of them or {{name: vector}}, "
-                         f"not {_cut(repr(vectors))}")
+                         f"not {clip(repr(vectors), 81)}")
     return named_vectors(dict(vectors) if isinstance(vectors, Mapping) else vectors)
 
 
@@ -356,7 +352,7 @@ def _points(alphas, names: list[str]) -> list[dict[str, float]]:
     if isinstance(alphas, (numbers.Number, str, Mapping)) or alphas is None:
         alphas = [alphas]
     if not isinstance(alphas, Iterable):
-        raise UsageError(f"alphas must be numbers or {{vector: α}} dicts, not {_cut(repr(alphas))}")
+        raise UsageError(f"alphas must be numbers or {{vector: α}} dicts, not {clip(repr(alphas), 81)}")
     points = [check_alphas([a], names)[0] for a in alphas]
     if not points:
         raise UsageError("no α given")
@@ -402,7 +398,8 @@ def evaluate_harness(target, vectors, alphas, tasks, *, tokenizer=None, limit: f
     limit = None if limit is None else check_limit(limit)
     _check_settings(num_fewshot, batch_size, bootstrap_iters)
     if embeddings not in ("error", "skip", "shared"):  # a live model keeps its vocabulary: no 'tokens' / 'union'
-        raise UsageError(f"embeddings must be 'error', 'skip' or 'shared' (a live model), not {_cut(repr(embeddings))}")
+        raise UsageError(f"embeddings must be 'error', 'skip' or 'shared' (a live model), not "
+                         f"{clip(repr(embeddings), 81)}")
     vectors = _named(vectors)
     points = _points(alphas, list(vectors))
     if isinstance(target, torch.nn.Module) and tokenizer is None:

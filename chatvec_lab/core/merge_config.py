@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from chatvec_lab.core.merge_methods import REGISTRY, REQUIRED, MergeMethod
-from chatvec_lab.errors import UsageError
+from chatvec_lab.errors import UsageError, clip
 
 KNOWN_FIELDS = {"models", "merge_method", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source"}
 LACKING_FIELDS = {"slices": "layer slices (frankenmerges)", "modules": "per-module merges",
@@ -44,12 +44,7 @@ def quoted(value, limit: int = QUOTE_LIMIT) -> str:
         text = short.repr(value)
     except ValueError:  # an integer past Python's digit limit for str()
         text = f"<an integer of more than {limit} digits>"
-    return cut(text, limit)
-
-
-def cut(text: str, limit: int = QUOTE_LIMIT) -> str:
-    """``text`` for a one-line message: at most ``limit`` characters."""
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+    return clip(text, limit)
 
 
 def _no_alias_loader():
@@ -62,7 +57,7 @@ def _no_alias_loader():
             event = self.peek_event()
             if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
                 raise UsageError(f"{getattr(self, 'origin', 'the config')} uses a YAML anchor or alias "
-                                 f"({'*' if isinstance(event, yaml.AliasEvent) else '&'}{cut(str(event.anchor), 40)}"
+                                 f"({'*' if isinstance(event, yaml.AliasEvent) else '&'}{clip(str(event.anchor), 40)}"
                                  f", line {event.start_mark.line + 1}), which a merge config does not take: "
                                  "write each value out")
             return super().compose_node(parent, index)
@@ -81,9 +76,9 @@ def load_yaml(origin: Path):
     except UsageError:
         raise
     except yaml.YAMLError as e:
-        raise UsageError(f"{origin} is not YAML: {cut(' '.join(str(e).split()), 2 * QUOTE_LIMIT)}") from None
+        raise UsageError(f"{origin} is not YAML: {clip(' '.join(str(e).split()), 2 * QUOTE_LIMIT)}") from None
     except ValueError as e:  # an integer of more digits than Python converts
-        raise UsageError(f"{origin} holds a value the lab cannot read: {cut(' '.join(str(e).split()))}") from None
+        raise UsageError(f"{origin} holds a value the lab cannot read: {clip(' '.join(str(e).split()))}") from None
     except RecursionError:
         raise UsageError(f"{origin} nests its values too deeply to be a merge config") from None
     finally:
@@ -189,7 +184,7 @@ def _evaluate(key: str, setting, name: str, t: float, kind, method: MergeMethod)
 
 def _resolve(key, scopes, name, t, default, method: MergeMethod, model: str | None = None):
     kind = method.types.get(key, float)
-    where = f"{cut(model)}: " if model else ""
+    where = f"{clip(model)}: " if model else ""
     for scope in scopes:
         if scope and key in scope:
             try:
@@ -281,7 +276,7 @@ def read_config(config) -> MergeConfig:
     for i, identity in enumerate(identities):
         if identity in identities[:i]:
             first = inputs[identities.index(identity)]
-            same = "" if first == inputs[i] else f" and {quoted(inputs[i])} (both {cut(identity)})"
+            same = "" if first == inputs[i] else f" and {quoted(inputs[i])} (both {clip(identity)})"
             raise UsageError(f"a model is listed twice: {quoted(first)}{same}")
     base = None
     if config.get("base_model") is not None:

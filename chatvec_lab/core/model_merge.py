@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 
 from chatvec_lab.core.apply import MODEL_FILES
-from chatvec_lab.core.merge_config import MergeConfig, cut, locate, quoted, read_config
+from chatvec_lab.core.merge_config import MergeConfig, locate, quoted, read_config
 from chatvec_lab.errors import (ChatVecError, MismatchError, NotFound, SourceError, UsageError, check_finite,
-                                require_bool)
+                                clip, require_bool)
 from chatvec_lab.io.formats import read_json_object, sample_digest
 from chatvec_lab.io.naming import parse
 from chatvec_lab.io.output import atomic_folder, check_output_path, source_paths, write_json
@@ -238,7 +238,7 @@ def merged_vector(folder, base=None, allow_pickle: bool = False):
 
     record_path = Path(folder) / MERGE_RECORD
     if base is not None:
-        _check_base(folder, base, f"base {cut(str(base))}")
+        _check_base(folder, base, f"base {clip(str(base))}")
         return ChatVector.from_models(base, folder, allow_pickle=allow_pickle)
     if not record_path.is_file():
         raise UsageError(f"{folder} is no merge output (it has no {MERGE_RECORD}): give base=")
@@ -250,10 +250,10 @@ def merged_vector(folder, base=None, allow_pickle: bool = False):
             base = record["inputs"][config.base]
     if base is None:
         method = record.get("method")
-        kind = f"a {cut(method)} merge" if isinstance(method, str) and method else "a merge"
+        kind = f"a {clip(method)} merge" if isinstance(method, str) and method else "a merge"
         raise UsageError(f"{folder} is {kind} without a base model (its {MERGE_RECORD} names none), so it has no "
                          f"vector (merged − base): chatvec extract --base BASE --chat {folder} -o VECTOR")
-    what = f"{cut(str(base))}, the base recorded in {record_path},"
+    what = f"{clip(str(base))}, the base recorded in {record_path},"
     if not isinstance(base, str) or not base:
         raise SourceError(f"bad merge record {record_path}: its base field must be a path (or hub id), not "
                           f"{quoted(base)}")
@@ -271,7 +271,7 @@ def merged_vector(folder, base=None, allow_pickle: bool = False):
             raise SourceError(f"cannot read {what} {e.strerror or e}") from None
         sample = record.get("base_sample")
         if now != sizes or (sample is not None and sample != _sample(base)):
-            raise MismatchError(f"the base recorded in {record_path} ({cut(base)}) has changed since the merge (its "
+            raise MismatchError(f"the base recorded in {record_path} ({clip(base)}) has changed since the merge (its "
                                 "weight files differ in number, size or content): extract the vector from the base "
                                 "the merge used (chatvec extract, the merge folder as the chat model)")
     try:
