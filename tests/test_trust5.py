@@ -224,3 +224,18 @@ def test_messages_escape_control_characters_and_paths_are_not_flags():
     message = "cannot read hf/hub/models--fake--base/snapshots/x"
     assert flags_of_this_command(message, build_parser(), "merge") == message
     assert "has no --embeddings" in flags_of_this_command("use --embeddings skip", build_parser(), "merge")
+
+
+@pytest.mark.parametrize("command", ["sweep", "compare"])
+def test_a_file_output_spelled_as_a_folder_is_refused(tmp_path, capsys, command, monkeypatch):
+    """`--csv out/` wrote a file named out (Path() drops the separator): refused in check_output_path itself."""
+    monkeypatch.chdir(tmp_path)
+    vec = tmp_path / "cv"
+    ChatVector.from_models(toy.path("base"), toy.path("chat")).save(vec)
+    (tmp_path / "p.txt").write_text("Hallo\n", encoding="utf-8")
+    args = (["sweep", "--target", toy.path("cp"), "--vector", vec, "--alphas", "0", "--prompts", "p.txt",
+             "--max-new-tokens", "2", "--csv", "out/", "-q"] if command == "sweep"
+            else ["compare", vec, "--csv", "out/", "-q"])
+    rc, err = _cli(args, capsys)
+    assert rc == 2 and "--csv out/ ends in a path separator" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()

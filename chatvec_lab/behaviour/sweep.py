@@ -258,7 +258,7 @@ def run_sweep_cli(args, executor=None) -> None:
 
     inputs = [*source_paths(open_weights(args.target)), Path(args.prompts),
               *(p for v in args.vector for p in ChatVector.load(v).input_paths())]
-    check_output_path(args.csv, args.overwrite, inputs, folder=False)  # before the sweep's work, not after
+    check_output_path(args.csv, args.overwrite, inputs, folder=False, flag="--csv")  # before the sweep's work
     check_separate_outputs([(args.csv, "--csv"), (args.cache_dir, "--cache-dir")])
     if args.cache_dir:
         check_clear_of_inputs(args.cache_dir, inputs)

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from pathlib import Path
 
 from chatvec_lab.cli.arguments import Command, add_device_options, add_quiet, alpha_list, positive_int
-from chatvec_lab.errors import OutputError, UsageError
+from chatvec_lab.errors import UsageError
 
 
 def item_limit(text: str) -> float:
@@ -40,16 +39,9 @@ def check_outputs(args, inputs) -> None:
     from chatvec_lab.io.output import check_output_path, check_separate_outputs
 
     given = [(path, flag) for path, flag in ((args.csv, "--csv"), (args.plot, "--plot")) if path is not None]
+    check_separate_outputs(given)
     for path, flag in given:
-        if path.endswith(tuple(s for s in (os.sep, os.altsep) if s)):
-            raise OutputError(f"{flag} {path} ends in a path separator: name a file (e.g. "
-                              f"{path}eval{'.csv' if flag == '--csv' else '.png'})")
-    try:
-        check_separate_outputs(given)
-    except (OSError, RuntimeError) as e:  # a loop of links …
-        raise OutputError(f"cannot write to {' / '.join(p for p, _ in given)}: {e}") from None
-    for path, _ in given:
-        check_output_path(Path(path), args.overwrite, inputs, folder=False)
+        check_output_path(path, args.overwrite, inputs, folder=False, flag=flag)
 
 
 def fewshot_count(text: str) -> int:

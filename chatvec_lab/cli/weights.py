@@ -6,11 +6,9 @@ Each command is a pair: ``*_arguments`` adds its flags to its parser, ``run_*`` 
 """
 from __future__ import annotations
 
-import itertools
 import json
 import sys
 import warnings
-from pathlib import Path
 
 from chatvec_lab.cli.arguments import (Command, add_quiet, add_write_options, layer_list, matrix_rank,
                                        one_number, positive_int)
@@ -228,18 +226,15 @@ def compare_vectors(paths, csv=None, csv_matrix=None, plots=None, overwrite: boo
     from chatvec_lab import plots as figures
     from chatvec_lab.analysis import geometry
     from chatvec_lab.core.model_merge import named_sources
-    from chatvec_lab.io.output import atomic_file, atomic_folder, check_output_path
+    from chatvec_lab.io.output import atomic_file, atomic_folder, check_output_path, check_separate_outputs
 
     vectors = named_sources(paths)
     inputs = [p for v in vectors.values() for p in v.input_paths()]
     outputs = [(out, flag, folder) for out, flag, folder in (
         (csv, "--csv", False), (csv_matrix, "--csv-matrix", False), (plots, "--plots", True)) if out]
-    for out, _, folder in outputs:  # before the pass, not after
-        check_output_path(out, overwrite, inputs, folder=folder)
-    for (a, flag_a, _), (b, flag_b, _) in itertools.combinations(outputs, 2):
-        ra, rb = Path(a).expanduser().resolve(), Path(b).expanduser().resolve()
-        if ra == rb or ra in rb.parents or rb in ra.parents:
-            raise ChatVecError(f"{flag_a} {a} and {flag_b} {b} overlap: give each output its own path")
+    for out, flag, folder in outputs:  # before the pass, not after
+        check_output_path(out, overwrite, inputs, folder=folder, flag=flag)
+    check_separate_outputs([(out, flag) for out, flag, _ in outputs])
     stats = geometry.vector_stats(vectors)
     cos = geometry.cosine_matrix(stats)
     with pd.option_context("display.width", 160, "display.precision", 4):

@@ -67,20 +67,28 @@ def check_separate_outputs(outputs: Iterable[tuple]) -> None:
     """Refuse two outputs of one run (``(path, flag)`` pairs; a path of None is skipped) that are the same path or
     one inside the other: the second would fail, or destroy the first, after all the run's work."""
     given = [(path, flag) for path, flag in outputs if path is not None]
+    try:
+        resolved = [Path(path).expanduser().resolve() for path, _ in given]
+    except (OSError, RuntimeError) as e:  # a loop of links …
+        raise OutputError(f"cannot write to {' / '.join(str(p) for p, _ in given)}: {e}") from None
     for i, (a, flag_a) in enumerate(given):
-        for b, flag_b in given[i + 1:]:
-            ra, rb = Path(a).expanduser().resolve(), Path(b).expanduser().resolve()
+        for j, (b, flag_b) in enumerate(given[i + 1:], i + 1):
+            ra, rb = resolved[i], resolved[j]
             if ra == rb or ra in rb.parents or rb in ra.parents:
                 raise OutputError(f"{flag_a} {a} and {flag_b} {b} overlap: give each output its own path")
 
 
-def check_output_path(out, overwrite: bool, inputs: Iterable = (), folder: bool = True) -> Path:
+def check_output_path(out, overwrite: bool, inputs: Iterable = (), folder: bool = True, flag: str = "") -> Path:
     """Fail before any work if ``out`` may not be written: it exists (unless ``overwrite``), it is, contains or sits
-    inside one of ``inputs``, or its folder cannot be written. Returns the absolute output path.
-    ``folder``: the output is a folder (else a file)."""
+    inside one of ``inputs``, its folder cannot be written, or (a file) it is spelled as a folder. Returns the
+    absolute output path. ``folder``: the output is a folder (else a file); ``flag``: named in the messages."""
     if not isinstance(out, (str, os.PathLike)) or isinstance(out, bytes):
         raise OutputError(f"the output must be a path (str or os.PathLike), not {type(out).__name__}")
     require_bool(overwrite=overwrite)
+    if not folder and str(out).endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):
+        # Path() would drop the separator, and a file named like the folder would be written
+        raise OutputError(f"{(flag + ' ') if flag else ''}{out} ends in a path separator, but the output is a file: "
+                          f"name the file (e.g. {out}table.csv)")
     try:
         return _check_output_path(out, overwrite, inputs, folder)
     except (OSError, ValueError) as e:  # a component too long, a NUL byte, a loop of links …
