@@ -14,8 +14,10 @@ repository for ``full``: 10 GB) and reused.
 One config, the same file for both tools: three sources and a base (``ties``: weights 1, 0.5, 0.3, densities
 0.5, 0.5, 0.3; ``task_arithmetic``: the same weights), ``dtype: float32`` (both compute in float32: the lab
 always does, mergekit does what ``dtype`` says) and ``out_dtype: bfloat16``. Each tool runs in its own process
-(``chatvec merge CFG -o OUT --quiet``; ``mergekit-yaml CFG OUT --quiet`` with its default CPU options: no lazy
-unpickle, no async write, its default threads), after one read of every input (the page cache warm for both).
+(``chatvec merge CFG -o OUT --quiet --workers N``; ``mergekit-yaml CFG OUT --quiet -j N`` with its other CPU
+options at their defaults: no lazy unpickle, no async write), both with ``OMP_NUM_THREADS=N``, N the cores each
+may use (``--cores``, default all this process may): mergekit spends them on torch's threads within each
+operation, chatvec on merging N tensors at once. The page cache is warm for both (one read of every input first).
 Peak RSS is the larger of the process's high-water mark (``VmHWM``, which counts the mapped file pages it touched)
 and its process tree's summed RSS (``common.watch_peak``; both tools run as one process); CPU seconds cover the
 tree (``RUSAGE_CHILDREN``). Then the
@@ -149,6 +151,9 @@ def main(argv=None) -> int:
                    help="where the synthetic models are built once (full: 10 GB; keep it outside the repository)")
     p.add_argument("--work", type=Path, default=None, help="where the two outputs go (default: a folder in --models)")
     p.add_argument("--repeats", type=int, default=1, help="runs of each tool, alternating")
+    p.add_argument("--cores", type=int, default=None,
+                   help="cores each tool may use (default: all this process may): OMP_NUM_THREADS for both, "
+                        "chatvec's --workers, mergekit's -j (its torch threads)")
     p.add_argument("--mergekit", default=tool("mergekit-yaml"), help="path of mergekit-yaml")
     p.add_argument("--label", default=None)
     p.add_argument("--no-save", action="store_true", help="print only; append nothing to the results file")
@@ -162,12 +167,15 @@ def main(argv=None) -> int:
     cfg.write_text(config_text(paths, args.method))
     chatvec = tool("chatvec")
     chatvec = [chatvec] if chatvec else [sys.executable, "-m", "chatvec_lab.cli"]
-    plan = {"chatvec": lambda out: chatvec + ["merge", str(cfg), "-o", str(out), "--quiet"],
-            "mergekit": lambda out: [args.mergekit, str(cfg), str(out), "--quiet"]}
-    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    from chatvec_lab.core.threads import usable_cores
+
+    cores = args.cores or usable_cores()
+    plan = {"chatvec": lambda out: chatvec + ["merge", str(cfg), "-o", str(out), "--quiet", "--workers", str(cores)],
+            "mergekit": lambda out: [args.mergekit, str(cfg), str(out), "--quiet", "-j", str(cores)]}
+    env = {"OMP_NUM_THREADS": str(cores)}
     model_bytes = folder_bytes(paths["base"])
     record = {"date": dt.datetime.now().isoformat(timespec="seconds"), "size": args.size, "method": args.method,
-              "label": args.label, "commit": commit(ROOT), "model_bytes": model_bytes, "inputs": len(MEMBERS),
+              "label": args.label, "cores": cores, "commit": commit(ROOT), "model_bytes": model_bytes, "inputs": len(MEMBERS),
               "config": cfg.read_text(), "machine": machine(), "runs": {k: [] for k in plan}}
     try:
         warm(paths)
@@ -198,7 +206,7 @@ def main(argv=None) -> int:
              "CPU (s)": f"{best[k]['cpu_s']:.1f}",
              "peak RSS (MiB)": f"{max(r['peak_rss_mib'] for r in v):.0f}"} for k, v in record["runs"].items()]
     print(f"\n{args.method}, 3 sources + base, {len(MEMBERS)} × {model_bytes / 1e9:.2f} GB bfloat16 "
-          f"({args.size}), dtype float32, out_dtype bfloat16")
+          f"({args.size}), dtype float32, out_dtype bfloat16, {cores} core(s) each")
     print(table(rows, ["tool", "runs", "best wall (s)", "CPU (s)", "peak RSS (MiB)"]))
     print(f"wall chatvec / mergekit: {wall:.2f} (goal ≤ {GOAL_WALL}: {'met' if wall <= GOAL_WALL else 'MISSED'}); "
           f"peak RSS chatvec / mergekit: {rss:.2f} (goal ≤ {GOAL_RSS}: {'met' if rss <= GOAL_RSS else 'MISSED'})")

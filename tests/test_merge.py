@@ -79,6 +79,34 @@ def test_equal_to_mergekit_on_the_toy_family(vectors):
             torch.testing.assert_close(ours, mixed, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_the_trim_keeps_what_argsort_keeps_among_equal_magnitudes(dtype, monkeypatch):
+    """The trim sorts |delta| in place, as int32 bits for float32: the same entries as mergekit's
+    ``argsort(|delta|, descending=True)[:k]``, bit for bit, on deltas of bfloat16 weights (thousands of equal
+    magnitudes at the cut), with the integer keys and without them, and with a NaN (float keys then)."""
+    from chatvec_lab.core import transforms
+
+    gen = torch.Generator().manual_seed(7)
+    for shape in [(513, 2048), (300_001,), (17,), (3, 1)]:
+        a, b = ((torch.randn(shape, generator=gen) * 0.003).to(torch.bfloat16) for _ in range(2))
+        delta = (a.float() - b.float()).to(dtype)
+        if shape == (300_001,):
+            delta[12] = float("nan")
+        before = delta.clone()
+        for density in (0.5, 0.3, 0.004):
+            keep = delta.abs().reshape(-1).argsort(descending=True)[:max(1, int(density * delta.numel()))]
+            mask = torch.zeros(delta.numel(), dtype=delta.dtype)
+            mask[keep] = 1
+            want = delta * mask.view(delta.shape)  # mergekit's magnitude(): a dropped negative entry is -0.0
+            got = magnitude(delta, density)
+            bits = {torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}[dtype]
+            assert torch.equal(got.view(bits), want.view(bits)), (shape, density)
+            with monkeypatch.context() as m:
+                m.setattr(transforms, "_integer_keys_agree", lambda: False)
+                assert torch.equal(magnitude(delta, density).view(bits), want.view(bits))
+        assert torch.equal(delta.view(bits), before.view(bits))  # the input is untouched
+
+
 def test_dare_is_seeded_keeps_its_density_and_l1_norm(vectors):
     cv, alt = vectors
     name = NAMES[0]

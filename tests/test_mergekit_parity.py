@@ -10,6 +10,11 @@ global generator state), and (2) the whole merge agrees within stated tolerances
 entries, the merged delta's L1 norm within 3%, its share of non-zero entries within 0.03 and its cosine with
 mergekit's above 0.4 (two independent draws of a 50% mask agree on about half of the delta's energy).
 
+Both run torch on one thread: the lab's merges always do (``merge_from_config``; so its output does not depend on
+the machine's cores or ``--workers``), while mergekit's output, for the methods that sum a whole tensor (rescale,
+slerp, nuslerp, karcher, model_stock), changes in the last bits with its thread count (a sum split across threads
+is added in another order): ``test_mergekit_depends_on_its_threads_the_lab_does_not``.
+
 Skipped where mergekit is not installed (``pip install mergekit==0.1.5``).
 """
 from __future__ import annotations
@@ -82,18 +87,40 @@ def _weights(folder):
     return out
 
 
-def _both(config: dict, tmp_path: Path):
-    """(ours, mergekit's) tensors for one float32 config, each run in-process."""
+def _mergekit(config: dict, out: Path, threads: int = 1) -> dict:
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
+    from chatvec_lab.core.threads import torch_threads
+
+    with torch_threads(threads):
+        run_merge(MergeConfiguration.model_validate(config), str(out),
+                  MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=0))
+    return _weights(out)
+
+
+def _both(config: dict, tmp_path: Path):
+    """(ours, mergekit's) tensors for one float32 config, each run in-process, mergekit on one torch thread."""
     from chatvec_lab.core.model_merge import merge_from_config
 
     config = {**config, "dtype": "float32"}
-    run_merge(MergeConfiguration.model_validate(config), str(tmp_path / "mergekit"),
-              MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=0))
+    theirs = _mergekit(config, tmp_path / "mergekit")
     merge_from_config(config, tmp_path / "ours")
-    return _weights(tmp_path / "ours"), _weights(tmp_path / "mergekit")
+    return _weights(tmp_path / "ours"), theirs
+
+
+def test_mergekit_depends_on_its_threads_the_lab_does_not(tmp_path):
+    from chatvec_lab.core.model_merge import merge_from_config
+    from chatvec_lab.core.threads import torch_threads
+
+    config = {**EXACT["model_stock"], "dtype": "float32"}
+    one, two = _mergekit(config, tmp_path / "mk1", 1), _mergekit(config, tmp_path / "mk2", 2)
+    assert any(not torch.equal(one[k], two[k]) for k in one)  # why the comparisons above fix its threads
+    ours = []
+    for threads, workers in ((1, 1), (2, 1), (2, 2)):
+        with torch_threads(threads):
+            ours.append(_weights(merge_from_config(config, tmp_path / f"ours{threads}{workers}", workers=workers)))
+    assert all(torch.equal(ours[0][k], o[k]) and torch.equal(ours[0][k], one[k]) for o in ours[1:] for k in one)
 
 
 @pytest.mark.parametrize("case", list(EXACT))

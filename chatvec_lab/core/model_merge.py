@@ -6,7 +6,9 @@
 Tensor by tensor, in the base's (or first model's) order: read that tensor from every input, cast to the
 compute dtype (float32; float64 if ``dtype: float64``), merge it with the method's kernel
 (``core/merge_methods.py``), cast to the output dtype (``out_dtype``, else ``dtype``, else the tensor's own)
-and write it into the next shard. Memory holds one tensor per input and the result; the folder appears only
+and write it into the next shard. Tensors are merged on ``workers`` threads at once, but never more elements
+in flight than the largest tensor has: memory holds about what one tensor per input and the result need at the
+largest tensor (``core/threads.ordered_results``), and the shards are written in order. The folder appears only
 when complete, with the config and tokenizer files of ``tokenizer_source`` (else the base, else the first
 model), ``config.json``'s dtype set to the output's, and ``chatvec_merge.json`` (the config, the seed, the base
 and its weight files' sizes). The output may not be, contain or sit inside any input (``input_paths``).
@@ -23,6 +25,7 @@ merge outputs together for ``chatvec compare`` and the atlas.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 from pathlib import Path
@@ -31,6 +34,7 @@ import torch
 
 from chatvec_lab.core.apply import MODEL_FILES
 from chatvec_lab.core.merge_config import MergeConfig, locate, quoted, read_config
+from chatvec_lab.core.threads import check_workers, ordered_results, torch_threads
 from chatvec_lab.errors import (ChatVecError, MismatchError, NotFound, SourceError, UsageError, check_finite,
                                 clip, require_bool)
 from chatvec_lab.io.formats import read_json_object, sample_digest
@@ -142,14 +146,18 @@ def _kernel(config: MergeConfig, tensors: list[torch.Tensor], params: dict, name
 
 def merge_from_config(config, out, overwrite: bool = False, seed: int = 0, observer=None,
                       max_shard_bytes: int = DEFAULT_SHARD_BYTES, allow_pickle: bool = False,
-                      progress: bool = False) -> Path:
+                      progress: bool = False, workers: int | None = None) -> Path:
     """Run a mergekit config (a path or dict; see ``core/merge_config.py``) into the model folder ``out``.
 
     ``seed``: the random masks of ``dare_*`` and ``della*`` (one per source and tensor; the same seed gives the
-    same output). Returns the output folder."""
+    same output). ``workers``: tensors merged at once on separate threads (default: the cores this process may
+    use), never more elements in flight than the largest tensor has, so memory stays that of a merge one tensor
+    at a time; each tensor's arithmetic is the same whatever the number, so the output is the same to the bit.
+    Returns the output folder."""
     from tqdm.auto import tqdm
 
     require_bool(overwrite=overwrite, allow_pickle=allow_pickle, progress=progress)
+    workers = check_workers(workers)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise UsageError(f"seed must be an integer, not {seed!r}")
     config = config if isinstance(config, MergeConfig) else read_config(config)
@@ -171,17 +179,27 @@ def merge_from_config(config, out, overwrite: bool = False, seed: int = 0, obser
         with atomic_folder(out, overwrite, inputs=inputs) as tmp:
             writer = ShardedSafetensorsWriter(tmp, plan, prefix="model", max_shard_bytes=max_shard_bytes)
             stack.callback(writer.abort)
-            for (name, _, out_dtype) in tqdm(plan, desc="merge", unit="tensor", disable=not progress):
-                tensors = [src[name] for src in sources]
-                for spec, t in zip(config.inputs, tensors):
-                    check_finite(t, f"tensor {name!r} in {spec}")
-                merged = merge_tensor_from(config, name, tensors, seed)
-                check_finite(merged, f"the merged tensor {name!r}")
-                if observer is not None:
-                    work = [t.to(config.compute_dtype) for t in tensors]
-                    observer.observe(name, work[config.base] if config.base is not None else None,
-                                     [work[i] for i in config.sources], merged)
-                writer.write(name, merged.to(out_dtype))
+            def job(name, out_dtype):
+                tensors = [src[name] for src in sources]  # read here, in order; merged on a worker thread
+
+                def run():
+                    for spec, t in zip(config.inputs, tensors):
+                        check_finite(t, f"tensor {name!r} in {spec}")
+                    merged = merge_tensor_from(config, name, tensors, seed)
+                    check_finite(merged, f"the merged tensor {name!r}")
+                    return name, tensors, merged if observer is not None else None, merged.to(out_dtype)
+                return run, tensors[0].numel()
+
+            jobs = (job(name, out_dtype) for name, _, out_dtype in plan)
+            largest = max((math.prod(shape) for _, shape, _ in plan), default=0)
+            with torch_threads(1), contextlib.closing(ordered_results(jobs, workers, budget=largest)) as results:
+                for name, tensors, merged, written in tqdm(results, total=len(plan), desc="merge", unit="tensor",
+                                                           disable=not progress):
+                    if observer is not None:
+                        work = [t.to(config.compute_dtype) for t in tensors]
+                        observer.observe(name, work[config.base] if config.base is not None else None,
+                                         [work[i] for i in config.sources], merged)
+                    writer.write(name, written)
             writer.close()
             _model_files(config, sources, tmp, plan)
             base = config.inputs[config.base] if config.base is not None else None

