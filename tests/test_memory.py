@@ -1,6 +1,7 @@
 """The memory estimate (behaviour/memory.py): exact model bytes from headers, the formula against the measured
 peaks, and one-line errors."""
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -97,13 +98,37 @@ def test_headers_only_no_weights_read(tmp_path, monkeypatch):
     memory_estimate(toy.path("cp"))
 
 
+def test_the_merge_row_is_the_line_through_bench_merge_peaks():
+    """MERGE_MEASURED is copied from bench_merge's results (the larger peak of the labelled runs) and the merge
+    row passes through both points for bfloat16 inputs; a float32 checkpoint needs more (its copies are wider)."""
+    import math
+
+    from chatvec_lab.behaviour import memory
+
+    with open(ROOT / "benchmarks" / "results" / "bench_merge.jsonl", encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_merge import SIZES
+
+    for m in memory.MERGE_MEASURED:
+        record = next(r for r in reversed(records) if r["size"] == m["size"] and r["method"] == "ties"
+                      and r["label"] == memory.MERGE_LABEL)
+        assert m["peak_rss"] == round(max(run["peak_rss_mib"] for run in record["runs"]["chatvec"]) * 2**20)
+        assert m["largest"] == SIZES[m["size"]]["vocab"] * SIZES[m["size"]]["hidden"]
+        assert math.isclose(memory.merge_estimate(m["largest"], torch.bfloat16), m["peak_rss"], rel_tol=1e-9)
+    big = memory.MERGE_MEASURED[0]["largest"]
+    assert memory.merge_estimate(big, torch.float32) > memory.merge_estimate(big, torch.bfloat16)
+    row, footprint = memory_estimate(toy.path("cp")).set_index("job").loc["merge"], Footprint.of(toy.path("cp"))
+    assert row["ram_gb"] * GB == pytest.approx(memory.merge_estimate(footprint.largest, footprint.stored), rel=1e-9)
+
+
 def test_info_memory_prints_each_job(capsys):
     from chatvec_lab.cli import main
 
     assert main(["info", str(toy.path("cp")), "--memory", "--batch-size", "4", "--tokens", "128"]) == 0
     out = capsys.readouterr().out
     want = memory_estimate(toy.path("cp"), batch_size=4, tokens=128, device="auto").set_index("job")
-    for job in ("generate", "live", "streaming"):
+    for job in ("generate", "live", "streaming", "merge"):
         line = next(l for l in out.splitlines() if l.split() and l.split()[0] == job)
         assert f"{want.loc[job, 'ram_gb']:.3f}" in line
     assert main(["info", str(toy.path("cp")), "--memory", "--device", "tpu"]) == 2

@@ -71,8 +71,12 @@ def test_the_first_bad_tensor_in_order_is_named_and_nothing_is_written(tmp_path)
     bad = tmp_path / "bad"
     shutil.copytree(T / "chat", bad)
     weights = _weights(bad)
-    names = list(weights)
-    first, later = names[1], names[-1]
+    by_size = sorted(weights, key=lambda n: -weights[n].numel())  # the merge's order: the largest tensor first
+    sizes = sorted({w.numel() for w in weights.values()}, reverse=True)
+    # a tensor of the second size and the first of the next smaller one: in flight together, the later one
+    # (smaller) done first
+    first = next(n for n in by_size if weights[n].numel() == sizes[1])
+    later = next(n for n in by_size if weights[n].numel() == sizes[2])
     for name in (first, later):
         weights[name] = weights[name].clone()
         weights[name].view(-1)[0] = float("nan")
@@ -88,7 +92,7 @@ def test_the_first_bad_tensor_in_order_is_named_and_nothing_is_written(tmp_path)
     assert not _threads()
 
 
-@pytest.mark.parametrize("workers", [0, -1, 1.5, True, "2"])
+@pytest.mark.parametrize("workers", [0, -1, 1.5, True, "2", 10**6])
 def test_workers_must_be_a_positive_integer(workers, tmp_path):
     from chatvec_lab.core.model_merge import merge_from_config
 
@@ -97,6 +101,12 @@ def test_workers_must_be_a_positive_integer(workers, tmp_path):
     with pytest.raises(UsageError, match="workers"):
         merge_from_config(_config("ties", [(T / "chat", {"weight": 1.0})]), tmp_path / "m", workers=workers)
     assert not (tmp_path / "m").exists()
+
+
+def test_workers_take_numpy_integers(tmp_path):
+    import numpy as np
+
+    assert check_workers(np.int64(3)) == 3 and type(check_workers(np.int64(3))) is int
 
 
 def test_the_cli_takes_workers(tmp_path, capsys):

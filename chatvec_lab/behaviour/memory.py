@@ -14,9 +14,12 @@ A job's estimate is the sum of four parts, each a column:
   of the sum and each vector's delta;
 - ``batch``: the generation state of a batch (KV cache, activations, scores: ``generation.config_row_bytes``).
 
-Extract, apply and merge stream tensor by tensor: their memory does not grow with the model, and their row gives
-the figure measured on a 4.2 GB vector (``STREAMING``). ``MEASURED`` holds the peaks the formula is checked
-against (``benchmarks/bench_real.py`` at 0.36B and 0.97B, on this project's 2-core CPU machine;
+Extract and apply stream tensor by tensor: their memory does not grow with the model, and their row gives
+the figure measured on a 4.2 GB vector (``STREAMING``). A merge streams too, but holds every input's copy of the
+largest tensor, its float32 deltas and the trim's sort at once: its row (a trim merge, ``ties`` / ``dare`` /
+``della``, of ``MERGE_SOURCES`` sources and a base) grows with the largest tensor, on the line through
+``benchmarks/bench_merge.py``'s peaks at two sizes (``MERGE_MEASURED``, ``merge_line``). ``MEASURED`` holds the
+peaks the formula is checked against (``benchmarks/bench_real.py`` at 0.36B and 0.97B, on this project's 2-core CPU machine;
 ``tests/test_memory.py`` checks they are the figures in ``benchmarks/results/bench_real.jsonl``). No GPU has
 measured the formula yet: on a GPU the ``basis`` column says so.
 """
@@ -51,11 +54,33 @@ BENCH_SHAPES = {
     "1b": dict(model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                num_attention_heads=32, num_key_value_heads=4, tie_word_embeddings=False, vocab_size=2048),
 }
+# Peak RSS of `chatvec merge` (ties, 3 sources + base, bfloat16 inputs, --workers 2; bench_merge, docs/benchmarks.md
+# "Merge") at two sizes: four 2.52 GB models (largest tensor 65,536,000 elements) and four 0.01 GB ones (524,288).
+MERGE_SOURCES = 3
+MERGE_LABEL = "workers 2 vs mergekit -j 2"  # the runs' label in benchmarks/results/bench_merge.jsonl
+MERGE_MEASURED = [{"size": "full", "largest": 65_536_000, "peak_rss": 4_220_801_024},
+                  {"size": "small", "largest": 524_288, "peak_rss": 365_629_440}]
 JOBS = {
     "generate": "load and generate (notebooks 01-02, the demo)",
     "live": "sweep, atlas, eval, the panel and widgets (a live model)",
-    "streaming": "extract, apply, merge (streamed tensor by tensor)",
+    "streaming": "extract, apply (streamed tensor by tensor)",
+    "merge": f"chatvec merge, a trim method (ties, dare, della) of {MERGE_SOURCES} sources and a base",
 }
+
+
+def merge_line() -> tuple[float, float]:
+    """(bytes at no tensor, bytes per element of the largest tensor) of a trim merge of bfloat16 inputs: the line
+    through bench_merge's two measured peaks (``MERGE_MEASURED``)."""
+    small, full = sorted(MERGE_MEASURED, key=lambda m: m["largest"])
+    per_element = (full["peak_rss"] - small["peak_rss"]) / (full["largest"] - small["largest"])
+    return small["peak_rss"] - per_element * small["largest"], per_element
+
+
+def merge_estimate(largest: int, stored: torch.dtype) -> float:
+    """A trim merge's peak RAM: the measured line, its inputs' copies of the largest tensor scaled from bfloat16
+    to the checkpoint's dtype (every input holds one)."""
+    at_zero, per_element = merge_line()
+    return at_zero + largest * (per_element + (MERGE_SOURCES + 1) * (stored.itemsize - 2))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +212,11 @@ def memory_estimate(target, *, device="cpu", dtype="auto", vectors: int = 1, bat
                          working=work, batch=batch, basis=basis))
     rows.append(dict(job="streaming", ram=STREAMING, gpu=0, overhead=STREAMING, model=0, working=0, batch=0,
                      basis="measured: apply of a 4.2 GB vector (docs/benchmarks.md); does not grow with the model"))
+    at_zero = merge_line()[0]
+    merging = merge_estimate(footprint.largest, footprint.stored) - at_zero
+    rows.append(dict(job="merge", ram=at_zero + merging, gpu=0, overhead=at_zero, model=0, working=merging, batch=0,
+                     basis="measured line: bench_merge's peaks at 0.01 and 2.52 GB models (ties, 3 sources + base, "
+                           "2 workers), scaled by the largest tensor"))
     out = pd.DataFrame(rows)
     out.insert(1, "jobs", out["job"].map(JOBS))
     for part in ("ram", "gpu", "overhead", "model", "working", "batch"):

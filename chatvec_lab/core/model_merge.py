@@ -182,6 +182,7 @@ def merge_from_config(config, out, overwrite: bool = False, seed: int = 0, obser
         with atomic_folder(out, overwrite, inputs=inputs) as tmp:
             writer = ShardedSafetensorsWriter(tmp, plan, prefix="model", max_shard_bytes=max_shard_bytes)
             stack.callback(writer.abort)
+
             def job(name, out_dtype):
                 tensors = [src[name] for src in sources]  # read here, in order; merged on a worker thread
 
@@ -190,7 +191,9 @@ def merge_from_config(config, out, overwrite: bool = False, seed: int = 0, obser
                         check_finite(t, f"tensor {name!r} in {spec}")
                     merged = merge_tensor_from(config, name, tensors, seed)
                     check_finite(merged, f"the merged tensor {name!r}")
-                    return name, tensors, merged if observer is not None else None, merged.to(out_dtype)
+                    if observer is None:  # nothing but the output waits for its turn to be written
+                        return name, None, None, merged.to(out_dtype)
+                    return name, tensors, merged, merged.to(out_dtype)
                 return run, tensors[0].numel()
 
             jobs = (job(name, out_dtype) for name, _, out_dtype in plan)

@@ -5,6 +5,10 @@ work that spinning costs more than the second thread gains: beside two CPU-bound
 ``apply`` of a 2.1 GB model took 19.5–28.9 s (24.7 CPU-s) with torch's two threads and 9.9–10.3 s (7.1 CPU-s)
 with one; idle, one thread was as fast (4.9 s against 6.3 s; ``benchmarks/bench_apply.py --contention 2``).
 Toy generation behaves the same (``benchmarks/bench_threads.py``). ``OMP_NUM_THREADS``, when set, wins.
+
+Where the work splits into independent pieces (a merge's tensors), the cores go to the pieces instead:
+``ordered_results`` runs jobs on worker threads, each on one torch thread (``torch_threads``), and hands the
+results back in order.
 """
 from __future__ import annotations
 
@@ -56,15 +60,21 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+MAX_WORKERS = 1024
+
+
 def check_workers(workers) -> int:
-    """``None`` → ``usable_cores()``; else a positive integer."""
+    """``None`` → ``usable_cores()``; else an integer from 1 to ``MAX_WORKERS``."""
+    import numbers
+
     from chatvec_lab.errors import UsageError
 
     if workers is None:
         return usable_cores()
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise UsageError(f"workers must be a positive integer (or None: the usable cores), not {workers!r}")
-    return workers
+    if isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or not 1 <= workers <= MAX_WORKERS:
+        raise UsageError(f"workers must be an integer from 1 to {MAX_WORKERS} (or None: the usable cores), "
+                         f"not {workers!r}")
+    return int(workers)
 
 
 def ordered_results(jobs, workers: int, budget: int):
