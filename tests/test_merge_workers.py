@@ -31,7 +31,7 @@ def _weights(folder):
 
 
 def _threads():
-    return {t.name for t in threading.enumerate() if t.name.startswith("chatvec")}
+    return {t.name for t in threading.enumerate() if t.name.startswith("chatvec-merge")}
 
 
 @pytest.mark.parametrize("method, parameters", [
@@ -127,28 +127,40 @@ def test_the_cli_takes_workers(tmp_path, capsys):
 
 
 class _Meter:
+    """Counts the cost of jobs taken (prepared: a merge's tensors read) and not yet handed back, and the jobs running."""
+
     def __init__(self):
-        self.lock, self.spent, self.peak, self.running, self.most = threading.Lock(), 0, 0, 0, 0
+        self.lock, self.held, self.peak, self.running, self.most = threading.Lock(), 0, 0, 0, 0
 
     def job(self, value, cost, seconds=0.01):
+        def prepare():
+            with self.lock:
+                self.held += cost
+                self.peak = max(self.peak, self.held)
+            return run
+
         def run():
             with self.lock:
-                self.spent += cost
                 self.running += 1
-                self.peak, self.most = max(self.peak, self.spent), max(self.most, self.running)
+                self.most = max(self.most, self.running)
             time.sleep(seconds)
             with self.lock:
-                self.spent -= cost
                 self.running -= 1
-            return value
-        return run, cost
+            return value, cost
+        return cost, prepare
+
+    def results(self, jobs, workers, budget):
+        for value, cost in ordered_results(jobs, workers, budget):
+            with self.lock:
+                self.held -= cost
+            yield value
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3, 8])
 def test_results_come_in_order_within_the_budget(workers):
     meter = _Meter()
     costs = [10, 1, 1, 1, 10, 2, 2, 2, 2, 10, 1]
-    out = list(ordered_results((meter.job(i, c, 0.002 * (11 - i)) for i, c in enumerate(costs)), workers, 10))
+    out = list(meter.results((meter.job(i, c, 0.002 * (11 - i)) for i, c in enumerate(costs)), workers, 10))
     assert out == list(range(len(costs)))
     assert meter.peak <= 10 and meter.most <= workers
     if workers > 1:
@@ -158,7 +170,7 @@ def test_results_come_in_order_within_the_budget(workers):
 
 def test_a_job_larger_than_the_budget_runs_alone():
     meter = _Meter()
-    out = list(ordered_results((meter.job(i, c) for i, c in enumerate([1, 50, 1, 1])), 4, 10))
+    out = list(meter.results((meter.job(i, c) for i, c in enumerate([1, 50, 1, 1])), 4, 10))
     assert out == [0, 1, 2, 3] and meter.peak == 50
 
 
@@ -172,7 +184,7 @@ def test_a_failing_job_is_raised_at_its_place_and_later_jobs_stop():
             if i == 3:
                 raise ValueError("job 3")
             return i
-        return run, 1
+        return 1, lambda: run
 
     seen = []
     with pytest.raises(ValueError, match="job 3"):
@@ -189,10 +201,51 @@ def test_closing_early_drops_what_did_not_start():
     def jobs():
         for i in range(1000):
             created.append(i)
-            yield (lambda i=i: (time.sleep(0.005), i)[1]), 1
+            yield 1, lambda i=i: lambda: (time.sleep(0.005), i)[1]
 
     with contextlib.closing(ordered_results(jobs(), 3, 10)) as results:
         for r in results:
             if r == 4:
                 break
     assert len(created) < 20 and not _threads()
+
+
+def test_a_failing_prepare_is_raised_in_its_turn():
+    """A later job's read failing (a truncated file) does not hide an earlier job's own error."""
+    def slow_error():
+        time.sleep(0.2)
+        raise ValueError("job 1")
+
+    def broken():
+        raise OSError("job 2: truncated file")
+
+    jobs = [(1, lambda: lambda: 0), (1, lambda: slow_error), (1, broken), (1, lambda: lambda: 3)]
+    seen = []
+    with pytest.raises(ValueError, match="job 1"):
+        for r in ordered_results(iter(jobs), 3, 10):
+            seen.append(r)
+    assert seen == [0] and not _threads()
+    with pytest.raises(OSError, match="job 2"):
+        list(ordered_results(iter([jobs[0], jobs[2], jobs[3]]), 3, 10))
+    assert not _threads()
+
+
+def test_a_second_interrupt_still_waits_for_the_workers():
+    """Two Ctrl-C 150 ms apart while workers run: no worker outlives the call (one left inside torch at exit
+    aborted the process: 'terminate called without an active exception')."""
+    import os
+    import signal
+
+    jobs = [(1, lambda i=i: lambda: (time.sleep(0.6), i)[1]) for i in range(4)]
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    timers = [threading.Timer(t, os.kill, (os.getpid(), signal.SIGINT)) for t in (0.1, 0.25)]
+    try:
+        for t in timers:
+            t.start()
+        with pytest.raises(KeyboardInterrupt):
+            list(ordered_results(iter(jobs), 2, 10))
+        assert not _threads()
+    finally:
+        for t in timers:
+            t.join()
+        signal.signal(signal.SIGINT, before)

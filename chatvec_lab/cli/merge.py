@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="the random masks of dare_* and della* (default 0)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="tensors merged at once, on N cores (default: the cores this process may use); the output "
-                        "is the same to the bit, and memory stays that of the largest tensor")
+                        "is the same to the bit, and memory stays about that of one tensor at a time")
     add_write_options(p)
     add_quiet(p)
 

@@ -6,9 +6,10 @@
 Tensor by tensor, the largest first (else in the base's or first model's order): read that tensor from every
 input, cast to the compute dtype (float32; float64 if ``dtype: float64``), merge it with the method's kernel
 (``core/merge_methods.py``), cast to the output dtype (``out_dtype``, else ``dtype``, else the tensor's own)
-and write it into the next shard. Tensors are merged on ``workers`` threads at once, but never more elements
-in flight than the largest tensor has: memory holds about what one tensor per input and the result need at the
-largest tensor (``core/threads.ordered_results``), and the shards are written in order. The folder appears only
+and write it into the next shard. Tensors are merged on ``workers`` threads at once, but those read and not yet
+written never hold more elements together than the largest tensor alone (``core/threads.ordered_results``): memory
+stays about that of a merge one tensor at a time (plus each thread's own, tens of MB), and the shards are written
+in order. The folder appears only
 when complete, with the config and tokenizer files of ``tokenizer_source`` (else the base, else the first
 model), ``config.json``'s dtype set to the output's, and ``chatvec_merge.json`` (the config, the seed, the base
 and its weight files' sizes). The output may not be, contain or sit inside any input (``input_paths``).
@@ -25,6 +26,7 @@ merge outputs together for ``chatvec compare`` and the atlas.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import shutil
@@ -151,8 +153,9 @@ def merge_from_config(config, out, overwrite: bool = False, seed: int = 0, obser
 
     ``seed``: the random masks of ``dare_*`` and ``della*`` (one per source and tensor; the same seed gives the
     same output). ``workers``: tensors merged at once on separate threads (default: the cores this process may
-    use), never more elements in flight than the largest tensor has, so memory stays that of a merge one tensor
-    at a time; each tensor's arithmetic is the same whatever the number, so the output is the same to the bit.
+    use); the tensors read and not yet written never hold more elements than the largest one alone, so memory stays
+    about that of a merge one tensor at a time; each tensor's arithmetic is the same whatever the number, so the
+    output is the same to the bit.
     Returns the output folder."""
     from tqdm.auto import tqdm
 
@@ -184,7 +187,7 @@ def merge_from_config(config, out, overwrite: bool = False, seed: int = 0, obser
             stack.callback(writer.abort)
 
             def job(name, out_dtype):
-                tensors = [src[name] for src in sources]  # read here, in order; merged on a worker thread
+                tensors = [src[name] for src in sources]  # read when the job is taken, in order; merged on a worker
 
                 def run():
                     for spec, t in zip(config.inputs, tensors):
@@ -194,9 +197,9 @@ def merge_from_config(config, out, overwrite: bool = False, seed: int = 0, obser
                     if observer is None:  # nothing but the output waits for its turn to be written
                         return name, None, None, merged.to(out_dtype)
                     return name, tensors, merged, merged.to(out_dtype)
-                return run, tensors[0].numel()
+                return run
 
-            jobs = (job(name, out_dtype) for name, _, out_dtype in plan)
+            jobs = ((math.prod(shape), functools.partial(job, name, out_dtype)) for name, shape, out_dtype in plan)
             largest = max((math.prod(shape) for _, shape, _ in plan), default=0)
             with torch_threads(1), contextlib.closing(ordered_results(jobs, workers, budget=largest)) as results:
                 for name, tensors, merged, written in tqdm(results, total=len(plan), desc="merge", unit="tensor",
@@ -206,6 +209,7 @@ def merge_from_config(config, out, overwrite: bool = False, seed: int = 0, obser
                         observer.observe(name, work[config.base] if config.base is not None else None,
                                          [work[i] for i in config.sources], merged)
                     writer.write(name, written)
+                    del tensors, merged, written  # not held while the next tensor is read
             writer.close()
             _model_files(config, sources, tmp, plan)
             base = config.inputs[config.base] if config.base is not None else None

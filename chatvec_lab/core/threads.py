@@ -72,51 +72,77 @@ def check_workers(workers) -> int:
     if workers is None:
         return usable_cores()
     if isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or not 1 <= workers <= MAX_WORKERS:
-        raise UsageError(f"workers must be an integer from 1 to {MAX_WORKERS} (or None: the usable cores), "
-                         f"not {workers!r}")
+        raise UsageError(f"workers must be an integer from 1 to {MAX_WORKERS} (left out: the cores this process "
+                         f"may use), not {workers!r}")
     return int(workers)
 
 
 def ordered_results(jobs, workers: int, budget: int):
-    """Run ``jobs`` (an iterable of ``(function, cost)``, taken one at a time) on up to ``workers`` threads and
-    yield each function's result in the jobs' order.
+    """Run ``jobs`` on up to ``workers`` threads and yield each one's result in the jobs' order.
 
-    The costs in flight (jobs taken and not yet yielded) stay within ``budget`` (a job is always taken when nothing
-    else is in flight), so a merge that costs each tensor by its elements and budgets the largest tensor's holds no
-    more at once than one tensor at a time would at its peak. Jobs are taken ahead, up to ``4 × workers``, so that
-    a worker whose job ended early starts the next one instead of waiting for the job ahead of it to be yielded.
-    Torch's kernels release the GIL: independent tensors run on separate cores. A job's
-    exception is raised where its result would have been yielded; then, and when the consumer stops early (close
-    the generator: ``contextlib.closing``), jobs not started are dropped and running ones finished first (no thread
-    outlives the call). ``workers == 1`` runs each job in the caller's thread, as a plain loop."""
+    A job is ``(cost, prepare)``: ``prepare()`` runs in the caller's thread when the job is taken (a merge reads its
+    tensors there) and returns the function a worker runs. Jobs are taken while the costs of those taken and not
+    yet yielded stay within ``budget`` (one is always taken when none is), up to ``4 × workers`` of them, so that a
+    worker whose job ended early starts the next one instead of waiting for the job ahead of it. A merge that costs
+    each tensor by its elements and budgets the largest tensor's holds no more tensors at once than the largest
+    one alone. Torch's kernels release the GIL: independent tensors run on separate cores.
+
+    An exception, raised by a job or by its ``prepare``, is raised where that job's result would have been yielded
+    (so the first failing job in order is the one reported, whatever finished first); then, and when the consumer
+    stops early (close the generator: ``contextlib.closing``), jobs not started are dropped and running ones are
+    waited for, through a second interrupt too (no thread outlives the call). ``workers == 1`` runs each job in the
+    caller's thread, as a plain loop."""
     if workers == 1:
-        for function, _ in jobs:
-            yield function()
+        for _, prepare in jobs:
+            yield prepare()()
         return
     from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import Future, ThreadPoolExecutor
 
     pending, running, spent = iter(jobs), deque(), 0
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chatvec")
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chatvec-merge")
     try:
-        waiting = None
+        waiting, exhausted = None, False
         while True:
-            while len(running) < 4 * workers:
+            while not exhausted and len(running) < 4 * workers:
                 if waiting is None:
                     waiting = next(pending, None)
                     if waiting is None:
+                        exhausted = True
                         break
-                function, cost = waiting
+                cost, prepare = waiting
                 if running and spent + cost > budget:
                     break
-                running.append((pool.submit(function), cost))
-                spent += cost
                 waiting = None
+                try:
+                    future = pool.submit(prepare())
+                except Exception as e:  # raised in its turn, after the jobs ahead of it
+                    future, exhausted = Future(), True
+                    future.set_exception(e)
+                running.append((future, cost))
+                spent += cost
             if not running:
                 return
             future, cost = running.popleft()
             result = future.result()
             spent -= cost
             yield result
+            del result
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        _shut_down(pool)
+
+
+def _shut_down(pool) -> None:
+    """Drop the jobs not started and wait for the running ones. An interrupt while waiting (a second Ctrl-C) does
+    not cut the wait short — a worker left inside torch when the interpreter exits aborts the process — and is
+    raised once they are done."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    late = None
+    while True:
+        try:
+            pool.shutdown(wait=True)
+            break
+        except KeyboardInterrupt as e:
+            late = e
+    if late is not None:
+        raise late

@@ -2,7 +2,8 @@
 KeyboardInterrupt), so a temporary folder is cleaned up and nothing half-written is published; inside
 :func:`signals_held` they wait until the block is done. A signal is also remembered, so one whose exception Python
 swallowed (raised inside a finaliser or a weakref callback) still stops the run at the next safe point
-(:func:`check_interrupted`) and is reported by the command line."""
+(:func:`check_interrupted`) and is reported by the command line. A second signal while the first is stopping the
+run is only noted: the cleanup finishes (it waits for work in flight, a few seconds at most)."""
 from __future__ import annotations
 
 import contextlib
@@ -51,7 +52,9 @@ _HELD = {"depth": 0, "pending": None, "received": None, "scopes": 0}
 
 
 def _raise_interrupted(signum, frame):
-    _HELD["received"] = _HELD["received"] or signum
+    if _HELD["received"]:  # a second signal: the first is stopping the run already, and raising again would cut
+        return             # its cleanup short (a merge's worker threads left running abort the process at exit)
+    _HELD["received"] = signum
     if _HELD["depth"]:
         _HELD["pending"] = _HELD["pending"] or signum
         return
