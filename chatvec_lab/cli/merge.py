@@ -30,7 +30,7 @@ def run(args) -> None:
     from chatvec_lab.core.model_merge import merge_from_config
     from chatvec_lab.core.threads import one_torch_thread
 
-    _keep_freed_memory()  # first: before any thread of torch's has its own arena
+    _keep_freed_memory()  # first: before the merge starts any thread
     config = read_config(args.config)
     _check_outputs(config, args.out, args.vector_out, args.overwrite)
     observer = None
@@ -66,9 +66,10 @@ def run(args) -> None:
 def _keep_freed_memory() -> None:
     """Let glibc keep freed memory for the next tensor instead of handing each large one fresh pages from the
     kernel (mapped, faulted and zeroed anew: a merge allocates the same few sizes tensor after tensor). Measured on
-    a 4 × 2.5 GB task_arithmetic merge: 23 s of system time → 8 s, the same peak RSS. One arena for every thread:
-    a worker thread's own arena takes blocks over 64 MB from mmap whatever the settings, and returns them on free
-    (ties on two workers: ~30 s of system time). Not glibc: nothing."""
+    a 4 × 2.5 GB task_arithmetic merge: 23 s of system time → 8 s, the same peak RSS. No new arena for the merge's
+    worker threads (a thread's own arena takes blocks over 64 MB from mmap whatever the settings); one created while
+    the package was imported (pyarrow's allocator thread, by pandas) can still be handed to one of them. Not glibc:
+    nothing."""
     import ctypes
 
     try:
@@ -76,7 +77,7 @@ def _keep_freed_memory() -> None:
     except (OSError, AttributeError):
         return
     m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # glibc's malloc.h
-    mallopt(m_arena_max, 1)  # every thread allocates from the main heap (before a second thread allocates)
+    mallopt(m_arena_max, 1)  # threads started from now share the arenas there are
     mallopt(m_mmap_max, 0)  # large blocks from the heap, not one mmap each
     mallopt(m_trim_threshold, 2**31 - 1)  # and freed ones stay there (up to 2 GB at its top)
 

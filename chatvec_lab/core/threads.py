@@ -20,22 +20,19 @@ from contextlib import contextmanager
 def one_torch_thread():
     """Torch on one thread inside the block, and ``OMP_NUM_THREADS=1`` for processes started meanwhile (notebook
     kernels), unless ``OMP_NUM_THREADS`` is set already; both restored afterwards."""
-    import torch
-
     if os.environ.get("OMP_NUM_THREADS", "").strip():  # set by the user (an empty value counts as unset)
         yield
         return
-    threads, before = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    before = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
     try:
-        yield
+        with torch_threads(1):
+            yield
     finally:
         if before is None:
             os.environ.pop("OMP_NUM_THREADS", None)
         else:
             os.environ["OMP_NUM_THREADS"] = before
-        torch.set_num_threads(threads)
 
 
 @contextmanager
